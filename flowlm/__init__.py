@@ -1,0 +1,77 @@
+"""flowlm: composable, typed flow components for language modeling.
+
+Noise at model time ``t = 0``, one-hot data at ``t = 1``; path time ``gamma = kappa(t)``;
+flow maps go from ``t`` to ``s``. See the documentation's home page for the conventions.
+"""
+
+from flowlm._types import Grid, Logits, Probs, State, Time, Times, TokenLoss, TokenMask, Tokens
+from flowlm.embeddings import TimeEmbedding, sinusoidal_features
+from flowlm.heads import Backbone, LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
+from flowlm.interpolants import (
+    CosineInterpolant,
+    Interpolant,
+    LinearInterpolant,
+    SqrtNoiseInterpolant,
+    one_hot,
+)
+from flowlm.reparam import Composed, Identity, Power, TimeReparam, TokenAccuracy, decoding_accuracy
+from flowlm.solvers import (
+    Euler,
+    FlowMap,
+    Heun,
+    Midpoint,
+    TaylorMap,
+    Trajectory,
+    VelocityField,
+    XPredMap,
+    XPredVelocity,
+    decode,
+    rollout,
+    time_grid,
+)
+from flowlm.times import TimePair, time_pairs, uniform_times
+
+__all__ = [
+    "Backbone",
+    "Composed",
+    "CosineInterpolant",
+    "Euler",
+    "FlowMap",
+    "Grid",
+    "Heun",
+    "Identity",
+    "Interpolant",
+    "LearnedTimeWeighting",
+    "LinearInterpolant",
+    "Logits",
+    "Midpoint",
+    "Power",
+    "Probs",
+    "SqrtNoiseInterpolant",
+    "State",
+    "TaylorMap",
+    "Time",
+    "TimeEmbedding",
+    "TimePair",
+    "TimeReparam",
+    "Times",
+    "TokenAccuracy",
+    "TokenLoss",
+    "TokenMask",
+    "Tokens",
+    "Trajectory",
+    "VelocityField",
+    "XPredMap",
+    "XPredVelocity",
+    "XPredictor",
+    "cross_entropy",
+    "decode",
+    "decoding_accuracy",
+    "masked_mean",
+    "one_hot",
+    "rollout",
+    "sinusoidal_features",
+    "time_grid",
+    "time_pairs",
+    "uniform_times",
+]

@@ -1,0 +1,130 @@
+"""A diffusion transformer (DiT) on one-hot states, with one or two time inputs."""
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from flowlm._checks import check_same_batch, check_state, check_time, check_tokens
+from flowlm._types import Logits, State, Time, Tokens
+from flowlm.backbones.layers import MLP, AdaLNModulation, Attention, modulate
+from flowlm.embeddings import TimeEmbedding
+
+
+class _DiTBlock(nn.Module):
+    """Pre-LayerNorm block with adaLN-Zero: bidirectional attention, then MLP, both gated."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attention = Attention(dim, heads, causal=False)
+        self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim)
+        self.modulation = AdaLNModulation(dim, count=6)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, h: Float[Tensor, "batch seq dim"], c: Float[Tensor, "batch dim"]
+    ) -> Float[Tensor, "batch seq dim"]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+        h = h + gate1 * self.dropout(
+            self.attention(modulate(self.attention_norm(h), shift1, scale1))
+        )
+        return h + gate2 * self.dropout(self.mlp(modulate(self.mlp_norm(h), shift2, scale2)))
+
+
+class DiT(nn.Module):
+    r"""Diffusion transformer: a state at time ``t`` (and ``s``) to logits over the vocabulary.
+
+    The input is a float state $x_t \in \mathbb{R}^{L \times V}$, embedded as $x_t E$ with the
+    table $E \in \mathbb{R}^{V \times d}$ (a bias-free linear map, computed in the dtype of the
+    weights, fp32 under autocast), or integer tokens, embedded by looking up the same table, so
+    tokens and their one-hot states give identical outputs. The conditioning vector is
+
+    $$c = \mathrm{SiLU}\big(e_t(t) + e_s(s)\big),$$
+
+    with $e_s$ present only when ``two_time=True`` and zero at init (so a fresh two-time model
+    equals the one-time model with the same other weights). Each block is pre-LayerNorm with
+    adaLN-Zero (shift, scale, gate for attention and for the MLP), rotary positions,
+    bidirectional attention with logits soft-capped at 50, and a tanh-GELU MLP of width $4d$.
+    The output layer is LayerNorm, adaLN (shift, scale) and a linear map $d \to V$; the
+    modulations and the output map start at zero, so the model predicts exactly uniform
+    probabilities at init.
+
+    Args:
+        vocab_size: $V$, entries per position.
+        dim: model width $d$.
+        depth: number of blocks.
+        heads: attention heads; ``dim / heads`` must be even.
+        two_time: also condition on a second time ``s`` (a flow map $X_{t \to s}$).
+        dropout: dropout on the attention and MLP outputs.
+        frequency_dim: sinusoidal features per time embedding.
+
+    Example:
+        >>> model = DiT(5, dim=16, depth=1, heads=2)
+        >>> logits = model(torch.rand(2, 3, 5), torch.rand(2))
+        >>> logits.shape, bool((logits == 0).all())
+        (torch.Size([2, 3, 5]), True)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 256,
+        depth: int = 8,
+        heads: int = 8,
+        two_time: bool = False,
+        dropout: float = 0.1,
+        frequency_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.two_time = two_time
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.time_embedding = TimeEmbedding(dim, frequency_dim)
+        self.target_time_embedding = (
+            TimeEmbedding(dim, frequency_dim, zero_init=True) if two_time else None
+        )
+        self.blocks = nn.ModuleList(_DiTBlock(dim, heads, dropout) for _ in range(depth))
+        self.output_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.output_modulation = AdaLNModulation(dim, count=2)
+        self.output = nn.Linear(dim, vocab_size)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, x_t: State | Tokens, t: Time, s: Time | None = None, /) -> Logits:
+        """Logits of the data at every position, given the state ``x_t`` at time ``t`` (and ``s``).
+
+        Raises:
+            ValueError: on a wrong shape or vocabulary, a batch mismatch between ``x_t`` and the
+                times, or ``s`` passed to a one-time model or missing from a two-time model.
+        """
+        h = self._embed(x_t)
+        check_time(t, "t")
+        check_same_batch(x_t, t, "t")
+        c = self.time_embedding(t)
+        if self.target_time_embedding is None:
+            if s is not None:
+                raise ValueError("this DiT takes one time; build it with two_time=True to pass s")
+        else:
+            if s is None:
+                raise ValueError("this DiT was built with two_time=True: pass the target time s")
+            check_time(s, "s")
+            check_same_batch(x_t, s, "s")
+            c = c + self.target_time_embedding(s)
+        c = F.silu(c)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.output_modulation(c)
+        return self.output(modulate(self.output_norm(h), shift, scale))
+
+    def _embed(self, x_t: State | Tokens) -> Float[Tensor, "batch seq dim"]:
+        table = self.embedding.weight
+        if not x_t.is_floating_point():
+            if x_t.ndim != 2:
+                raise ValueError(f"tokens must have shape (batch, seq), got {tuple(x_t.shape)}")
+            check_tokens(x_t, self.vocab_size)
+            return F.embedding(x_t, table)
+        check_state(x_t, self.vocab_size, "x_t")
+        with torch.autocast(x_t.device.type, enabled=False):
+            return x_t.to(table.dtype) @ table

@@ -1,0 +1,134 @@
+r"""x-prediction: a backbone's logits as a distribution over the clean token at every position.
+
+FLM trains $\hat x_1 = \mathrm{softmax}(f_\theta(x_t, t))$ with the per-token cross-entropy
+$-\log \hat x_1[x]$; the optimum is $\hat x_1 = \mathbb{E}[e_x \mid x_t]$, the quantity every
+sampler and flow map needs.
+"""
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from flowlm._checks import check_same_batch, check_state, check_time, check_tokens
+from flowlm._types import Logits, Probs, State, Time, TokenLoss, TokenMask, Tokens
+from flowlm.embeddings import TimeEmbedding
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """Any network mapping a state and one or two model times to logits of the same shape."""
+
+    def __call__(self, x_t: State, t: Time, s: Time | None = None, /) -> Logits:
+        """Logits of the clean token at every position."""
+        ...
+
+
+class XPredictor(nn.Module):
+    r"""Wrap any backbone as an x-predictor $\hat x_1 = \mathrm{softmax}(f(x_t, t[, s]))$.
+
+    The backbone is called as ``backbone(x_t, t)`` or, with a second time, ``backbone(x_t, t, s)``.
+    Inputs are validated (batched times in [0, 1], matching batch sizes) and the logits must
+    have the state's shape; the softmax runs in at least float32, also under autocast.
+
+    Args:
+        backbone: the network; an ``nn.Module`` is registered as a submodule.
+
+    Example:
+        >>> predictor = XPredictor(lambda x, t: torch.zeros_like(x))
+        >>> predictor(torch.randn(2, 3, 4), torch.rand(2))[0, 0]
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def logits(self, x_t: State, t: Time, s: Time | None = None) -> Logits:
+        """The backbone's logits, after checking the inputs and the output's shape."""
+        check_state(x_t, name="x_t")
+        check_time(t)
+        check_same_batch(x_t, t)
+        if s is None:
+            logits = self.backbone(x_t, t)
+        else:
+            check_time(s, "s")
+            check_same_batch(x_t, s, "s")
+            logits = self.backbone(x_t, t, s)
+        if logits.shape != x_t.shape:
+            raise ValueError(
+                f"vocabulary mismatch: the backbone returned logits of shape {tuple(logits.shape)} "
+                f"for a state of shape {tuple(x_t.shape)}"
+            )
+        return logits
+
+    def forward(self, x_t: State, t: Time, s: Time | None = None) -> Probs:
+        r"""Predicted data $\hat x_1$: probabilities over the vocabulary at every position."""
+        logits = self.logits(x_t, t, s)
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def cross_entropy(logits: Logits, tokens: Tokens) -> TokenLoss:
+    r"""Per-token cross-entropy $-\log\mathrm{softmax}(\text{logits})[x]$, in float32 or wider.
+
+    Example:
+        >>> cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))
+        tensor([[1.3863, 1.3863]])
+    """
+    if logits.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} "
+            "disagree on (batch, seq)"
+        )
+    check_tokens(tokens, logits.shape[-1])
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(rearrange(wide, "b l v -> b v l"), tokens.long(), reduction="none")
+
+
+def masked_mean(loss: TokenLoss, mask: TokenMask | None = None) -> Tensor:
+    r"""Mean of a per-token loss over the tokens that count: $\sum \ell m / \sum m$.
+
+    Example:
+        >>> masked_mean(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]]))
+        tensor(1.)
+    """
+    if mask is None:
+        return loss.mean()
+    if mask.shape != loss.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match loss {tuple(loss.shape)}")
+    return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+class LearnedTimeWeighting(nn.Module):
+    r"""Adaptive loss weighting $\ell \mapsto e^{-w(t)}\ell + w(t)$ with a learned $w$.
+
+    $w$ is an MLP on a time embedding whose last layer starts at zero, so $w \equiv 0$ at
+    init; the optimum is $w(t) = \log\mathbb{E}[\ell \mid t]$, which equalizes the loss scale
+    across times.
+
+    Example:
+        >>> weighting = LearnedTimeWeighting()
+        >>> loss = torch.rand(2, 5)
+        >>> torch.equal(weighting(loss, torch.rand(2)), loss)
+        True
+    """
+
+    def __init__(self, dim: int = 128) -> None:
+        super().__init__()
+        self.embedding = TimeEmbedding(dim)
+        last = nn.Linear(dim, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.head = nn.Sequential(nn.SiLU(), last)
+
+    def log_weight(self, t: Time) -> Tensor:
+        """$w(t)$, one value per example."""
+        check_time(t)
+        return self.head(self.embedding(t)).squeeze(-1)
+
+    def forward(self, loss: TokenLoss, t: Time) -> TokenLoss:
+        r"""$e^{-w(t)}\ell + w(t)$, per token."""
+        w = rearrange(self.log_weight(t), "batch -> batch 1").to(loss.dtype)
+        return torch.exp(-w) * loss + w

@@ -1,0 +1,224 @@
+r"""Paths from Gaussian noise to one-hot data.
+
+An interpolant mixes noise $x_0 \sim N(0, I)$ and data $x_1 = e_x$ at path time
+$\gamma = \kappa(t)$:
+
+$$x_t = \sigma(\gamma)\,x_0 + \alpha(\gamma)\,x_1,\qquad
+  \alpha(0) = 0,\ \sigma(0) = 1,\ \alpha(1) = 1,\ \sigma(1) = 0.$$
+
+Velocities are per unit of $\gamma$. Given a prediction $\hat x_1$, the noise it implies is
+$\hat x_0 = (x_t - \alpha\hat x_1)/\sigma$.
+"""
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from flowlm._checks import check_same_batch, check_state, check_time, check_tokens
+from flowlm._types import Probs, State, Time, Tokens
+from flowlm.reparam import Identity, TimeReparam
+
+NOISE_FLOOR = 1e-5
+"""Smallest $\\sigma$ divided by, so a velocity at $\\gamma = 1$ stays finite."""
+
+
+def one_hot(tokens: Tokens, vocab_size: int, dtype: torch.dtype = torch.float32) -> State:
+    """One-hot vectors $e_x$ of integer token ids.
+
+    Example:
+        >>> one_hot(torch.tensor([[0, 2]]), 3)
+        tensor([[[1., 0., 0.],
+                 [0., 0., 1.]]])
+    """
+    check_tokens(tokens, vocab_size)
+    return F.one_hot(tokens.long(), vocab_size).to(dtype)
+
+
+def _per_example(coefficient: Tensor) -> Tensor:
+    return rearrange(coefficient, "batch -> batch 1 1")
+
+
+class Interpolant(nn.Module, ABC):
+    r"""A path $x_t = \sigma(\gamma)x_0 + \alpha(\gamma)x_1$ run on the clock $\gamma = \kappa(t)$.
+
+    Subclasses give $\alpha$, $\sigma$ and their $\gamma$-derivatives.
+
+    Args:
+        reparam: the clock $\kappa$ (default: identity).
+    """
+
+    def __init__(self, reparam: TimeReparam | None = None) -> None:
+        super().__init__()
+        self.reparam = reparam if reparam is not None else Identity()
+
+    @staticmethod
+    @abstractmethod
+    def alpha(gamma: Tensor) -> Tensor:
+        r"""Data coefficient $\\alpha(\\gamma)$."""
+
+    @staticmethod
+    @abstractmethod
+    def sigma(gamma: Tensor) -> Tensor:
+        r"""Noise coefficient $\\sigma(\\gamma)$."""
+
+    @staticmethod
+    @abstractmethod
+    def alpha_rate(gamma: Tensor) -> Tensor:
+        r"""$d\\alpha/d\\gamma$."""
+
+    @staticmethod
+    @abstractmethod
+    def sigma_rate(gamma: Tensor) -> Tensor:
+        r"""$d\\sigma/d\\gamma$."""
+
+    @classmethod
+    def signal_to_noise(cls, gamma: Tensor) -> Tensor:
+        r"""$m(\gamma) = \alpha/\sigma$: feed it to `TokenAccuracy` for this path's clock."""
+        return cls.alpha(gamma) / cls.sigma(gamma)
+
+    def sample(self, x0: State, x1: State, t: Time) -> State:
+        r"""The point $x_t = \\sigma x_0 + \\alpha x_1$ of the path at model time ``t``."""
+        self._check(x1, t)
+        if x0.shape != x1.shape:
+            raise ValueError(f"noise shape {tuple(x0.shape)} != data shape {tuple(x1.shape)}")
+        gamma = _per_example(self.reparam(t))
+        return self.sigma(gamma) * x0 + self.alpha(gamma) * x1
+
+    def predicted_noise(self, x_t: State, x1_hat: Probs, t: Time) -> State:
+        r"""The noise $\hat x_0 = (x_t - \alpha\hat x_1)/\sigma$ implied by a data prediction."""
+        self._check(x_t, t)
+        gamma = _per_example(self.reparam(t))
+        return (x_t - self.alpha(gamma) * x1_hat) / self.sigma(gamma).clamp_min(NOISE_FLOOR)
+
+    def velocity(self, x_t: State, x1_hat: Probs, t: Time) -> State:
+        r"""Marginal velocity per unit $\gamma$: $\sigma'\hat x_0 + \alpha'\hat x_1$.
+
+        For the linear path this is $(\hat x_1 - x_t)/(1 - \gamma)$.
+        """
+        gamma = _per_example(self.reparam(t))
+        x0_hat = self.predicted_noise(x_t, x1_hat, t)
+        return self.sigma_rate(gamma) * x0_hat + self.alpha_rate(gamma) * x1_hat
+
+    def step(self, x_t: State, x1_hat: Probs, t: Time, s: Time) -> State:
+        r"""Move from ``t`` to ``s`` holding $\hat x_1$ fixed.
+
+        $X_{t\to s}(x) = \sigma(\gamma_s)\hat x_0 + \alpha(\gamma_s)\hat x_1$ is the exact
+        solution of the ODE when $\hat x_1$ is constant on the step (DDIM); for the linear
+        path it equals the Euler step
+
+        $x_t + (\gamma_s - \gamma_t)(\hat x_1 - x_t)/(1 - \gamma_t)$, and it returns
+        ``x1_hat`` exactly when $\gamma_s = 1$. Works in either direction.
+        """
+        check_time(s, "s")
+        check_same_batch(x_t, s, "s")
+        gamma_s = _per_example(self.reparam(s))
+        x0_hat = self.predicted_noise(x_t, x1_hat, t)
+        return self.sigma(gamma_s) * x0_hat + self.alpha(gamma_s) * x1_hat
+
+    @staticmethod
+    def _check(x: Tensor, t: Tensor) -> None:
+        check_state(x)
+        check_time(t)
+        check_same_batch(x, t)
+
+
+class LinearInterpolant(Interpolant):
+    r"""FLM's path $x_t = (1 - \gamma)x_0 + \gamma x_1$; velocity $(\hat x_1 - x_t)/(1 - \gamma)$.
+
+    Example:
+        >>> from flowlm.reparam import TokenAccuracy
+        >>> path = LinearInterpolant(reparam=TokenAccuracy(4))
+        >>> x1 = one_hot(torch.tensor([[1, 3]]), 4)
+        >>> torch.equal(path.sample(torch.randn_like(x1), x1, torch.ones(1)), x1)
+        True
+    """
+
+    @staticmethod
+    def alpha(gamma: Tensor) -> Tensor:
+        r"""$\\gamma$."""
+        return gamma
+
+    @staticmethod
+    def sigma(gamma: Tensor) -> Tensor:
+        r"""$1 - \\gamma$."""
+        return 1.0 - gamma
+
+    @staticmethod
+    def alpha_rate(gamma: Tensor) -> Tensor:
+        """1."""
+        return torch.ones_like(gamma)
+
+    @staticmethod
+    def sigma_rate(gamma: Tensor) -> Tensor:
+        """-1."""
+        return -torch.ones_like(gamma)
+
+
+class SqrtNoiseInterpolant(Interpolant):
+    r"""The reference code's variance-preserving variant: $x_t = \sqrt{1-\gamma}x_0 + \gamma x_1$.
+
+    Its matching clock is ``TokenAccuracy(V, snr=SqrtNoiseInterpolant.signal_to_noise)``
+    with $m(\gamma) = \gamma/\sqrt{1 - \gamma}$.
+
+    Example:
+        >>> x1 = one_hot(torch.tensor([[0]]), 2)
+        >>> SqrtNoiseInterpolant().sample(torch.ones_like(x1), x1, torch.tensor([0.75]))
+        tensor([[[1.2500, 0.5000]]])
+    """
+
+    @staticmethod
+    def alpha(gamma: Tensor) -> Tensor:
+        r"""$\\gamma$."""
+        return gamma
+
+    @staticmethod
+    def sigma(gamma: Tensor) -> Tensor:
+        r"""$\\sqrt{1 - \\gamma}$."""
+        return (1.0 - gamma).clamp_min(0.0).sqrt()
+
+    @staticmethod
+    def alpha_rate(gamma: Tensor) -> Tensor:
+        """1."""
+        return torch.ones_like(gamma)
+
+    @staticmethod
+    def sigma_rate(gamma: Tensor) -> Tensor:
+        r"""$-1/(2\\sqrt{1-\\gamma})$."""
+        return -0.5 / (1.0 - gamma).clamp_min(NOISE_FLOOR**2).sqrt()
+
+
+class CosineInterpolant(Interpolant):
+    r"""A variance-preserving path: $x_t = \cos(\pi\gamma/2)x_0 + \sin(\pi\gamma/2)x_1$.
+
+    $\alpha^2 + \sigma^2 = 1$; its clock is
+    ``TokenAccuracy(V, snr=CosineInterpolant.signal_to_noise)``,
+    with $m(\gamma) = \tan(\pi\gamma/2)$.
+
+    Example:
+        >>> x1 = one_hot(torch.tensor([[0]]), 2)
+        >>> CosineInterpolant().sample(torch.zeros_like(x1), x1, torch.tensor([1.0]))
+        tensor([[[1., 0.]]])
+    """
+
+    @staticmethod
+    def alpha(gamma: Tensor) -> Tensor:
+        r"""$\\sin(\\pi\\gamma/2)$."""
+        return torch.sin(0.5 * torch.pi * gamma)
+
+    @staticmethod
+    def sigma(gamma: Tensor) -> Tensor:
+        r"""$\\cos(\\pi\\gamma/2)$, exactly 0 at $\\gamma = 1$."""
+        return torch.where(gamma >= 1, 0.0, torch.cos(0.5 * torch.pi * gamma))
+
+    @staticmethod
+    def alpha_rate(gamma: Tensor) -> Tensor:
+        r"""$\\tfrac{\\pi}{2}\\cos(\\pi\\gamma/2)$."""
+        return 0.5 * torch.pi * torch.cos(0.5 * torch.pi * gamma)
+
+    @staticmethod
+    def sigma_rate(gamma: Tensor) -> Tensor:
+        r"""$-\\tfrac{\\pi}{2}\\sin(\\pi\\gamma/2)$."""
+        return -0.5 * torch.pi * torch.sin(0.5 * torch.pi * gamma)

@@ -1,0 +1,255 @@
+r"""Time reparameterizations $\kappa$: model time $t$ to path time $\gamma = \kappa(t)$.
+
+The network sees model time $t \in [0, 1]$; interpolant coefficients and velocities use path
+time $\gamma$. Every reparameterization is increasing with $\kappa(0) = 0$ and $\kappa(1) = 1$,
+acts elementwise on any tensor of times, and composes with ``>>``:
+``(a >> b)(t) = b(a(t))``.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowlm._types import Times
+
+
+class TimeReparam(nn.Module, ABC):
+    r"""An increasing bijection $\kappa$ of $[0, 1]$ with $\kappa(0) = 0$, $\kappa(1) = 1$.
+
+    Subclasses define ``forward`` ($t \mapsto \gamma$), ``inverse`` ($\gamma \mapsto t$) and
+    ``derivative`` ($d\gamma/dt$).
+
+    Example:
+        >>> kappa = Power(2.0) >> Power(0.5)
+        >>> kappa(torch.tensor([0.25])).item()
+        0.25
+    """
+
+    @abstractmethod
+    def forward(self, t: Times) -> Times:
+        r"""Path time $\\gamma = \\kappa(t)$."""
+
+    @abstractmethod
+    def inverse(self, gamma: Times) -> Times:
+        r"""Model time $t = \\kappa^{-1}(\\gamma)$."""
+
+    @abstractmethod
+    def derivative(self, t: Times) -> Times:
+        r"""The rate $d\\gamma/dt = \\kappa'(t)$."""
+
+    def __rshift__(self, then: "TimeReparam") -> "Composed":
+        return Composed(self, then)
+
+
+class Composed(TimeReparam):
+    r"""Apply ``first`` then ``then``: $\kappa(t) = \kappa_2(\kappa_1(t))$.
+
+    The chain rule gives $\kappa'(t) = \kappa_2'(\kappa_1(t))\,\kappa_1'(t)$.
+
+    Example:
+        >>> kappa = Composed(Power(2.0), Power(3.0))
+        >>> kappa(torch.tensor([0.5])).item() == 0.5**6
+        True
+    """
+
+    def __init__(self, first: TimeReparam, then: TimeReparam) -> None:
+        super().__init__()
+        self.first = first
+        self.then = then
+
+    def forward(self, t: Times) -> Times:
+        """Path time of the composition."""
+        return self.then(self.first(t))
+
+    def inverse(self, gamma: Times) -> Times:
+        """Invert ``then`` first, then ``first``."""
+        return self.first.inverse(self.then.inverse(gamma))
+
+    def derivative(self, t: Times) -> Times:
+        """Chain rule."""
+        return self.then.derivative(self.first(t)) * self.first.derivative(t)
+
+
+class Identity(TimeReparam):
+    r"""$\gamma = t$: the path is run at the speed of model time.
+
+    Example:
+        >>> t = torch.tensor([0.3])
+        >>> torch.equal(Identity()(t), t)
+        True
+    """
+
+    def forward(self, t: Times) -> Times:
+        """Return ``t``."""
+        return t
+
+    def inverse(self, gamma: Times) -> Times:
+        """Return ``gamma``."""
+        return gamma
+
+    def derivative(self, t: Times) -> Times:
+        """Ones."""
+        return torch.ones_like(t)
+
+
+class Power(TimeReparam):
+    r"""$\gamma = t^p$ for $p > 0$; $p > 1$ spends more model time near the noise.
+
+    Example:
+        >>> Power(2.0).inverse(torch.tensor([0.25])).item()
+        0.5
+    """
+
+    def __init__(self, exponent: float) -> None:
+        super().__init__()
+        if not exponent > 0:
+            raise ValueError(f"Power needs a positive exponent, got {exponent}")
+        self.exponent = exponent
+
+    def forward(self, t: Times) -> Times:
+        """$t^p$."""
+        return t**self.exponent
+
+    def inverse(self, gamma: Times) -> Times:
+        r"""$\gamma^{1/p}$."""
+        return gamma ** (1.0 / self.exponent)
+
+    def derivative(self, t: Times) -> Times:
+        r"""$p\\,t^{p-1}$."""
+        return self.exponent * t ** (self.exponent - 1.0)
+
+
+def linear_snr(gamma: Tensor) -> Tensor:
+    r"""Signal-to-noise ratio $\gamma / (1 - \gamma)$ of the linear path (infinite at 1)."""
+    return gamma / (1.0 - gamma)
+
+
+class TokenAccuracy(TimeReparam):
+    r"""The decoding-accuracy clock: model time is the chance-corrected argmax accuracy.
+
+    For a path $x = \sigma(\gamma)\,\varepsilon + \alpha(\gamma)\,e_x$ with
+    $m(\gamma) = \alpha/\sigma$, the probability that $\operatorname{argmax} x$ is the data token is
+
+    $$q(\gamma) = \mathbb{E}_{z \sim N(0,1)}\big[\Phi(z + m(\gamma))^{V-1}\big],\qquad
+      \tau(\gamma) = \frac{V q(\gamma) - 1}{V - 1},$$
+
+    and $\kappa = \tau^{-1}$. $q$ is computed once with 100-node Gauss–Hermite quadrature in
+    float64 on a dense uniform $\gamma$ grid; the table is kept strictly increasing (saturated
+    entries, where $\tau$ rounds to 1 in float64, are dropped) and both directions are
+    evaluated by piecewise-linear interpolation in torch, on the input's device, so the
+    round trip $\kappa^{-1}(\kappa(t)) = t$ holds to rounding and gradients flow through $t$.
+
+    Args:
+        vocab_size: $V \geq 2$.
+        snr: the path's signal-to-noise ratio $m(\gamma)$; defaults to the linear path.
+        table_size: number of $\gamma$ grid points.
+
+    Example:
+        >>> kappa = TokenAccuracy(64)
+        >>> round(kappa(torch.tensor([0.5])).item(), 3)
+        0.702
+    """
+
+    gamma_table: Tensor
+    tau_table: Tensor
+
+    def __init__(
+        self,
+        vocab_size: int,
+        snr: Callable[[Tensor], Tensor] = linear_snr,
+        table_size: int = 16_385,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 2:
+            raise ValueError(f"TokenAccuracy needs a vocabulary of at least 2, got {vocab_size}")
+        self.vocab_size = vocab_size
+        gamma = torch.linspace(0.0, 1.0, table_size, dtype=torch.float64)
+        tau = decoding_accuracy(gamma, vocab_size, snr)
+        keep = strictly_increasing_interior(tau)
+        self.register_buffer("gamma_table", gamma[keep])
+        self.register_buffer("tau_table", tau[keep])
+
+    def forward(self, t: Times) -> Times:
+        r"""$\\gamma = \\kappa(t)$ by interpolation in the table."""
+        return interpolate(t, self.tau_table, self.gamma_table)
+
+    def inverse(self, gamma: Times) -> Times:
+        r"""$t = \\tau(\\gamma)$ by interpolation in the table."""
+        return interpolate(gamma, self.gamma_table, self.tau_table)
+
+    def derivative(self, t: Times) -> Times:
+        """Slope of the table segment holding ``t`` (the derivative autograd sees)."""
+        return segment_slope(t, self.tau_table, self.gamma_table)
+
+
+def decoding_accuracy(
+    gamma: Tensor, vocab_size: int, snr: Callable[[Tensor], Tensor] = linear_snr
+) -> Tensor:
+    r"""Chance-corrected argmax accuracy $\tau(\gamma)$ by 100-node Gauss–Hermite quadrature.
+
+    Example:
+        >>> decoding_accuracy(torch.tensor([0.0, 1.0], dtype=torch.float64), 100)
+        tensor([0., 1.], dtype=torch.float64)
+    """
+    nodes, weights = np.polynomial.hermite.hermgauss(100)
+    z = torch.as_tensor(nodes * np.sqrt(2.0), dtype=torch.float64)
+    w = torch.as_tensor(weights / np.sqrt(np.pi), dtype=torch.float64)
+    m = snr(gamma.to(torch.float64))[..., None]
+    q = (w * torch.exp((vocab_size - 1) * torch.special.log_ndtr(z + m))).sum(-1)
+    tau = (vocab_size * q - 1.0) / (vocab_size - 1.0)
+    return torch.where(gamma <= 0, 0.0, torch.where(gamma >= 1, 1.0, tau))
+
+
+def strictly_increasing_interior(tau: Tensor) -> Tensor:
+    """Mask of the entries that keep ``tau`` strictly increasing from 0 to 1.
+
+    Interior entries at or beyond the endpoints (quadrature round-off, float64 saturation)
+    and entries that do not exceed every earlier one are dropped; both endpoints stay.
+
+    Example:
+        >>> strictly_increasing_interior(torch.tensor([0.0, 0.5, 0.4, 1.0, 1.0]))
+        tensor([ True,  True, False, False,  True])
+    """
+    inside = (tau > 0) & (tau < 1)
+    inside[0] = inside[-1] = True
+    previous_max = torch.cummax(torch.where(inside, tau, -1.0), 0).values
+    rising = torch.ones_like(inside)
+    rising[1:] = tau[1:] > previous_max[:-1]
+    return inside & rising
+
+
+def _segment(x: Tensor, knots: Tensor) -> tuple[Tensor, Tensor]:
+    """Index of the right end of the segment holding ``x`` and ``x`` in the knots' dtype."""
+    x_wide = x.to(knots.dtype)
+    right = torch.searchsorted(knots, x_wide.detach(), right=True).clamp(1, knots.numel() - 1)
+    return right, x_wide
+
+
+def interpolate(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
+    """Piecewise-linear interpolation through ``(knots, values)``, returned in ``x.dtype``.
+
+    Example:
+        >>> knots = torch.tensor([0.0, 0.5, 1.0]); values = torch.tensor([0.0, 0.9, 1.0])
+        >>> interpolate(torch.tensor([0.25, 0.75]), knots, values)
+        tensor([0.4500, 0.9500])
+    """
+    right, x_wide = _segment(x, knots)
+    x_lo, x_hi = knots[right - 1], knots[right]
+    y_lo, y_hi = values[right - 1], values[right]
+    weight = (x_wide - x_lo) / (x_hi - x_lo)
+    return (y_lo + weight * (y_hi - y_lo)).to(x.dtype)
+
+
+def segment_slope(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
+    """Slope of the interpolation segment holding each ``x``, in ``x.dtype``.
+
+    Example:
+        >>> segment_slope(torch.tensor([0.2]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]))
+        tensor([2.])
+    """
+    right, _ = _segment(x, knots)
+    slope = (values[right] - values[right - 1]) / (knots[right] - knots[right - 1])
+    return slope.to(x.dtype)

@@ -1,0 +1,358 @@
+r"""Flow maps, ODE step rules and the one sampling loop.
+
+A flow map moves a state from model time ``t`` to model time ``s``: $X_{t \to s}$.
+**Direction:** flowlm writes the start first; much of the literature writes $X_{s,t}$ for the
+same map. Every sampler is a flow map applied along a grid by `rollout`:
+
+- `XPredMap`: the x-prediction step (FLM's Euler sampler, or FMLM's two-time denoiser map);
+- `Euler`, `Midpoint`, `Heun`: classic step rules on a `VelocityField`, integrating in path
+  time $\gamma$ (the field is per unit $\gamma$, the network is fed model time);
+- `TaylorMap`: $x + \Delta v + \tfrac12\Delta^2 g$, the v1 stage-1 map.
+"""
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from flowlm._checks import check_finite, check_state
+from flowlm._types import Grid, State, Time, Tokens
+from flowlm.heads import Backbone, XPredictor
+from flowlm.interpolants import Interpolant
+from flowlm.reparam import TimeReparam
+
+
+@runtime_checkable
+class FlowMap(Protocol):
+    """Anything that moves a state from model time ``t`` to model time ``s``."""
+
+    def __call__(self, x: State, t: Time, s: Time, /) -> State:
+        r"""$X_{t \\to s}(x)$."""
+        ...
+
+
+@runtime_checkable
+class VelocityField(Protocol):
+    r"""A velocity per unit of path time $\\gamma$ = ``reparam(t)``, called at model time ``t``."""
+
+    @property
+    def reparam(self) -> TimeReparam:
+        """The clock that turns the field's model time into path time."""
+        ...
+
+    def __call__(self, x: State, t: Time, /) -> State:
+        r"""$dx/d\\gamma$ at $(x, t)$."""
+        ...
+
+
+def _per_example(values: Tensor) -> Tensor:
+    return rearrange(values, "batch -> batch 1 1")
+
+
+class XPredVelocity(nn.Module):
+    r"""The marginal velocity of an x-predictor: $v = \sigma'\hat x_0 + \alpha'\hat x_1$.
+
+    For the linear path, $v(x, t) = (\hat x_1(x, t) - x)/(1 - \gamma)$.
+
+    Example:
+        >>> from flowlm import LinearInterpolant, XPredictor
+        >>> field = XPredVelocity(XPredictor(lambda x, t: torch.zeros_like(x)), LinearInterpolant())
+        >>> field(torch.zeros(1, 1, 2), torch.tensor([0.5]))
+        tensor([[[1., 1.]]])
+    """
+
+    def __init__(self, predictor: XPredictor, interpolant: Interpolant) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.interpolant = interpolant
+
+    @property
+    def reparam(self) -> TimeReparam:
+        """The interpolant's clock."""
+        return self.interpolant.reparam
+
+    def forward(self, x: State, t: Time) -> State:
+        r"""$dx/d\\gamma$."""
+        return self.interpolant.velocity(x, self.predictor(x, t), t)
+
+
+class XPredMap(nn.Module):
+    r"""The x-prediction map $X_{t\to s}(x) = \sigma(\gamma_s)\hat x_0 + \alpha(\gamma_s)\hat x_1$.
+
+    With ``two_time=False``, $\hat x_1 = D_t(x)$ and this is exactly FLM's Euler sampler step
+    (linear path: $x + \frac{\gamma_s - \gamma_t}{1 - \gamma_t}(\hat x_1 - x)$). With
+    ``two_time=True``, $\hat x_1 = \delta_{t,s}(x)$ is FMLM's two-time denoiser and
+    $X_{t\to 1} = \delta_{t,1}$: one call from noise to data.
+
+    Example:
+        >>> from flowlm import LinearInterpolant, XPredictor
+        >>> step = XPredMap(XPredictor(lambda x, t: 9 * x), LinearInterpolant())
+        >>> x = torch.eye(3)[None]
+        >>> torch.equal(step(x, torch.zeros(1), torch.ones(1)), torch.softmax(9 * x, -1))
+        True
+    """
+
+    def __init__(
+        self, predictor: XPredictor, interpolant: Interpolant, two_time: bool = False
+    ) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.interpolant = interpolant
+        self.two_time = two_time
+
+    def forward(self, x: State, t: Time, s: Time) -> State:
+        r"""$X_{t \\to s}(x)$: one network call."""
+        x1_hat = self.predictor(x, t, s) if self.two_time else self.predictor(x, t)
+        return self.interpolant.step(x, x1_hat, t, s)
+
+
+class Euler(nn.Module):
+    r"""Euler in path time: $X_{t\to s}(x) = x + (\gamma_s - \gamma_t)\,v(x, t)$. Order 1, 1 call.
+
+    Example:
+        >>> from flowlm import LinearInterpolant, XPredictor
+        >>> field = XPredVelocity(XPredictor(lambda x, t: 9 * x), LinearInterpolant())
+        >>> x = torch.eye(3)[None]
+        >>> torch.allclose(Euler(field)(x, torch.zeros(1), torch.ones(1)), torch.softmax(9 * x, -1))
+        True
+    """
+
+    def __init__(self, field: VelocityField) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, x: State, t: Time, s: Time) -> State:
+        """One Euler step."""
+        kappa = self.field.reparam
+        return x + _per_example(kappa(s) - kappa(t)) * self.field(x, t)
+
+
+class Midpoint(nn.Module):
+    r"""Explicit midpoint in path time. Order 2, 2 calls.
+
+    $x_m = x + \tfrac{\Delta}{2} v(x, t)$ at $\gamma_m = \tfrac12(\gamma_t + \gamma_s)$, then
+    $X_{t\to s}(x) = x + \Delta\, v(x_m, \kappa^{-1}(\gamma_m))$, $\Delta = \gamma_s - \gamma_t$.
+
+    Example:
+        >>> from flowlm import Identity
+        >>> class Decay(nn.Module):
+        ...     reparam = Identity()
+        ...     def forward(self, x, t): return -x
+        >>> x1 = Midpoint(Decay())(torch.ones(1, 1, 1), torch.zeros(1), torch.ones(1))
+        >>> x1.item()  # 1 - 1 + 1/2
+        0.5
+    """
+
+    def __init__(self, field: VelocityField) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, x: State, t: Time, s: Time) -> State:
+        """One midpoint step."""
+        kappa = self.field.reparam
+        gamma_t, gamma_s = kappa(t), kappa(s)
+        gamma_mid = 0.5 * (gamma_t + gamma_s)
+        x_mid = x + _per_example(gamma_mid - gamma_t) * self.field(x, t)
+        return x + _per_example(gamma_s - gamma_t) * self.field(x_mid, kappa.inverse(gamma_mid))
+
+
+class Heun(nn.Module):
+    r"""Heun's method (explicit trapezoid) in path time. Order 2, 2 calls.
+
+    $\tilde x = x + \Delta v(x, t)$, $X_{t\to s}(x) = x + \frac{\Delta}{2}(v(x,t) + v(\tilde x,s))$.
+    Where $\gamma_s = 1$ the x-prediction velocity is singular, so those examples take the
+    Euler step instead (as is usual for the last step).
+
+    Example:
+        >>> from flowlm import Identity
+        >>> class Decay(nn.Module):
+        ...     reparam = Identity()
+        ...     def forward(self, x, t): return -x
+        >>> Heun(Decay())(torch.ones(1, 1, 1), torch.zeros(1), torch.full((1,), 0.5)).item()
+        0.625
+    """
+
+    def __init__(self, field: VelocityField) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, x: State, t: Time, s: Time) -> State:
+        """One Heun step."""
+        kappa = self.field.reparam
+        gamma_s = kappa(s)
+        delta = _per_example(gamma_s - kappa(t))
+        v_start = self.field(x, t)
+        x_euler = x + delta * v_start
+        x_heun = x + 0.5 * delta * (v_start + self.field(x_euler, s))
+        return torch.where(_per_example(gamma_s >= 1), x_euler, x_heun)
+
+
+class TaylorMap(nn.Module):
+    r"""Second-order map $X_{t\to s}(x) = x + \Delta v(x, t) + \tfrac12\Delta^2 g(x, t, s)$.
+
+    $\Delta = \gamma_s - \gamma_t$, $v$ a (frozen teacher's) velocity field and $g$ a correction
+    network with two time inputs. With $g \equiv 0$ it is the teacher's Euler step. 2 calls.
+
+    Example:
+        >>> from flowlm import Identity
+        >>> class Decay(nn.Module):
+        ...     reparam = Identity()
+        ...     def forward(self, x, t): return -x
+        >>> taylor = TaylorMap(Decay(), lambda x, t, s: x)  # g = -v' exactly for this field
+        >>> taylor(torch.ones(1, 1, 1), torch.zeros(1), torch.ones(1)).item()
+        0.5
+    """
+
+    def __init__(self, field: VelocityField, correction: Backbone) -> None:
+        super().__init__()
+        self.field = field
+        self.correction = correction
+
+    def forward(self, x: State, t: Time, s: Time) -> State:
+        """One Taylor step."""
+        kappa = self.field.reparam
+        delta = _per_example(kappa(s) - kappa(t))
+        return x + delta * self.field(x, t) + 0.5 * delta**2 * self.correction(x, t, s)
+
+
+def time_grid(
+    n_steps: int,
+    warp: Callable[[Tensor], Tensor] | None = None,
+    *,
+    reverse: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Grid:
+    """``n_steps + 1`` model times from 0 (noise) to 1 (data), uniform unless warped.
+
+    Args:
+        n_steps: number of steps (flow-map applications).
+        warp: an increasing map of [0, 1] onto itself applied to the uniform grid
+            (e.g. ``Power(2.0)`` for smaller steps near the noise).
+        reverse: run from data (1) back to noise (0).
+        dtype: dtype of the grid.
+        device: device of the grid.
+
+    Example:
+        >>> time_grid(4)
+        tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
+    """
+    if n_steps < 1:
+        raise ValueError(f"a grid needs at least one step, got n_steps={n_steps}")
+    grid = torch.linspace(0.0, 1.0, n_steps + 1, dtype=dtype, device=device)
+    if warp is not None:
+        grid = warp(grid)
+        grid[0], grid[-1] = 0.0, 1.0
+    return grid.flip(0) if reverse else grid
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """What `rollout` returns.
+
+    Attributes:
+        x: the final state.
+        nfe: network calls made, counted with forward hooks.
+        grid: the model times visited.
+        states: the state at every grid time (including the start), if saved.
+    """
+
+    x: State
+    nfe: int
+    grid: Grid
+    states: tuple[State, ...] | None = None
+
+
+def _default_networks(flow_map: object) -> list[nn.Module]:
+    if not isinstance(flow_map, nn.Module):
+        return []
+    predictors: list[nn.Module] = [m for m in flow_map.modules() if isinstance(m, XPredictor)]
+    corrections = [
+        m.correction
+        for m in flow_map.modules()
+        if isinstance(m, TaylorMap) and isinstance(m.correction, nn.Module)
+    ]
+    return predictors + corrections
+
+
+def _check_grid(grid: Tensor) -> None:
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(f"a grid is a 1-d tensor of at least 2 times, got {tuple(grid.shape)}")
+    steps = grid.diff()
+    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+        raise ValueError("grid times must be strictly monotone (all increasing or all decreasing)")
+    if bool((grid < 0).any()) or bool((grid > 1).any()):
+        raise ValueError("grid times must lie in [0, 1]")
+
+
+def rollout(
+    flow_map: FlowMap,
+    x_init: State,
+    grid: Grid,
+    *,
+    save_states: bool = False,
+    grad: bool = False,
+    networks: Sequence[nn.Module] | None = None,
+) -> Trajectory:
+    r"""Apply ``flow_map`` along ``grid``: $x \leftarrow X_{t_i \to t_{i+1}}(x)$ for each step.
+
+    Args:
+        flow_map: any `FlowMap`.
+        x_init: the starting state at time ``grid[0]`` (noise for a forward grid).
+        grid: strictly monotone model times (forward or backward).
+        save_states: keep the state at every grid time.
+        grad: record the autograd graph (e.g. to differentiate through sampling).
+        networks: modules whose forward calls count as network evaluations; by default every
+            `XPredictor` and `TaylorMap` correction inside ``flow_map``.
+
+    Raises:
+        RuntimeError: if the final state is not finite.
+
+    Example:
+        >>> from flowlm import LinearInterpolant, XPredictor
+        >>> step = XPredMap(XPredictor(lambda x, t: torch.zeros_like(x)), LinearInterpolant())
+        >>> trajectory = rollout(step, torch.randn(2, 5, 3), time_grid(4))
+        >>> trajectory.nfe, trajectory.x.shape
+        (4, torch.Size([2, 5, 3]))
+    """
+    check_state(x_init, name="x_init")
+    _check_grid(grid)
+    counted = _default_networks(flow_map) if networks is None else list(networks)
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    handles: list[RemovableHandle] = [m.register_forward_hook(count) for m in counted]
+    times = grid.to(x_init.device, x_init.dtype)
+    batch = x_init.shape[0]
+    x = x_init
+    states = [x] if save_states else None
+    try:
+        with torch.set_grad_enabled(grad):
+            for start, end in itertools.pairwise(times):
+                x = flow_map(x, start.expand(batch), end.expand(batch))
+                if states is not None:
+                    states.append(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    check_finite(x, "the sampled state")
+    return Trajectory(
+        x=x, nfe=calls[0], grid=times, states=tuple(states) if states is not None else None
+    )
+
+
+def decode(x: State) -> Tokens:
+    """Tokens by argmax over the vocabulary at every position.
+
+    Example:
+        >>> decode(torch.tensor([[[0.1, 0.9], [0.7, 0.3]]]))
+        tensor([[1, 0]])
+    """
+    return x.argmax(dim=-1)
