@@ -54,12 +54,14 @@ class TimeEmbedding(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256, zero_init: bool = False) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.first = nn.Linear(frequency_dim, dim)
         last = nn.Linear(dim, dim)
         if zero_init:
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), last)
+        self.mlp = nn.Sequential(self.first, nn.SiLU(), last)
 
     def forward(self, t: Time) -> Float[Tensor, "batch dim"]:
         """Embed a batch of times."""
-        return self.mlp(sinusoidal_features(t, self.frequency_dim))
+        features = sinusoidal_features(t, self.frequency_dim)
+        return self.mlp(features.to(self.first.weight.dtype))

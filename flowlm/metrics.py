@@ -62,7 +62,7 @@ def token_entropy(tokens: Tokens) -> Float[Tensor, " batch"]:
 
     For a sample $x_{1:L}$ with $c_v$ occurrences of id $v$ and $p_v = c_v / L$,
 
-    $$H(x) = -\sum_v p_v \log p_v,$$
+    $$H(x) = -\sum_v p_v \log p_v = \sum_v p_v \log(1 / p_v),$$
 
     which lies in $[0, \log \min(L, V)]$. The counts come from sorting each row, so the cost
     does not depend on the vocabulary size.
@@ -89,7 +89,7 @@ def token_entropy(tokens: Tokens) -> Float[Tensor, " batch"]:
     run_lengths = torch.zeros(tokens.shape, dtype=torch.get_default_dtype(), device=tokens.device)
     run_lengths.scatter_add_(1, run_index, torch.ones_like(run_lengths))
     frequencies = run_lengths / tokens.shape[1]
-    return -torch.xlogy(frequencies, frequencies).sum(dim=1)
+    return torch.xlogy(frequencies, frequencies.reciprocal()).sum(dim=1)
 
 
 class TokenEntropy(Metric):
@@ -226,6 +226,15 @@ class DistinctN(Metric):
         self.vocab_size = vocab_size
         self.n = n
         self.add_state("ngram_hashes", default=[], dist_reduce_fx="cat")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the n-gram codes, int64.
+
+        torchmetrics gives a process that saw no samples an empty state of this dtype before
+        gathering, so the codes of the other processes stay exact integers.
+        """
+        return torch.float32
 
     def update(self, tokens: Tokens) -> None:
         """Store the codes of the n-grams of a batch of samples."""

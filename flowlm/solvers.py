@@ -197,6 +197,7 @@ class TaylorMap(nn.Module):
 
     $\Delta = \gamma_s - \gamma_t$, $v$ a (frozen teacher's) velocity field and $g$ a correction
     network with two time inputs. With $g \equiv 0$ it is the teacher's Euler step. 2 calls.
+    The field is a frozen teacher: it runs without gradient, so only $g$ can learn.
 
     Example:
         >>> from flowlm import Identity
@@ -217,7 +218,9 @@ class TaylorMap(nn.Module):
         """One Taylor step."""
         kappa = self.field.reparam
         delta = _per_example(kappa(s) - kappa(t))
-        return x + delta * self.field(x, t) + 0.5 * delta**2 * self.correction(x, t, s)
+        with torch.no_grad():
+            velocity = self.field(x, t)
+        return x + delta * velocity + 0.5 * delta**2 * self.correction(x, t, s)
 
 
 def time_grid(

@@ -79,9 +79,10 @@ def load_text(path: str | Path) -> list[Document]:
 
     Example:
         >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / "b.txt").write_text("second"), (folder / "a.txt").write_text("first")
-        >>> load_text(folder)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = (Path(folder) / "b.txt").write_text("second")
+        ...     _ = (Path(folder) / "a.txt").write_text("first")
+        ...     load_text(folder)
         [('a', 'first'), ('b', 'second')]
     """
     path = Path(path)

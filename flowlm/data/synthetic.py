@@ -17,8 +17,9 @@ from flowlm.data.tokenizer import CharTokenizer
 class AlphaRepeat:
     """Sequences made of one symbol repeated ``length`` times, the symbol uniform.
 
-    A valid sequence needs every position to agree, so a sampler that draws positions
-    independently in one step gets at most ``vocab_size ** (1 - length)`` of them right.
+    A valid sequence needs every position to agree: a sampler that draws each position
+    independently from the true (uniform) marginals is valid with probability only
+    ``vocab_size ** (1 - length)``.
 
     Args:
         vocab_size: number of symbols.

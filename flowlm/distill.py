@@ -1,0 +1,272 @@
+r"""Flow-map distillation losses: teach a network to jump along the flow in one call.
+
+Maps go from model time ``t`` to ``s`` ($X_{t\to s}$, ``t <= s``); METHOD-style papers write
+$X_{s,t}$. Every loss returns a per-token loss ``(batch, seq)`` (reduce it with
+`flowlm.masked_mean`, optionally after `flowlm.LearnedTimeWeighting`); every target and every
+teacher runs under ``torch.no_grad()``, so only the student is trained.
+
+The two-time denoiser map used by FMLM is
+$X_{t\to s}(x) = x + \frac{\gamma_s - \gamma_t}{1 - \gamma_t}(\delta_{t,s}(x) - x)$
+(``XPredMap(predictor, interpolant, two_time=True)``).
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from flowlm._types import Logits, Probs, State, Time, TokenLoss, Tokens
+from flowlm.heads import XPredictor, cross_entropy
+from flowlm.interpolants import NOISE_FLOOR
+from flowlm.reparam import TimeReparam
+from flowlm.solvers import FlowMap, TaylorMap, XPredMap
+
+LOG_ARGUMENT_FLOOR = 0.05
+"""Smallest argument of the logarithm in the logit-space Lagrangian and Eulerian targets."""
+
+
+def _per_example(values: Tensor) -> Tensor:
+    return rearrange(values, "batch -> batch 1 1")
+
+
+def squared_distance(a: State, b: State) -> TokenLoss:
+    r"""$\lVert a - b\rVert^2$ summed over the vocabulary, per token."""
+    return (a - b).pow(2).sum(-1)
+
+
+def kl_divergence(target: Probs, logits: Logits) -> TokenLoss:
+    r"""$\mathrm{KL}(p \,\Vert\, \mathrm{softmax}(z)) = \sum_v p_v(\log p_v - \log\mathrm{softmax}(z)_v)$, per token.
+
+    Example:
+        >>> p = torch.tensor([[[0.5, 0.5]]])
+        >>> kl_divergence(p, torch.zeros(1, 1, 2))
+        tensor([[0.]])
+    """
+    log_q = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    return (torch.special.xlogy(target, target) - target * log_q).sum(-1)
+
+
+def taylor_semigroup_loss(student: TaylorMap, x_t: State, t: Time, s: Time) -> TokenLoss:
+    r"""v1 stage 1: semigroup self-distillation of the second-order Taylor map.
+
+    With $u$ the midpoint of $t$ and $s$ in model time and $\Delta = \gamma_s - \gamma_t$,
+
+    $$\ell = \Big(\frac{1-\gamma_t}{\Delta}\Big)^2
+      \big\lVert X^\theta_{t\to s}(x_t) - \mathrm{sg}\big(X^\theta_{u\to s}(X^\theta_{t\to u}(x_t))\big)\big\rVert^2.$$
+
+    Only the correction network of ``student`` learns (the `TaylorMap` field is a frozen teacher).
+
+    Example:
+        >>> from flowlm import Identity
+        >>> class Drift(nn.Module):  # dx/dγ = 1: the Taylor map with g = 0 is exact
+        ...     reparam = Identity()
+        ...     def forward(self, x, t): return torch.ones_like(x)
+        >>> exact = TaylorMap(Drift(), lambda x, t, s: torch.zeros_like(x))
+        >>> taylor_semigroup_loss(exact, torch.zeros(1, 2, 3), torch.zeros(1), torch.ones(1))
+        tensor([[0., 0.]])
+    """
+    kappa = student.field.reparam
+    u = 0.5 * (t + s)
+    with torch.no_grad():
+        target = student(student(x_t, t, u), u, s)
+    gamma_t, gamma_s = kappa(t), kappa(s)
+    weight = ((1.0 - gamma_t) / (gamma_s - gamma_t).clamp_min(torch.finfo(t.dtype).tiny)) ** 2
+    return weight[:, None] * squared_distance(student(x_t, t, s), target)
+
+
+def map_regression_loss(
+    student: FlowMap, teacher: FlowMap, x_t: State, t: Time, s: Time
+) -> TokenLoss:
+    r"""v1 stage 2: regress a student map onto a frozen one, $\lVert X^{T}_{t\to s}(x_t) - X^{\phi}_{t\to s}(x_t)\rVert^2$.
+
+    The teacher can be the stage-1 `TaylorMap` or any other flow map (e.g. a many-step rollout).
+
+    Example:
+        >>> from flowlm import Identity, Euler
+        >>> class Decay(nn.Module):
+        ...     reparam = Identity()
+        ...     def forward(self, x, t): return -x
+        >>> euler = Euler(Decay())
+        >>> map_regression_loss(euler, euler, torch.ones(2, 3, 4), torch.zeros(2), torch.ones(2))
+        tensor([[0., 0., 0.],
+                [0., 0., 0.]])
+    """
+    with torch.no_grad():
+        target = teacher(x_t, t, s)
+    return squared_distance(student(x_t, t, s), target)
+
+
+def semigroup_weight(reparam: TimeReparam, t: Time, u: Time, s: Time) -> Time:
+    r"""The convex weight that makes two-time denoiser maps compose exactly.
+
+    $X_{u\to s}\circ X_{t\to u} = X_{t\to s}$ holds for the two-time denoiser map iff
+    $\delta_{t,s} = w\,\delta_{t,u} + (1 - w)\,\delta_{u,s}(X_{t\to u})$ with
+
+    $$w = \frac{(1-\gamma_s)(\gamma_u-\gamma_t)}{(1-\gamma_u)(\gamma_s-\gamma_t)} \in [0, 1].$$
+
+    Example:
+        >>> from flowlm import Identity
+        >>> semigroup_weight(Identity(), torch.tensor([0.0]), torch.tensor([0.5]), torch.tensor([1.0]))
+        tensor([0.])
+    """
+    gamma_t, gamma_u, gamma_s = reparam(t), reparam(u), reparam(s)
+    numerator = (1.0 - gamma_s) * (gamma_u - gamma_t)
+    denominator = (1.0 - gamma_u).clamp_min(NOISE_FLOOR) * (gamma_s - gamma_t)
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), 1.0).clamp(0, 1)
+
+
+def semigroup_target(student: XPredMap, x_t: State, t: Time, u: Time, s: Time) -> Probs:
+    r"""$\bar\delta_{t,s} = w\,\hat\delta_{t,u}(x_t) + (1-w)\,\hat\delta_{u,s}(\hat X_{t\to u}(x_t))$, without gradient.
+
+    Two forward passes of the (two-time) student; the result stays on the simplex.
+    """
+    with torch.no_grad():
+        first = student.predictor(x_t, t, u)
+        x_u = student.interpolant.step(x_t, first, t, u)
+        second = student.predictor(x_u, u, s)
+        w = _per_example(semigroup_weight(student.interpolant.reparam, t, u, s))
+        return w * first + (1.0 - w) * second
+
+
+def diagonal_kl(student: XPredMap, teacher: XPredictor, x_t: State, t: Time) -> TokenLoss:
+    r"""Tie the student's diagonal to the FLM denoiser: $\mathrm{KL}(D_t(x_t)\,\Vert\,\hat\delta_{t,t}(x_t))$."""
+    with torch.no_grad():
+        target = teacher(x_t, t)
+    return kl_divergence(target, student.predictor.logits(x_t, t, t))
+
+
+def semigroup_kl_loss(
+    student: XPredMap, teacher: XPredictor, x_t: State, t: Time, s: Time, u: Time | None = None
+) -> TokenLoss:
+    r"""v2: $\mathrm{KL}(\bar\delta_{t,s}\,\Vert\,\hat\delta_{t,s}(x_t)) + \mathrm{KL}(D_t(x_t)\,\Vert\,\hat\delta_{t,t}(x_t))$.
+
+    $\bar\delta$ is `semigroup_target` at ``u`` (default: the midpoint of ``t`` and ``s``).
+    """
+    u = 0.5 * (t + s) if u is None else u
+    target = semigroup_target(student, x_t, t, u, s)
+    jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
+    return jump + diagonal_kl(student, teacher, x_t, t)
+
+
+def self_semigroup_loss(
+    student: XPredMap, tokens: Tokens, x_t: State, t: Time, s: Time, u: Time | None = None
+) -> TokenLoss:
+    r"""Self-distillation (no pretrained teacher): the semigroup KL plus cross-entropy of the diagonal.
+
+    $\ell = \mathrm{KL}(\bar\delta_{t,s}\,\Vert\,\hat\delta_{t,s}(x_t)) - \log\hat\delta_{t,t}(x_t)[x]$:
+    the diagonal learns the denoiser from data while the off-diagonal learns to jump.
+    """
+    u = 0.5 * (t + s) if u is None else u
+    target = semigroup_target(student, x_t, t, u, s)
+    jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
+    return jump + cross_entropy(student.predictor.logits(x_t, t, t), tokens)
+
+
+def _jvp(
+    function: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """Forward-mode product: ``(function(*primals), d function · tangents)``."""
+    output = torch.func.jvp(function, primals, tangents)
+    return output[0], output[1]
+
+
+def _centered(tangent: Logits, logits: Logits) -> Logits:
+    r"""$dz - \mathbb{E}_{\mathrm{softmax}(z)}[dz]$: the logit tangent of the probabilities."""
+    probs = torch.softmax(logits, -1)
+    return tangent - (probs * tangent).sum(-1, keepdim=True)
+
+
+def lagrangian_kl_loss(
+    student: XPredMap, teacher: XPredictor, x_t: State, t: Time, s: Time
+) -> TokenLoss:
+    r"""Lagrangian distillation (one JVP in the end time), in the simplex-preserving logit form.
+
+    With $c_L = (\gamma_s-\gamma_t)(1-\gamma_s)/(1-\gamma_t)$ and $\delta = dz - \mathbb{E}_{\hat\delta}[dz]$
+    for $dz = \partial_{\gamma_s} z_{t,s}(x_t)$ (chain rule through $\kappa$),
+
+    $$\bar\delta = \mathrm{softmax}\big(z^{T}(\hat X_{t\to s}(x_t), s) - \log\max(1 + c_L\delta, 0.05)\big),$$
+
+    a first-order form of $D_s(\hat X_{t\to s}) - c_L\,\partial_{\gamma_s}\hat\delta_{t,s}$; plus the
+    diagonal tie `diagonal_kl`.
+    """
+    reparam = student.interpolant.reparam
+    gamma_t, gamma_s = reparam(t), reparam(s)
+    with torch.no_grad():
+
+        def logits_at(end: Time) -> Logits:
+            return student.predictor.logits(x_t, t, end)
+
+        logits, d_logits = _jvp(logits_at, (s,), (1.0 / reparam.derivative(s),))
+        x_s = student.interpolant.step(x_t, torch.softmax(logits, -1), t, s)
+        c = _per_example(
+            (gamma_s - gamma_t) * (1.0 - gamma_s) / (1.0 - gamma_t).clamp_min(NOISE_FLOOR)
+        )
+        correction = (1.0 + c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
+        target = torch.softmax(teacher.logits(x_s, s) - torch.log(correction), -1)
+    jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
+    return jump + diagonal_kl(student, teacher, x_t, t)
+
+
+def eulerian_kl_loss(
+    student: XPredMap, teacher: XPredictor, x_t: State, t: Time, s: Time
+) -> TokenLoss:
+    r"""Eulerian distillation (one JVP in the state and start time), in the logit form.
+
+    The tangent is the teacher's flow $(v_t, 1)$ in $(x, \gamma_t)$, $v_t = (D_t(x_t) - x_t)/(1-\gamma_t)$;
+    with $c_E = (\gamma_s-\gamma_t)(1-\gamma_t)/(1-\gamma_s)$ and $\delta = dz - \mathbb{E}_{\hat\delta}[dz]$,
+
+    $$\bar\delta = \mathrm{softmax}\big(z^{T}(x_t, t) - \log\max(1 - c_E\delta, 0.05)\big),$$
+
+    a first-order form of $D_t + \frac{\gamma_s-\gamma_t}{1-\gamma_s}
+    [(1-\gamma_t)\partial_{\gamma_t}\hat\delta + \nabla\hat\delta\,(D_t - x_t)]$; plus `diagonal_kl`.
+    """
+    reparam = student.interpolant.reparam
+    gamma_t, gamma_s = reparam(t), reparam(s)
+    with torch.no_grad():
+        teacher_logits = teacher.logits(x_t, t)
+        velocity = student.interpolant.velocity(x_t, torch.softmax(teacher_logits, -1), t)
+
+        def logits_from(x: State, start: Time) -> Logits:
+            return student.predictor.logits(x, start, s)
+
+        logits, d_logits = _jvp(logits_from, (x_t, t), (velocity, 1.0 / reparam.derivative(t)))
+        c = _per_example(
+            (gamma_s - gamma_t) * (1.0 - gamma_t) / (1.0 - gamma_s).clamp_min(NOISE_FLOOR)
+        )
+        correction = (1.0 - c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
+        target = torch.softmax(teacher_logits - torch.log(correction), -1)
+    jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
+    return jump + diagonal_kl(student, teacher, x_t, t)
+
+
+def init_student(student: nn.Module, teacher: nn.Module, zero: Sequence[str] = ()) -> list[str]:
+    r"""Initialise a student from its teacher's weights; zero the named submodules.
+
+    Every teacher weight must fit the student (no unexpected keys); the student's extra
+    parameters (e.g. a second time embedding whose last layer starts at zero) keep their init.
+
+    Args:
+        student: the network to initialise (e.g. a two-time `DiT`).
+        teacher: the network it starts from (e.g. the one-time FLM `DiT`).
+        zero: dotted names of student submodules whose parameters are set to zero (e.g.
+            ``["output"]`` for the v1 stage-1 correction, which must start at $g \equiv 0$).
+
+    Returns:
+        The student parameter names that the teacher did not provide.
+
+    Example:
+        >>> teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> init_student(student, teacher)
+        []
+        >>> torch.equal(student.weight, teacher.weight)
+        True
+    """
+    result = student.load_state_dict(teacher.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"teacher weights with no place in the student: {result.unexpected_keys}")
+    with torch.no_grad():
+        for name in zero:
+            for parameter in student.get_submodule(name).parameters():
+                parameter.zero_()
+    return list(result.missing_keys)
