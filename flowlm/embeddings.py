@@ -8,6 +8,7 @@ import math
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from flowlm._types import Time
 
@@ -54,14 +55,13 @@ class TimeEmbedding(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256, zero_init: bool = False) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.first = nn.Linear(frequency_dim, dim)
-        last = nn.Linear(dim, dim)
+        self.hidden = nn.Linear(frequency_dim, dim)
+        self.out = nn.Linear(dim, dim)
         if zero_init:
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-        self.mlp = nn.Sequential(self.first, nn.SiLU(), last)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, t: Time) -> Float[Tensor, "batch dim"]:
         """Embed a batch of times."""
-        features = sinusoidal_features(t, self.frequency_dim)
-        return self.mlp(features.to(self.first.weight.dtype))
+        features = sinusoidal_features(t, self.frequency_dim).to(self.hidden.weight.dtype)
+        return self.out(F.silu(self.hidden(features)))

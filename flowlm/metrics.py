@@ -158,9 +158,9 @@ def _check_hashable(n: int, vocab_size: int) -> None:
 
 
 def _distinct_fraction(hashes: Tensor) -> Float[Tensor, ""]:
-    """Number of distinct codes over the number of codes."""
-    distinct = torch.unique(hashes).numel()
-    return torch.tensor(distinct / hashes.numel(), device=hashes.device)
+    """Number of distinct codes over the number of codes (NaN when there is none)."""
+    distinct = torch.tensor(float(torch.unique(hashes).numel()), device=hashes.device)
+    return distinct / hashes.numel()
 
 
 def distinct_n(tokens: Tokens, n: int, vocab_size: int) -> Float[Tensor, ""]:
@@ -234,7 +234,7 @@ class DistinctN(Metric):
         torchmetrics gives a process that saw no samples an empty state of this dtype before
         gathering, so the codes of the other processes stay exact integers.
         """
-        return torch.float32
+        return torch.int64
 
     def update(self, tokens: Tokens) -> None:
         """Store the codes of the n-grams of a batch of samples."""
@@ -430,7 +430,7 @@ class HuggingFaceScorer:
         lengths = torch.tensor([len(row) for row in rows])
         input_ids = pad_sequence(rows, batch_first=True, padding_value=bos).to(self.device)
         attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).to(self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
         nll = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
         )

@@ -1,0 +1,258 @@
+"""Interpolants: exact endpoints, the velocity is the path's time derivative, exact steps."""
+
+import functools
+
+import pytest
+import torch
+from jaxtyping import TypeCheckError
+from torch import Tensor
+
+from flowlm import (
+    CosineInterpolant,
+    Identity,
+    Interpolant,
+    LinearInterpolant,
+    Power,
+    SqrtNoiseInterpolant,
+    TimeReparam,
+    TokenAccuracy,
+    one_hot,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+B, L, V = 4, 5, 8
+PATHS = [LinearInterpolant, SqrtNoiseInterpolant, CosineInterpolant]
+CLOCKS = ["identity", "power2", "token"]
+
+
+@functools.cache
+def make(path: type[Interpolant], clock: str) -> Interpolant:
+    reparams: dict[str, TimeReparam] = {
+        "identity": Identity(),
+        "power2": Power(2.0),
+        # Each path's own decoding-accuracy clock.
+        "token": TokenAccuracy(V, snr=path.signal_to_noise),
+    }
+    return path(reparam=reparams[clock])
+
+
+@pytest.fixture(
+    params=[(p, c) for p in PATHS for c in CLOCKS], ids=lambda pc: f"{pc[0].__name__}-{pc[1]}"
+)
+def interp(request: pytest.FixtureRequest) -> Interpolant:
+    return make(*request.param)
+
+
+def data(seed: int = 0, dtype: torch.dtype = F64) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, L, V, generator=generator, dtype=dtype)
+    x1 = one_hot(torch.randint(V, (B, L), generator=generator), V, dtype=dtype)
+    return x0, x1
+
+
+def prediction(seed: int = 1) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, V, generator=generator, dtype=F64).softmax(-1)
+
+
+def per_example(values: Tensor) -> Tensor:
+    return values[:, None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_exact_endpoints(interp: Interpolant, dtype: torch.dtype):
+    x0, x1 = data(dtype=dtype)
+    assert torch.equal(interp.sample(x0, x1, torch.zeros(B, dtype=dtype)), x0)
+    assert torch.equal(interp.sample(x0, x1, torch.ones(B, dtype=dtype)), x1)
+    mixed = interp.sample(x0, x1, torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=dtype))
+    assert torch.equal(mixed[0::2], x0[0::2])
+    assert torch.equal(mixed[1::2], x1[1::2])
+
+
+def test_sample_formula(interp: Interpolant):
+    x0, x1 = data()
+    t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=F64)
+    gamma = per_example(interp.reparam(t))
+    expected = interp.sigma(gamma) * x0 + interp.alpha(gamma) * x1
+    assert torch.allclose(interp.sample(x0, x1, t), expected, rtol=0.0, atol=1e-15)
+
+
+def test_time_derivative_is_reparam_rate_times_velocity(interp: Interpolant):
+    x0, x1 = data()
+    t = torch.tensor([0.1, 0.35, 0.6, 0.85], dtype=F64)
+    x_t, dx_dt = torch.func.jvp(
+        lambda time: interp.sample(x0, x1, time), (t,), (torch.ones_like(t),)
+    )
+    expected = per_example(interp.reparam.derivative(t)) * interp.velocity(x_t, x1, t)
+    assert dx_dt.abs().max() > 0.1
+    assert torch.allclose(dx_dt, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_predicted_noise_with_oracle_is_the_noise(interp: Interpolant):
+    x0, x1 = data()
+    t = torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=F64)
+    x_t = interp.sample(x0, x1, t)
+    assert torch.allclose(interp.predicted_noise(x_t, x1, t), x0, rtol=0.0, atol=1e-12)
+
+
+def test_step_to_data_returns_prediction_exactly(interp: Interpolant):
+    x_t, _ = data()
+    x1_hat = prediction()
+    t = torch.tensor([0.0, 0.3, 0.9, 1.0], dtype=F64)
+    assert torch.equal(interp.step(x_t, x1_hat, t, torch.ones(B, dtype=F64)), x1_hat)
+
+
+def test_oracle_step_lands_on_data(interp: Interpolant):
+    x0, x1 = data()
+    t = torch.tensor([0.0, 0.3, 0.7, 0.99], dtype=F64)
+    x_t = interp.sample(x0, x1, t)
+    assert torch.equal(interp.step(x_t, x1, t, torch.ones(B, dtype=F64)), x1)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_oracle_step_follows_the_path(interp: Interpolant, direction: str):
+    x0, x1 = data()
+    early = torch.tensor([0.0, 0.1, 0.4, 0.5], dtype=F64)
+    late = torch.tensor([0.2, 0.8, 0.6, 0.9], dtype=F64)
+    t, s = (early, late) if direction == "forward" else (late, early)
+    x_s = interp.step(interp.sample(x0, x1, t), x1, t, s)
+    assert torch.allclose(x_s, interp.sample(x0, x1, s), rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("clock", CLOCKS)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_linear_step_is_the_euler_formula(clock: str, direction: str):
+    interp = make(LinearInterpolant, clock)
+    x, _ = data(seed=3)
+    x1_hat = prediction(seed=4)
+    early = torch.tensor([0.0, 0.1, 0.4, 0.5], dtype=F64)
+    late = torch.tensor([0.2, 0.8, 0.6, 0.95], dtype=F64)
+    t, s = (early, late) if direction == "forward" else (late, early)
+    gamma_t, gamma_s = per_example(interp.reparam(t)), per_example(interp.reparam(s))
+    euler = x + (gamma_s - gamma_t) / (1 - gamma_t) * (x1_hat - x)
+    assert torch.allclose(interp.step(x, x1_hat, t, s), euler, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("clock", CLOCKS)
+def test_linear_velocity_formula(clock: str):
+    interp = make(LinearInterpolant, clock)
+    x, _ = data(seed=5)
+    x1_hat = prediction(seed=6)
+    t = torch.tensor([0.0, 0.2, 0.5, 0.9], dtype=F64)
+    gamma = per_example(interp.reparam(t))
+    expected = (x1_hat - x) / (1 - gamma)
+    assert torch.allclose(interp.velocity(x, x1_hat, t), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_velocity_finite_at_data_end(interp: Interpolant):
+    x, _ = data(seed=7)
+    velocity = interp.velocity(x, prediction(), torch.ones(B, dtype=F64))
+    assert torch.isfinite(velocity).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_coefficient_endpoints(path: type[Interpolant], dtype: torch.dtype):
+    ends = torch.tensor([0.0, 1.0], dtype=dtype)
+    assert torch.equal(path.alpha(ends), torch.tensor([0.0, 1.0], dtype=dtype))
+    assert torch.equal(path.sigma(ends), torch.tensor([1.0, 0.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_coefficient_rates_match_autograd(path: type[Interpolant]):
+    gamma = torch.linspace(0.01, 0.99, 99, dtype=F64).requires_grad_()
+    (d_alpha,) = torch.autograd.grad(path.alpha(gamma).sum(), gamma)
+    (d_sigma,) = torch.autograd.grad(path.sigma(gamma).sum(), gamma)
+    gamma = gamma.detach()
+    assert torch.allclose(path.alpha_rate(gamma), d_alpha, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(path.sigma_rate(gamma), d_sigma, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_coefficients_monotone_and_snr(path: type[Interpolant]):
+    gamma = torch.linspace(0.0, 1.0, 1001, dtype=F64)
+    assert (path.alpha(gamma).diff() > 0).all()
+    assert (path.sigma(gamma).diff() < 0).all()
+    inner = gamma[1:-1]
+    assert torch.allclose(path.signal_to_noise(inner), path.alpha(inner) / path.sigma(inner))
+
+
+def test_cosine_is_variance_preserving():
+    gamma = torch.linspace(0.0, 1.0, 101, dtype=F64)
+    total = CosineInterpolant.alpha(gamma) ** 2 + CosineInterpolant.sigma(gamma) ** 2
+    assert torch.allclose(total, torch.ones_like(total), rtol=0.0, atol=1e-15)
+
+
+def test_default_clock_is_identity():
+    assert isinstance(LinearInterpolant().reparam, Identity)
+
+
+# ---------------------------------------------------------------- one_hot
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_one_hot_values(dtype: torch.dtype):
+    tokens = torch.tensor([[0, 3, 1], [2, 2, 0]])
+    x = one_hot(tokens, 4, dtype=dtype)
+    assert x.shape == (2, 3, 4)
+    assert x.dtype == dtype
+    assert torch.equal(x.sum(-1), torch.ones(2, 3, dtype=dtype))
+    assert torch.equal(x.argmax(-1), tokens)
+    assert torch.equal(one_hot(tokens.int(), 4), one_hot(tokens, 4))
+
+
+@pytest.mark.parametrize("bad", [4, 7, -1])
+def test_one_hot_rejects_out_of_range(bad: int):
+    with pytest.raises(RuntimeError, match=r"token ids out of range.*\[0, 4\)"):
+        one_hot(torch.tensor([[0, bad]]), 4)
+
+
+def test_one_hot_rejects_floats(checks: str):
+    match = "parameter 'tokens'" if checks == "jaxtyping" else "token ids must be integers"
+    with pytest.raises(TypeError, match=match):
+        one_hot(torch.tensor([[0.0, 1.0]]), 4)
+
+
+# ---------------------------------------------------------------- input validation
+
+
+def test_shape_mismatch(checks: str):
+    x0, x1 = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    match = "parameter 'x1'" if checks == "jaxtyping" else r"noise shape \(2, 3, 4\) != data shape"
+    with pytest.raises((TypeCheckError, ValueError), match=match):
+        LinearInterpolant().sample(x0, x1, torch.rand(2))
+
+
+def test_zero_dim_time(checks: str):
+    x = torch.randn(2, 3, 4)
+    match = "parameter 't'" if checks == "jaxtyping" else "1-d tensor of model times"
+    with pytest.raises((TypeCheckError, ValueError), match=match):
+        LinearInterpolant().sample(x, x, torch.tensor(0.5))
+
+
+def test_batch_mismatch(checks: str):
+    x = torch.randn(2, 3, 4)
+    match = "parameter 't'" if checks == "jaxtyping" else "3 entries but the state has batch size 2"
+    with pytest.raises((TypeCheckError, ValueError), match=match):
+        LinearInterpolant().sample(x, x, torch.rand(3))
+    match = "parameter 's'" if checks == "jaxtyping" else "3 entries but the state has batch size 2"
+    with pytest.raises((TypeCheckError, ValueError), match=match):
+        LinearInterpolant().step(x, x.softmax(-1), torch.rand(2), torch.rand(3))
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, float("nan"), float("inf")])
+def test_time_outside_unit_interval(checks: str, value: float):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"outside \[0, 1\] \(or NaN\)"):
+        LinearInterpolant().sample(x, x, torch.tensor([0.5, value]))
+    with pytest.raises(RuntimeError, match=r"s has values outside \[0, 1\]"):
+        LinearInterpolant().step(x, x.softmax(-1), torch.rand(2), torch.tensor([value, 0.5]))
+
+
+def test_state_must_be_three_dimensional(checks: str):
+    x = torch.randn(2, 4)
+    match = "parameter 'x0'" if checks == "jaxtyping" else r"shape \(batch, seq, vocab\)"
+    with pytest.raises((TypeCheckError, ValueError), match=match):
+        LinearInterpolant().sample(x, x, torch.rand(2))

@@ -1,0 +1,159 @@
+"""Time samplers: stratification, uniformity, rank slices of the global batch, jump pairs."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from flowlm import time_pairs, uniform_times
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_time_per_stratum(batch: int, seed: int):
+    t = uniform_times(batch, generator=generator(seed), dtype=F64)
+    assert t.shape == (batch,)
+    assert ((t >= 0) & (t < 1)).all()
+    strata = torch.floor(t * batch).long()
+    assert torch.equal(strata, torch.arange(batch))
+
+
+def test_stratified_marginal_is_uniform():
+    g = generator(0)
+    draws = torch.cat([uniform_times(16, generator=g, dtype=F64) for _ in range(500)])
+    assert stats.kstest(draws.numpy(), "uniform").pvalue > 1e-3
+    # Within its stratum each time is uniform too (the jitter is not, e.g., always centered).
+    jitter = torch.frac(draws * 16)
+    assert stats.kstest(jitter.numpy(), "uniform").pvalue > 1e-3
+    # One fixed slot's time is uniform on its own stratum [3/16, 4/16).
+    slot = torch.stack([uniform_times(16, generator=g, dtype=F64)[3] for _ in range(2000)])
+    assert stats.kstest(slot.numpy() * 16 - 3, "uniform").pvalue > 1e-3
+
+
+def test_iid_mode_is_uniform_and_not_stratified():
+    g = generator(1)
+    draws = torch.stack(
+        [uniform_times(8, stratified=False, generator=g, dtype=F64) for _ in range(1000)]
+    )
+    assert ((draws >= 0) & (draws < 1)).all()
+    assert stats.kstest(draws.flatten().numpy(), "uniform").pvalue > 1e-3
+    # Slot 0 is no longer confined to [0, 1/8).
+    assert (draws[:, 0] >= 1 / 8).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_rank_slices_union_equals_global_draw(stratified: bool):
+    world, batch, seed = 4, 6, 123
+    slices = [
+        uniform_times(
+            batch, rank=r, world_size=world, stratified=stratified, generator=generator(seed)
+        )
+        for r in range(world)
+    ]
+    whole = uniform_times(world * batch, stratified=stratified, generator=generator(seed))
+    assert torch.equal(torch.cat(slices), whole)
+    if stratified:
+        # Rank r holds global strata r*B ... (r+1)*B - 1.
+        strata = torch.floor(torch.cat(slices).double() * world * batch).long()
+        assert torch.equal(strata, torch.arange(world * batch))
+
+
+@pytest.mark.parametrize(
+    ("batch", "rank", "world"), [(4, 4, 4), (4, -1, 4), (4, 0, 0), (0, 0, 1), (-2, 0, 1)]
+)
+def test_invalid_arguments_raise(batch: int, rank: int, world: int):
+    with pytest.raises(ValueError, match="rank < world_size|batch_size >= 1"):
+        uniform_times(batch, rank=rank, world_size=world)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_uniform_times_dtype_device(dtype: torch.dtype):
+    t = uniform_times(5, generator=generator(0), dtype=dtype, device="cpu")
+    assert t.dtype == dtype
+    assert t.device == torch.device("cpu")
+
+
+def test_uniform_times_reproducible_and_seed_dependent():
+    assert torch.equal(
+        uniform_times(9, generator=generator(5)), uniform_times(9, generator=generator(5))
+    )
+    assert not torch.equal(
+        uniform_times(9, generator=generator(5)), uniform_times(9, generator=generator(6))
+    )
+
+
+# ---------------------------------------------------------------- time_pairs
+
+
+@pytest.mark.parametrize("min_gap", [1e-6, 0.05, 0.3])
+def test_time_pairs_order_and_gaps(min_gap: float):
+    pair = time_pairs(4096, min_gap=min_gap, boundary_prob=0.0, generator=generator(0), dtype=F64)
+    t, s = pair.t, pair.s
+    assert t.shape == s.shape == (4096,)
+    assert ((0 <= t) & (t <= s) & (s <= 1)).all()
+    # The gap s - t is min_gap or more, up to one rounding of s = t + gap.
+    assert (s - t >= min_gap - 1e-15).all()
+    # The gap is stratified over [0, 1) then clamped: a uniform of the gap above min_gap.
+    gap = (s - t).sort().values
+    above = gap[gap > min_gap + 1e-12]
+    expected = (1 - min_gap) * 4096
+    assert abs(above.numel() - expected) <= 1
+    # Given the gap, the start is uniform on [0, 1 - gap].
+    relative = (t / (1 - (s - t))).clamp(0, 1)
+    assert stats.kstest(relative.numpy(), "uniform").pvalue > 1e-3
+
+
+@pytest.mark.parametrize("boundary_prob", [0.0, 1 / 64, 0.25, 1.0])
+def test_time_pairs_boundary_fraction(boundary_prob: float):
+    n = 20_000
+    pair = time_pairs(n, boundary_prob=boundary_prob, generator=generator(2), dtype=F64)
+    boundary = (pair.t == 0) & (pair.s == 1)
+    count = int(boundary.sum())
+    tolerance = 4 * math.sqrt(n * boundary_prob * (1 - boundary_prob)) + 1e-9
+    assert abs(count - n * boundary_prob) <= tolerance
+
+
+def test_boundary_pairs_are_exactly_zero_one():
+    pair = time_pairs(1000, boundary_prob=1.0, generator=generator(3))
+    assert torch.equal(pair.t, torch.zeros(1000))
+    assert torch.equal(pair.s, torch.ones(1000))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_time_pairs_rejects_bad_boundary_prob(bad: float):
+    with pytest.raises(ValueError, match="boundary_prob"):
+        time_pairs(4, boundary_prob=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_time_pairs_dtype_device(dtype: torch.dtype):
+    pair = time_pairs(8, generator=generator(0), dtype=dtype, device="cpu")
+    for times in pair:
+        assert times.dtype == dtype
+        assert times.device == torch.device("cpu")
+        assert times.shape == (8,)
+    assert pair.t is pair[0]
+    assert pair.s is pair[1]
+
+
+def test_time_pairs_rank_slices_union_equals_global_draw():
+    # Same contract as uniform_times: with alike-seeded generators, the union of the rank
+    # slices is the single-process draw of the global batch (so DDP ranks do not share their
+    # start times or their boundary decisions).
+    world, batch, seed = 4, 32, 7
+    slices = [
+        time_pairs(batch, rank=r, world_size=world, boundary_prob=0.25, generator=generator(seed))
+        for r in range(world)
+    ]
+    whole = time_pairs(world * batch, boundary_prob=0.25, generator=generator(seed))
+    assert torch.equal(torch.cat([p.t for p in slices]), whole.t)
+    assert torch.equal(torch.cat([p.s for p in slices]), whole.s)
