@@ -101,7 +101,9 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.text is not None and self.task != "corpus":
-            raise ValueError(f"--text gives the corpus task its text; it has no use with {self.task}")
+            raise ValueError(
+                f"--text gives the corpus task its text; it has no use with {self.task}"
+            )
         positive = ("length", "dim", "depth", "heads", "steps", "batch_size", "samples")
         positive += ("log_every", "eval_every", "sample_every", "checkpoint_every")
         for name in positive:
@@ -172,9 +174,7 @@ def command_line_parser(description: str | None, default_threads: int) -> argpar
     config.add_argument("--clock", choices=CLOCKS, default=argparse.SUPPRESS)
     config.add_argument("--solver", choices=SOLVERS, default=argparse.SUPPRESS)
     config.add_argument("--sample-steps", type=int, nargs="+", default=argparse.SUPPRESS)
-    config.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
-    )
+    config.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
     return parser
 
 
@@ -534,7 +534,12 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def describe_run(
-    title: str, config: Config, options: Options, processes: Distributed, task: Task, model: nn.Module
+    title: str,
+    config: Config,
+    options: Options,
+    processes: Distributed,
+    task: Task,
+    model: nn.Module,
 ) -> str:
     """The run's header: what runs where, how fast the machine is busy, and the data's quality."""
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())

@@ -14,12 +14,21 @@ from flowlm.interpolants import (
     SqrtNoiseInterpolant,
     one_hot,
 )
-from flowlm.reparam import Composed, Identity, Power, TimeReparam, TokenAccuracy, decoding_accuracy
+from flowlm.reparam import (
+    Composed,
+    Identity,
+    Power,
+    TimeReparam,
+    TokenAccuracy,
+    decoding_accuracy,
+    linear_snr,
+)
 from flowlm.solvers import (
     Euler,
     FlowMap,
     Heun,
     Midpoint,
+    Substeps,
     TaylorMap,
     Trajectory,
     VelocityField,
@@ -49,6 +58,7 @@ __all__ = [
     "Probs",
     "SqrtNoiseInterpolant",
     "State",
+    "Substeps",
     "TaylorMap",
     "Time",
     "TimeEmbedding",
@@ -67,6 +77,7 @@ __all__ = [
     "cross_entropy",
     "decode",
     "decoding_accuracy",
+    "linear_snr",
     "masked_mean",
     "one_hot",
     "rollout",

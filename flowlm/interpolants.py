@@ -57,22 +57,22 @@ class Interpolant(nn.Module, ABC):
     @staticmethod
     @abstractmethod
     def alpha(gamma: Tensor) -> Tensor:
-        r"""Data coefficient $\\alpha(\\gamma)$."""
+        r"""Data coefficient $\alpha(\gamma)$."""
 
     @staticmethod
     @abstractmethod
     def sigma(gamma: Tensor) -> Tensor:
-        r"""Noise coefficient $\\sigma(\\gamma)$."""
+        r"""Noise coefficient $\sigma(\gamma)$."""
 
     @staticmethod
     @abstractmethod
     def alpha_rate(gamma: Tensor) -> Tensor:
-        r"""$d\\alpha/d\\gamma$."""
+        r"""$d\alpha/d\gamma$."""
 
     @staticmethod
     @abstractmethod
     def sigma_rate(gamma: Tensor) -> Tensor:
-        r"""$d\\sigma/d\\gamma$."""
+        r"""$d\sigma/d\gamma$."""
 
     @classmethod
     def signal_to_noise(cls, gamma: Tensor) -> Tensor:
@@ -80,7 +80,7 @@ class Interpolant(nn.Module, ABC):
         return cls.alpha(gamma) / cls.sigma(gamma)
 
     def sample(self, x0: State, x1: State, t: Time) -> State:
-        r"""The point $x_t = \\sigma x_0 + \\alpha x_1$ of the path at model time ``t``."""
+        r"""The point $x_t = \sigma x_0 + \alpha x_1$ of the path at model time ``t``."""
         self._check(x1, t)
         if x0.shape != x1.shape:
             raise ValueError(f"noise shape {tuple(x0.shape)} != data shape {tuple(x1.shape)}")
@@ -138,12 +138,12 @@ class LinearInterpolant(Interpolant):
 
     @staticmethod
     def alpha(gamma: Tensor) -> Tensor:
-        r"""$\\gamma$."""
+        r"""$\gamma$."""
         return gamma
 
     @staticmethod
     def sigma(gamma: Tensor) -> Tensor:
-        r"""$1 - \\gamma$."""
+        r"""$1 - \gamma$."""
         return 1.0 - gamma
 
     @staticmethod
@@ -171,12 +171,12 @@ class SqrtNoiseInterpolant(Interpolant):
 
     @staticmethod
     def alpha(gamma: Tensor) -> Tensor:
-        r"""$\\gamma$."""
+        r"""$\gamma$."""
         return gamma
 
     @staticmethod
     def sigma(gamma: Tensor) -> Tensor:
-        r"""$\\sqrt{1 - \\gamma}$."""
+        r"""$\sqrt{1 - \gamma}$."""
         return (1.0 - gamma).clamp_min(0.0).sqrt()
 
     @staticmethod
@@ -186,7 +186,7 @@ class SqrtNoiseInterpolant(Interpolant):
 
     @staticmethod
     def sigma_rate(gamma: Tensor) -> Tensor:
-        r"""$-1/(2\\sqrt{1-\\gamma})$."""
+        r"""$-1/(2\sqrt{1-\gamma})$."""
         return -0.5 / (1.0 - gamma).clamp_min(NOISE_FLOOR**2).sqrt()
 
 
@@ -205,20 +205,20 @@ class CosineInterpolant(Interpolant):
 
     @staticmethod
     def alpha(gamma: Tensor) -> Tensor:
-        r"""$\\sin(\\pi\\gamma/2)$."""
+        r"""$\sin(\pi\gamma/2)$."""
         return torch.sin(0.5 * torch.pi * gamma)
 
     @staticmethod
     def sigma(gamma: Tensor) -> Tensor:
-        r"""$\\cos(\\pi\\gamma/2)$, exactly 0 at $\\gamma = 1$."""
+        r"""$\cos(\pi\gamma/2)$, exactly 0 at $\gamma = 1$."""
         return torch.where(gamma >= 1, 0.0, torch.cos(0.5 * torch.pi * gamma))
 
     @staticmethod
     def alpha_rate(gamma: Tensor) -> Tensor:
-        r"""$\\tfrac{\\pi}{2}\\cos(\\pi\\gamma/2)$."""
+        r"""$\tfrac{\pi}{2}\cos(\pi\gamma/2)$."""
         return 0.5 * torch.pi * torch.cos(0.5 * torch.pi * gamma)
 
     @staticmethod
     def sigma_rate(gamma: Tensor) -> Tensor:
-        r"""$-\\tfrac{\\pi}{2}\\sin(\\pi\\gamma/2)$."""
+        r"""$-\tfrac{\pi}{2}\sin(\pi\gamma/2)$."""
         return -0.5 * torch.pi * torch.sin(0.5 * torch.pi * gamma)

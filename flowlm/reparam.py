@@ -30,15 +30,15 @@ class TimeReparam(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, t: Times) -> Times:
-        r"""Path time $\\gamma = \\kappa(t)$."""
+        r"""Path time $\gamma = \kappa(t)$."""
 
     @abstractmethod
     def inverse(self, gamma: Times) -> Times:
-        r"""Model time $t = \\kappa^{-1}(\\gamma)$."""
+        r"""Model time $t = \kappa^{-1}(\gamma)$."""
 
     @abstractmethod
     def derivative(self, t: Times) -> Times:
-        r"""The rate $d\\gamma/dt = \\kappa'(t)$."""
+        r"""The rate $d\gamma/dt = \kappa'(t)$."""
 
     def __rshift__(self, then: "TimeReparam") -> "Composed":
         return Composed(self, then)
@@ -118,7 +118,7 @@ class Power(TimeReparam):
         return gamma ** (1.0 / self.exponent)
 
     def derivative(self, t: Times) -> Times:
-        r"""$p\\,t^{p-1}$."""
+        r"""$p\,t^{p-1}$."""
         return self.exponent * t ** (self.exponent - 1.0)
 
 
@@ -168,21 +168,30 @@ class TokenAccuracy(TimeReparam):
         self.vocab_size = vocab_size
         gamma = torch.linspace(0.0, 1.0, table_size, dtype=torch.float64)
         tau = decoding_accuracy(gamma, vocab_size, snr)
-        keep = strictly_increasing_interior(tau)
+        keep = _strictly_increasing_interior(tau)
         self.register_buffer("gamma_table", gamma[keep])
         self.register_buffer("tau_table", tau[keep])
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "TokenAccuracy":
+        # Follow device moves but keep the float64 tables: ``.float()`` or ``.half()`` on a model
+        # holding this clock would round the saturated end of the table and collapse segments.
+        tables = {name: getattr(self, name) for name in ("gamma_table", "tau_table")}
+        super()._apply(fn, recurse)
+        for name, table in tables.items():
+            setattr(self, name, table.to(getattr(self, name).device))
+        return self
+
     def forward(self, t: Times) -> Times:
-        r"""$\\gamma = \\kappa(t)$ by interpolation in the table."""
-        return interpolate(t, self.tau_table, self.gamma_table)
+        r"""$\gamma = \kappa(t)$ by interpolation in the table."""
+        return _interpolate(t, self.tau_table, self.gamma_table)
 
     def inverse(self, gamma: Times) -> Times:
-        r"""$t = \\tau(\\gamma)$ by interpolation in the table."""
-        return interpolate(gamma, self.gamma_table, self.tau_table)
+        r"""$t = \tau(\gamma)$ by interpolation in the table."""
+        return _interpolate(gamma, self.gamma_table, self.tau_table)
 
     def derivative(self, t: Times) -> Times:
         """Slope of the table segment holding ``t`` (the derivative autograd sees)."""
-        return segment_slope(t, self.tau_table, self.gamma_table)
+        return _segment_slope(t, self.tau_table, self.gamma_table)
 
 
 def decoding_accuracy(
@@ -203,14 +212,14 @@ def decoding_accuracy(
     return torch.where(gamma <= 0, 0.0, torch.where(gamma >= 1, 1.0, tau))
 
 
-def strictly_increasing_interior(tau: Tensor) -> Tensor:
+def _strictly_increasing_interior(tau: Tensor) -> Tensor:
     """Mask of the entries that keep ``tau`` strictly increasing from 0 to 1.
 
     Interior entries at or beyond the endpoints (quadrature round-off, float64 saturation)
     and entries that do not exceed every earlier one are dropped; both endpoints stay.
 
     Example:
-        >>> strictly_increasing_interior(torch.tensor([0.0, 0.5, 0.4, 1.0, 1.0]))
+        >>> _strictly_increasing_interior(torch.tensor([0.0, 0.5, 0.4, 1.0, 1.0]))
         tensor([ True,  True, False, False,  True])
     """
     inside = (tau > 0) & (tau < 1)
@@ -223,17 +232,17 @@ def strictly_increasing_interior(tau: Tensor) -> Tensor:
 
 def _segment(x: Tensor, knots: Tensor) -> tuple[Tensor, Tensor]:
     """Index of the right end of the segment holding ``x`` and ``x`` in the knots' dtype."""
-    x_wide = x.to(knots.dtype)
+    x_wide = x.to(knots.dtype).contiguous()
     right = torch.searchsorted(knots, x_wide.detach(), right=True).clamp(1, knots.numel() - 1)
     return right, x_wide
 
 
-def interpolate(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
+def _interpolate(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
     """Piecewise-linear interpolation through ``(knots, values)``, returned in ``x.dtype``.
 
     Example:
         >>> knots = torch.tensor([0.0, 0.5, 1.0]); values = torch.tensor([0.0, 0.9, 1.0])
-        >>> interpolate(torch.tensor([0.25, 0.75]), knots, values)
+        >>> _interpolate(torch.tensor([0.25, 0.75]), knots, values)
         tensor([0.4500, 0.9500])
     """
     right, x_wide = _segment(x, knots)
@@ -243,11 +252,11 @@ def interpolate(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
     return (y_lo + weight * (y_hi - y_lo)).to(x.dtype)
 
 
-def segment_slope(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
+def _segment_slope(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
     """Slope of the interpolation segment holding each ``x``, in ``x.dtype``.
 
     Example:
-        >>> segment_slope(torch.tensor([0.2]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]))
+        >>> _segment_slope(torch.tensor([0.2]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]))
         tensor([2.])
     """
     right, _ = _segment(x, knots)

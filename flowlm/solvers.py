@@ -32,13 +32,13 @@ class FlowMap(Protocol):
     """Anything that moves a state from model time ``t`` to model time ``s``."""
 
     def __call__(self, x: State, t: Time, s: Time, /) -> State:
-        r"""$X_{t \\to s}(x)$."""
+        r"""$X_{t \to s}(x)$."""
         ...
 
 
 @runtime_checkable
 class VelocityField(Protocol):
-    r"""A velocity per unit of path time $\\gamma$ = ``reparam(t)``, called at model time ``t``."""
+    r"""A velocity per unit of path time $\gamma$ = ``reparam(t)``, called at model time ``t``."""
 
     @property
     def reparam(self) -> TimeReparam:
@@ -46,7 +46,7 @@ class VelocityField(Protocol):
         ...
 
     def __call__(self, x: State, t: Time, /) -> State:
-        r"""$dx/d\\gamma$ at $(x, t)$."""
+        r"""$dx/d\gamma$ at $(x, t)$."""
         ...
 
 
@@ -77,7 +77,7 @@ class XPredVelocity(nn.Module):
         return self.interpolant.reparam
 
     def forward(self, x: State, t: Time) -> State:
-        r"""$dx/d\\gamma$."""
+        r"""$dx/d\gamma$."""
         return self.interpolant.velocity(x, self.predictor(x, t), t)
 
 
@@ -106,7 +106,7 @@ class XPredMap(nn.Module):
         self.two_time = two_time
 
     def forward(self, x: State, t: Time, s: Time) -> State:
-        r"""$X_{t \\to s}(x)$: one network call."""
+        r"""$X_{t \to s}(x)$: one network call."""
         x1_hat = self.predictor(x, t, s) if self.two_time else self.predictor(x, t)
         return self.interpolant.step(x, x1_hat, t, s)
 
@@ -221,6 +221,37 @@ class TaylorMap(nn.Module):
         with torch.no_grad():
             velocity = self.field(x, t)
         return x + delta * velocity + 0.5 * delta**2 * self.correction(x, t, s)
+
+
+class Substeps(nn.Module):
+    r"""A flow map made of ``n_steps`` steps of another on a uniform model-time subgrid.
+
+    $X_{t\to s} = X_{t_{n-1}\to s}\circ\dots\circ X_{t\to t_1}$ with
+    $t_k = t + \tfrac{k}{n}(s - t)$, per example. A many-step teacher for `map_regression_loss`.
+
+    Example:
+        >>> from flowlm import LinearInterpolant, XPredictor
+        >>> step = XPredMap(XPredictor(lambda x, t: 3 * x), LinearInterpolant())
+        >>> x, t, s = torch.randn(2, 3, 4), torch.zeros(2), torch.ones(2)
+        >>> torch.equal(Substeps(step, 4)(x, t, s), rollout(step, x, time_grid(4)).x)
+        True
+    """
+
+    def __init__(self, flow_map: FlowMap, n_steps: int) -> None:
+        super().__init__()
+        if n_steps < 1:
+            raise ValueError(f"Substeps needs n_steps >= 1, got {n_steps}")
+        self.flow_map = flow_map
+        self.n_steps = n_steps
+
+    def forward(self, x: State, t: Time, s: Time) -> State:
+        r"""$X_{t \to s}(x)$ in ``n_steps`` calls of the inner map."""
+        start = t
+        for k in range(1, self.n_steps + 1):
+            end = torch.lerp(t, s, k / self.n_steps)
+            x = self.flow_map(x, start, end)
+            start = end
+        return x
 
 
 def time_grid(

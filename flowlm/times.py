@@ -90,8 +90,12 @@ def time_pairs(
     gap = uniform_times(
         batch_size, rank=rank, world_size=world_size, generator=generator, dtype=torch.float64
     ).clamp(min_gap, 1.0)
-    start = torch.rand(batch_size, generator=generator, dtype=torch.float64) * (1.0 - gap)
-    boundary = torch.rand(batch_size, generator=generator, dtype=torch.float64) < boundary_prob
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    global_size = batch_size * world_size
+    start = torch.rand(global_size, generator=generator, dtype=torch.float64)[mine] * (1.0 - gap)
+    boundary = (
+        torch.rand(global_size, generator=generator, dtype=torch.float64)[mine] < boundary_prob
+    )
     start = torch.where(boundary, 0.0, start)
     end = torch.where(boundary, 1.0, (start + gap).clamp(max=1.0))
     return TimePair(start.to(device=device, dtype=dtype), end.to(device=device, dtype=dtype))

@@ -71,7 +71,7 @@ def test_rank_slices_union_equals_global_draw(stratified: bool):
     ("batch", "rank", "world"), [(4, 4, 4), (4, -1, 4), (4, 0, 0), (0, 0, 1), (-2, 0, 1)]
 )
 def test_invalid_arguments_raise(batch: int, rank: int, world: int):
-    with pytest.raises(ValueError, match="rank < world_size|batch_size >= 1"):
+    with pytest.raises(ValueError, match=r"rank < world_size|batch_size >= 1"):
         uniform_times(batch, rank=rank, world_size=world)
 
 
