@@ -62,6 +62,9 @@ def gumbel_argmax(
 class MaskedDiffusion(nn.Module):
     """MDLM with the log-linear schedule and the SUBS parameterization.
 
+    SUBS: `log_probs` never puts mass on MASK; the carry-over of unmasked positions is exact
+    by construction, as `loss` counts only masked positions and `sample` only rewrites them.
+
     Args:
         backbone: called as ``backbone(z_t, t)`` on integer tokens in [0, vocab_size]
             (``vocab_size`` is MASK) and times of shape (batch,); returns logits over

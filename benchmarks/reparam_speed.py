@@ -20,6 +20,7 @@ Writes ``<out-dir>/reparam_speed.json`` and prints a markdown table.
 """
 
 import argparse
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,7 @@ UNIFORM_GRID_KNOTS = 8193
 TABLE_DTYPES = (torch.float32, torch.float64)
 
 
+@functools.cache
 def hermite_rule() -> tuple[np.ndarray, np.ndarray]:
     """Nodes z and weights w with E[f(Z)] ~ sum w f(z) for Z ~ N(0, 1)."""
     nodes, weights = np.polynomial.hermite.hermgauss(HERMITE_NODES)
@@ -78,16 +80,9 @@ def dense_table(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def exact_kappa(times: np.ndarray, vocab_size: int) -> np.ndarray:
     """kappa(t) in float64: the root gamma of tau(gamma) = t by brentq, one time at a time."""
-    nodes, weights = hermite_rule()
 
     def tau_minus(gamma: float, target: float) -> float:
-        if gamma <= 0.0:
-            return -target
-        if gamma >= 1.0:
-            return 1.0 - target
-        snr = gamma / (1.0 - gamma)
-        q = float(np.exp((vocab_size - 1) * log_ndtr(nodes + snr)) @ weights)
-        return (vocab_size * q - 1.0) / (vocab_size - 1.0) - target
+        return float(quadrature_tau(np.asarray(gamma), vocab_size)) - target
 
     roots = [
         brentq(tau_minus, 0.0, 1.0, args=(float(t),), xtol=1e-15, rtol=4 * np.finfo(float).eps)

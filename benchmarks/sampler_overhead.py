@@ -6,6 +6,8 @@ time_grid(n))`` against calling the same DiT n times on inputs of the same shape
 (stratified times, x_t from the path, logits, per-token cross-entropy, masked mean, backward)
 against a bare DiT forward and backward of ``logits.sum()`` on the same shapes, in train mode.
 All candidates are timed interleaved (medians over repeats, wall-clock and thread CPU time).
+Because a 3 % difference of two noisy medians is hard to resolve, flowlm's own cost is also
+measured alone: the same rollout with a backbone that returns zeros.
 
 Usage:
     python benchmarks/sampler_overhead.py               # full run, several minutes on 2 cores
@@ -93,6 +95,30 @@ def sampling_candidates(
     }
 
 
+def zero_backbone(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x_t)
+
+
+def library_only_candidates(
+    arguments: argparse.Namespace, generator: torch.Generator
+) -> dict[str, Callable[[], object]]:
+    """The same rollout with a backbone that returns zeros: flowlm's own cost, measured alone."""
+    vocab_size = arguments.vocab
+    interpolant = flowlm.LinearInterpolant(reparam=flowlm.TokenAccuracy(vocab_size))
+    flow_map = flowlm.XPredMap(flowlm.XPredictor(zero_backbone), interpolant)
+    grid = flowlm.time_grid(arguments.steps)
+    noise = torch.randn(arguments.batch, arguments.length, vocab_size, generator=generator)
+
+    def sample() -> torch.Tensor:
+        return flowlm.rollout(flow_map, noise, grid).x
+
+    def sample_bf16() -> torch.Tensor:
+        with autocast_bf16():
+            return sample()
+
+    return {"library_only_fp32": sample, "library_only_bf16_autocast": sample_bf16}
+
+
 def training_candidates(
     dit: DiT, arguments: argparse.Namespace, generator: torch.Generator
 ) -> dict[str, Callable[[], object]]:
@@ -155,6 +181,18 @@ def markdown_table(report: dict) -> str:
             f"{bare['wall_median']:.3f}, {bare['cpu_median']:.3f} | "
             f"{row['wall_overhead']:+.2%} | {row['cpu_overhead']:+.2%} | {target} |"
         )
+    lines += [
+        "",
+        "flowlm's own cost, measured alone (the same rollout with a backbone returning zeros):",
+        "",
+        "| rollout | CPU s per rollout | share of the bare backbone's calls |",
+        "|---|---|---|",
+    ]
+    for cost in report["library_only"]:
+        lines.append(
+            f"| {cost['name']} | {cost['seconds_per_rollout']['cpu_median']:.4f} | "
+            f"{cost['cpu_fraction_of_bare_backbone']:.2%} |"
+        )
     return "\n".join(lines)
 
 
@@ -170,6 +208,9 @@ def main() -> None:
     dit.eval()
     sampling = time_interleaved(
         sampling_candidates(dit, arguments, generator), arguments.repeats, calls=1, warmup=1
+    )
+    library_only = time_interleaved(
+        library_only_candidates(arguments, generator), arguments.repeats, calls=5, warmup=2
     )
     dit.train()
     training = time_interleaved(
@@ -201,6 +242,18 @@ def main() -> None:
                 "pass": ratios["cpu_overhead"] <= OVERHEAD_TARGET if has_target else None,
             }
         )
+    library_costs = [
+        {
+            "name": name,
+            "seconds_per_rollout": library_only[name].summary(1.0),
+            "cpu_fraction_of_bare_backbone": library_only[name].cpu_median
+            / sampling[baseline].cpu_median,
+        }
+        for name, baseline in (
+            ("library_only_fp32", "bare_backbone_fp32"),
+            ("library_only_bf16_autocast", "bare_backbone_bf16_autocast"),
+        )
+    ]
     report = {
         "benchmark": "sampler_overhead",
         "quick": arguments.quick,
@@ -220,6 +273,7 @@ def main() -> None:
         "load_average_before": load_before,
         "machine": machine_context(),
         "rows": rows,
+        "library_only": library_costs,
     }
     arguments.out_dir.mkdir(parents=True, exist_ok=True)
     path = arguments.out_dir / "sampler_overhead.json"

@@ -147,34 +147,43 @@ def command_line_parser(description: str | None, default_threads: int) -> argpar
     run.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
     run.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (CI)")
     config = parser.add_argument_group("run settings (override the presets)")
-    config.add_argument("--task", choices=TASKS, default=argparse.SUPPRESS)
+    config.add_argument("--task", choices=TASKS, help="what to learn", default=argparse.SUPPRESS)
     config.add_argument(
         "--text", default=argparse.SUPPRESS, help="a .txt file or a folder of them (corpus task)"
     )
-    for flag, kind in (
-        ("--length", int),
-        ("--dim", int),
-        ("--depth", int),
-        ("--heads", int),
-        ("--dropout", float),
-        ("--steps", int),
-        ("--batch-size", int),
-        ("--lr", float),
-        ("--warmup", int),
-        ("--grad-clip", float),
-        ("--ema-decay", float),
-        ("--seed", int),
-        ("--log-every", int),
-        ("--eval-every", int),
-        ("--sample-every", int),
-        ("--checkpoint-every", int),
-        ("--samples", int),
+    for flag, kind, meaning in (
+        ("--length", int, "tokens per sequence"),
+        ("--dim", int, "DiT width"),
+        ("--depth", int, "DiT blocks"),
+        ("--heads", int, "attention heads"),
+        ("--dropout", float, "dropout in the DiT blocks"),
+        ("--steps", int, "optimizer steps in all"),
+        ("--batch-size", int, "global batch, split over the processes"),
+        ("--lr", float, "peak AdamW learning rate"),
+        ("--warmup", int, "steps of linear learning-rate warm-up"),
+        ("--grad-clip", float, "gradient-norm clipping"),
+        ("--ema-decay", float, "decay of the weights' moving average"),
+        ("--seed", int, "seed of every random draw"),
+        ("--log-every", int, "steps between logged training losses"),
+        ("--eval-every", int, "steps between validation losses"),
+        ("--sample-every", int, "steps between sample previews"),
+        ("--checkpoint-every", int, "steps between checkpoints"),
+        ("--samples", int, "samples per step count in the final report"),
     ):
-        config.add_argument(flag, type=kind, default=argparse.SUPPRESS)
-    config.add_argument("--clock", choices=CLOCKS, default=argparse.SUPPRESS)
-    config.add_argument("--solver", choices=SOLVERS, default=argparse.SUPPRESS)
-    config.add_argument("--sample-steps", type=int, nargs="+", default=argparse.SUPPRESS)
-    config.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        config.add_argument(flag, type=kind, help=meaning, default=argparse.SUPPRESS)
+    config.add_argument(
+        "--clock", choices=CLOCKS, help="time reparameterization", default=argparse.SUPPRESS
+    )
+    config.add_argument("--solver", choices=SOLVERS, help="sampler", default=argparse.SUPPRESS)
+    config.add_argument(
+        "--sample-steps", type=int, nargs="+", help="step counts", default=argparse.SUPPRESS
+    )
+    config.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="train under bfloat16 autocast",
+        default=argparse.SUPPRESS,
+    )
     return parser
 
 
@@ -599,9 +608,10 @@ def sample_noise(config: Config, task: Task, count: int, device: torch.device) -
 
 
 def sample_report(
-    flow_map: fl.FlowMap, task: Task, config: Config, device: torch.device
+    flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
 ) -> dict[str, dict[str, float]]:
-    """Sample with ``flow_map`` at each of ``config.sample_steps``; print and return the metrics.
+    """Sample with ``flow_map`` (named ``label``) at each of ``config.sample_steps``; print and
+    return the metrics.
 
     For each step count: the network calls counted by `flowlm.rollout` (``nfe``), the mean
     unigram entropy of the samples and the task's quality measures. The same noise starts
@@ -617,7 +627,7 @@ def sample_report(
         metrics |= task.quality(tokens)
         report[str(n_steps)] = metrics
         seconds = time.perf_counter() - started
-        print(f"{n_steps} step(s), {config.solver}: {format_metrics(metrics)} ({seconds:.2f} s)")
+        print(f"{n_steps} step(s), {label}: {format_metrics(metrics)} ({seconds:.2f} s)")
         for text in task.decode(tokens[:SHOWN_SAMPLES]):
             print(f"    {text!r}")
     return report

@@ -62,7 +62,16 @@ DEFAULT_THREADS = 1
 """Measured on 2 cores (corpus preset, 20 steps): 1 thread ... steps/s, 2 threads ... steps/s."""
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "corpus": {"length": 64, "steps": 1500, "batch_size": 32, "ema_decay": 0.998, "samples": 32},
+    "corpus": {
+        "length": 64,
+        "dim": 128,
+        "depth": 4,
+        "heads": 4,
+        "steps": 2500,
+        "batch_size": 32,
+        "ema_decay": 0.998,
+        "samples": 32,
+    },
     "alpha-repeat": {
         "length": 8,
         "dim": 64,
@@ -75,7 +84,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample_every": 400,
         "samples": 256,
     },
-    "markov": {"length": 32, "dim": 64, "depth": 2, "heads": 2, "steps": 800, "samples": 128},
+    "markov": {
+        "length": 32,
+        "dim": 64,
+        "depth": 2,
+        "heads": 2,
+        "steps": 1500,
+        "batch_size": 64,
+        "ema_decay": 0.995,
+        "samples": 128,
+    },
 }
 SMOKE: dict[str, Any] = {
     "dim": 32,
@@ -222,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if processes.is_main:
             sampler = make_sampler(config.solver, fl.XPredictor(ema.module), interpolant)
             result["solver"] = config.solver
-            result["steps"] = sample_report(sampler, task, config, processes.device)
+            label = f"FLM {config.solver}"
+            result["steps"] = sample_report(sampler, label, task, config, processes.device)
             if options.json is not None:
                 write_json(options.json, result)
         return processes.share(result)

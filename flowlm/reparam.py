@@ -127,6 +127,10 @@ def linear_snr(gamma: Tensor) -> Tensor:
     return gamma / (1.0 - gamma)
 
 
+LOGIT_RANGE = 37.0
+"""The forward table spans logit(t) in [-37, 37]: every float64 time strictly inside (0, 1)."""
+
+
 class TokenAccuracy(TimeReparam):
     r"""The decoding-accuracy clock: model time is the chance-corrected argmax accuracy.
 
@@ -136,16 +140,20 @@ class TokenAccuracy(TimeReparam):
     $$q(\gamma) = \mathbb{E}_{z \sim N(0,1)}\big[\Phi(z + m(\gamma))^{V-1}\big],\qquad
       \tau(\gamma) = \frac{V q(\gamma) - 1}{V - 1},$$
 
-    and $\kappa = \tau^{-1}$. $q$ is computed once with 100-node Gauss–Hermite quadrature in
-    float64 on a dense uniform $\gamma$ grid; the table is kept strictly increasing (saturated
-    entries, where $\tau$ rounds to 1 in float64, are dropped) and both directions are
-    evaluated by piecewise-linear interpolation in torch, on the input's device, so the
-    round trip $\kappa^{-1}(\kappa(t)) = t$ holds to rounding and gradients flow through $t$.
+    and $\kappa = \tau^{-1}$. $\tau$ is computed once with 100-node Gauss–Hermite quadrature in
+    float64 on a dense uniform $\gamma$ grid, where entries that break strict monotonicity
+    (quadrature round-off near 0, float64 saturation near 1) are replaced by linear
+    interpolation (``inverse`` reads this grid), and inverted once onto a grid uniform in
+    $\operatorname{logit}(t)$, which resolves the steep
+    start of $\kappa$ (``forward``). Both lookups index their grid arithmetically (no search),
+    run in torch on the input's device, and are piecewise linear, so gradients flow through
+    $t$; $\kappa(0) = 0$ and $\kappa(1) = 1$ exactly, and the round trip holds to about 1e-6.
 
     Args:
         vocab_size: $V \geq 2$.
         snr: the path's signal-to-noise ratio $m(\gamma)$; defaults to the linear path.
-        table_size: number of $\gamma$ grid points.
+        gamma_knots: size of the uniform $\gamma$ grid.
+        logit_knots: size of the uniform $\operatorname{logit}(t)$ grid.
 
     Example:
         >>> kappa = TokenAccuracy(64)
@@ -153,45 +161,62 @@ class TokenAccuracy(TimeReparam):
         0.702
     """
 
-    gamma_table: Tensor
-    tau_table: Tensor
+    tau_of_gamma: Tensor
+    gamma_of_logit: Tensor
 
     def __init__(
         self,
         vocab_size: int,
         snr: Callable[[Tensor], Tensor] = linear_snr,
-        table_size: int = 16_385,
+        gamma_knots: int = 16_385,
+        logit_knots: int = 16_385,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"TokenAccuracy needs a vocabulary of at least 2, got {vocab_size}")
         self.vocab_size = vocab_size
-        gamma = torch.linspace(0.0, 1.0, table_size, dtype=torch.float64)
+        gamma = torch.linspace(0.0, 1.0, gamma_knots, dtype=torch.float64)
         tau = decoding_accuracy(gamma, vocab_size, snr)
         keep = _strictly_increasing_interior(tau)
-        self.register_buffer("gamma_table", gamma[keep])
-        self.register_buffer("tau_table", tau[keep])
+        logits = torch.linspace(-LOGIT_RANGE, LOGIT_RANGE, logit_knots, dtype=torch.float64)
+        gamma_at_logits = np.interp(torch.sigmoid(logits).numpy(), tau[keep], gamma[keep])
+        self.logit_step = 2 * LOGIT_RANGE / (logit_knots - 1)
+        tau_of_gamma = np.interp(gamma.numpy(), gamma[keep], tau[keep])
+        self.register_buffer("tau_of_gamma", torch.from_numpy(tau_of_gamma))
+        self.register_buffer("gamma_of_logit", torch.from_numpy(gamma_at_logits))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "TokenAccuracy":
         # Follow device moves but keep the float64 tables: ``.float()`` or ``.half()`` on a model
         # holding this clock would round the saturated end of the table and collapse segments.
-        tables = {name: getattr(self, name) for name in ("gamma_table", "tau_table")}
+        tables = {name: getattr(self, name) for name in ("tau_of_gamma", "gamma_of_logit")}
         super()._apply(fn, recurse)
         for name, table in tables.items():
             setattr(self, name, table.to(getattr(self, name).device))
         return self
 
+    def _logit_position(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Fractional position of ``t`` on the logit grid, and ``t(1 - t)`` there."""
+        inside = t.to(torch.float64).clamp(1 / (1 + np.exp(LOGIT_RANGE)), np.nextafter(1.0, 0.0))
+        position = (torch.logit(inside) + LOGIT_RANGE) / self.logit_step
+        return position, inside * (1 - inside)
+
     def forward(self, t: Times) -> Times:
-        r"""$\gamma = \kappa(t)$ by interpolation in the table."""
-        return _interpolate(t, self.tau_table, self.gamma_table)
+        r"""$\gamma = \kappa(t)$ by linear interpolation on the logit grid."""
+        position, _ = self._logit_position(t)
+        gamma = _lookup(self.gamma_of_logit, position)
+        return torch.where(t <= 0, 0.0, torch.where(t >= 1, 1.0, gamma)).to(t.dtype)
 
     def inverse(self, gamma: Times) -> Times:
-        r"""$t = \tau(\gamma)$ by interpolation in the table."""
-        return _interpolate(gamma, self.gamma_table, self.tau_table)
+        r"""$t = \tau(\gamma)$ by linear interpolation on the uniform $\gamma$ grid."""
+        position = gamma.to(torch.float64) * (self.tau_of_gamma.numel() - 1)
+        return _lookup(self.tau_of_gamma, position).to(gamma.dtype)
 
     def derivative(self, t: Times) -> Times:
-        """Slope of the table segment holding ``t`` (the derivative autograd sees)."""
-        return _segment_slope(t, self.tau_table, self.gamma_table)
+        r"""$\kappa'(t)$: the table slope times $d\,\operatorname{logit}(t)/dt = 1/(t(1-t))$."""
+        position, spread = self._logit_position(t)
+        index = _segment_index(position, self.gamma_of_logit)
+        rise = self.gamma_of_logit[index + 1] - self.gamma_of_logit[index]
+        return (rise / (self.logit_step * spread)).to(t.dtype)
 
 
 def decoding_accuracy(
@@ -230,35 +255,18 @@ def _strictly_increasing_interior(tau: Tensor) -> Tensor:
     return inside & rising
 
 
-def _segment(x: Tensor, knots: Tensor) -> tuple[Tensor, Tensor]:
-    """Index of the right end of the segment holding ``x`` and ``x`` in the knots' dtype."""
-    x_wide = x.to(knots.dtype).contiguous()
-    right = torch.searchsorted(knots, x_wide.detach(), right=True).clamp(1, knots.numel() - 1)
-    return right, x_wide
+def _segment_index(position: Tensor, values: Tensor) -> Tensor:
+    """Left knot of the segment holding each fractional grid position (clamped to the grid)."""
+    return position.detach().floor().clamp(0, values.numel() - 2).long()
 
 
-def _interpolate(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
-    """Piecewise-linear interpolation through ``(knots, values)``, returned in ``x.dtype``.
+def _lookup(values: Tensor, position: Tensor) -> Tensor:
+    """Linear interpolation of ``values`` (on knots 0, 1, ..., n - 1) at fractional positions.
 
     Example:
-        >>> knots = torch.tensor([0.0, 0.5, 1.0]); values = torch.tensor([0.0, 0.9, 1.0])
-        >>> _interpolate(torch.tensor([0.25, 0.75]), knots, values)
-        tensor([0.4500, 0.9500])
+        >>> _lookup(torch.tensor([0.0, 0.9, 1.0]), torch.tensor([0.5, 1.5, 2.0]))
+        tensor([0.4500, 0.9500, 1.0000])
     """
-    right, x_wide = _segment(x, knots)
-    x_lo, x_hi = knots[right - 1], knots[right]
-    y_lo, y_hi = values[right - 1], values[right]
-    weight = (x_wide - x_lo) / (x_hi - x_lo)
-    return (y_lo + weight * (y_hi - y_lo)).to(x.dtype)
-
-
-def _segment_slope(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
-    """Slope of the interpolation segment holding each ``x``, in ``x.dtype``.
-
-    Example:
-        >>> _segment_slope(torch.tensor([0.2]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]))
-        tensor([2.])
-    """
-    right, _ = _segment(x, knots)
-    slope = (values[right] - values[right - 1]) / (knots[right] - knots[right - 1])
-    return slope.to(x.dtype)
+    index = _segment_index(position, values)
+    low, high = values[index], values[index + 1]
+    return low + (position - index) * (high - low)

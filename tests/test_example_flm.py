@@ -130,25 +130,16 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(
 def test_two_processes_train_like_one_on_the_same_global_batch(
     flm: ModuleType, tmp_path: Path
 ) -> None:
-    args = [
-        "--smoke",
-        "--task",
-        "alpha-repeat",
-        "--dropout",
-        "0",
-        "--steps",
-        "10",
-        "--threads",
-        "1",
-    ]
+    args = "--smoke --task alpha-repeat --dropout 0 --lr 3e-3 --steps 10".split()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     path = tmp_path / "ddp.json"
-    subprocess.run(
+    launched = subprocess.run(
         [*launch, str(EXAMPLES / "flm.py"), *args, "--json", str(path)],
-        check=True,
         timeout=120,
         capture_output=True,
+        text=True,
     )
+    assert launched.returncode == 0, launched.stderr[-3000:]
     two = json.loads(path.read_text())["train_loss"]
     one = run(flm, *args)["train_loss"]
     assert list(two) == list(one) == [str(step) for step in range(1, 11)]

@@ -75,16 +75,7 @@ def test_mask_logit_is_dropped_and_sampler_reveals_every_position() -> None:
     assert torch.exp(model.log_probs(tokens, torch.ones(64))).sum(-1).allclose(torch.ones(1))
 
 
-@pytest.fixture
-def single_thread():
-    # Small transformers run several times faster on one thread on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("single_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_one_step_sampling_is_factorized_and_many_steps_recover_the_joint() -> None:
     # An ideal MDLM on alpha-repeat (26 letters, length 8) is valid with probability about
     # 26**-7 at 1 step, 0.59 at 8 steps and 0.94 at 64 steps: two positions revealed in the

@@ -11,7 +11,7 @@ interp = fl.LinearInterpolant(reparam=fl.TokenAccuracy(V))  # γ = κ(t): the ac
 predictor = fl.XPredictor(DiT(V, dim=32, depth=1, heads=2, dropout=0.0))
 optimizer = torch.optim.AdamW(predictor.parameters(), lr=3e-3)
 
-for step in range(150):  # FLM: x-prediction trained with cross-entropy
+for _ in range(150):  # FLM: x-prediction trained with cross-entropy
     tokens = task.sample(64)
     x1 = fl.one_hot(tokens, V)
     t = fl.uniform_times(len(tokens))
