@@ -5,18 +5,20 @@ gamma) with a scipy ``CubicSpline`` of gamma as a function of tau, built once fr
 quadrature table and evaluated at every call on the host: ``t.cpu().numpy()``, spline, then
 ``torch.from_numpy(...).to(device, dtype)``. This script times both on a batch of times and
 measures each one's largest error against an independent float64 solution (100-node
-Gauss-Hermite quadrature with ``scipy.special.log_ndtr``, ``brentq`` per time).
+Gauss-Hermite quadrature with ``scipy.special.log_ndtr``, ``brentq`` per time). The baseline's
+table and the exact solution are computed here with numpy and scipy, not with flowlm.
 
-It also times what a call is made of (``torch.searchsorted`` on float64 and float32 tables)
-and two PROTOTYPE lookups that are not part of flowlm: a grid uniform in t, and a grid
-uniform in logit(t) that needs no search (the proposal summarized after the table).
+The library's ``inverse`` (gamma -> t) and ``derivative`` (dgamma/dt) are timed too, as
+informational rows without a target; their errors are measured against the same exact
+solution (|dt| at the exact gamma, and the relative error of kappa' = 1 / tau'(gamma)).
 
 Usage:
     python benchmarks/reparam_speed.py                  # full run, about a minute
     python benchmarks/reparam_speed.py --quick          # seconds: few repeats, small subset
     python benchmarks/reparam_speed.py --out-dir results --threads 1 --repeats 41
 
-Writes ``<out-dir>/reparam_speed.json`` and prints a markdown table.
+Writes ``<out-dir>/reparam_speed.json`` and ``<out-dir>/reparam_speed.md`` (the markdown
+table, also printed).
 """
 
 import argparse
@@ -29,9 +31,9 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 from scipy.optimize import brentq
-from scipy.special import expit, log_ndtr
+from scipy.special import log_ndtr
 from timing import machine_context, time_interleaved
-from torch import Tensor, nn
+from torch import Tensor
 
 import flowlm
 
@@ -40,10 +42,12 @@ ERROR_TARGET = 1e-5
 VOCAB_SIZES = (64, 30522, 50258)
 DENSE_TABLE_SIZE = 16_385
 HERMITE_NODES = 100
-PROTOTYPE_KNOTS = 8193
-PROTOTYPE_HALF_WIDTH = 37.0
-UNIFORM_GRID_KNOTS = 8193
-TABLE_DTYPES = (torch.float32, torch.float64)
+LOG_SQRT_TWO_PI = 0.5 * np.log(2.0 * np.pi)
+
+ABS_GAMMA = "max abs dgamma"
+ABS_TIME = "max abs dt, exact float64 gamma in"
+REL_RATE = "max rel. error of kappa'"
+TARGET_ROW = "library"
 
 
 @functools.cache
@@ -53,18 +57,34 @@ def hermite_rule() -> tuple[np.ndarray, np.ndarray]:
     return nodes * np.sqrt(2.0), weights / np.sqrt(np.pi)
 
 
-def quadrature_tau(gamma: np.ndarray, vocab_size: int) -> np.ndarray:
-    """tau(gamma) = (V q - 1)/(V - 1), q = E[Phi(z + m)^(V-1)], m = gamma/(1 - gamma)."""
-    nodes, weights = hermite_rule()
+def snr_and_shifted_nodes(gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """m = gamma / (1 - gamma) (gamma kept below 1) and the quadrature arguments z + m."""
+    nodes, _ = hermite_rule()
     inside = np.clip(gamma, 0.0, np.nextafter(1.0, 0.0))
     snr = inside / (1.0 - inside)
-    q = np.exp((vocab_size - 1) * log_ndtr(nodes + snr[..., None])) @ weights
+    return inside, nodes + snr[..., None]
+
+
+def quadrature_tau(gamma: np.ndarray, vocab_size: int) -> np.ndarray:
+    """tau(gamma) = (V q - 1)/(V - 1), q = E[Phi(z + m)^(V-1)], m = gamma/(1 - gamma)."""
+    _, weights = hermite_rule()
+    _, shifted = snr_and_shifted_nodes(gamma)
+    q = np.exp((vocab_size - 1) * log_ndtr(shifted)) @ weights
     tau = (vocab_size * q - 1.0) / (vocab_size - 1.0)
     return np.where(gamma <= 0, 0.0, np.where(gamma >= 1, 1.0, tau))
 
 
+def quadrature_tau_rate(gamma: np.ndarray, vocab_size: int) -> np.ndarray:
+    """dtau/dgamma = V E[Phi(z + m)^(V-2) phi(z + m)] dm/dgamma, dm/dgamma = 1/(1 - gamma)^2."""
+    _, weights = hermite_rule()
+    inside, shifted = snr_and_shifted_nodes(gamma)
+    log_density = -0.5 * shifted**2 - LOG_SQRT_TWO_PI
+    dq_dm = np.exp((vocab_size - 2) * log_ndtr(shifted) + log_density) @ weights
+    return vocab_size * dq_dm / (1.0 - inside) ** 2
+
+
 def dense_table(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tau, gamma) on a uniform gamma grid, cut to the strictly increasing part of tau.
+    """(tau, gamma) on the baseline's own uniform gamma grid, cut to where tau strictly rises.
 
     Interior entries outside (0, 1) (quadrature round-off near gamma = 0 for large V, float64
     saturation near gamma = 1) and entries that do not exceed all earlier ones are dropped.
@@ -103,102 +123,12 @@ class ScipySplineLookup:
         return torch.from_numpy(gamma).to(t.device, t.dtype)
 
 
-class UniformGridLookup(nn.Module):
-    """PROTOTYPE (not flowlm): linear interpolation on a grid uniform in t; no search.
-
-    Cheap, but kappa is steep near t = 0 for large V and has a log-type singularity at t = 1,
-    so a uniform grid is coarse exactly where kappa bends most.
-    """
-
-    start: Tensor
-    slope: Tensor
-
-    def __init__(self, vocab_size: int, knots: int) -> None:
-        super().__init__()
-        tau, gamma = dense_table(vocab_size)
-        knot_gamma = np.interp(np.linspace(0.0, 1.0, knots), tau, gamma)
-        self.cells = knots - 1
-        self.register_buffer("start", torch.tensor(knot_gamma, dtype=torch.float32))
-        self.register_buffer(
-            "slope", torch.tensor(np.append(np.diff(knot_gamma), 0.0), dtype=torch.float32)
-        )
-
-    def forward(self, t: Tensor) -> Tensor:
-        position = t * self.cells
-        cell = position.long()
-        return torch.addcmul(
-            self.start.index_select(0, cell), position.frac(), self.slope.index_select(0, cell)
-        )
+def max_abs_error(values: Tensor, exact: np.ndarray) -> float:
+    return float(np.abs(values.double().numpy() - exact).max())
 
 
-class LogitGridLookup(nn.Module):
-    """PROTOTYPE (not flowlm): piecewise-linear kappa on a grid uniform in u = logit(t).
-
-    In u, kappa is smooth at both ends (near t = 0 it is about linear in t = sigmoid(u);
-    near t = 1, 1 - tau decays like a Gaussian tail, so m = gamma/(1 - gamma) grows like the
-    square root of u). The cell of a time is computed, not searched:
-    ``position = (logit(t) + L) / h``, ``cell = floor(position)``,
-    ``gamma = start[cell] + frac(position) * slope[cell]``: eight elementwise ops, no
-    ``searchsorted``. L = 37 covers every float64 time below 1. The first knot holds 0 and a
-    sentinel knot after the last holds 1, reached only by logit(1) = +inf, so kappa(0) = 0 and
-    kappa(1) = 1 exactly. Tables are kept in float32 and float64, chosen by the input's dtype.
-
-    The knots come from the dense quadrature table, held flat beyond its last unsaturated
-    entry (float64 times with 1 - t below about 1e-15, where tau rounds to 1).
-
-    logit has an infinite slope at t = 0 and t = 1, so when a gradient with respect to t is
-    recorded, the times are first clamped into (0, 1) (no gradient flows at the clamped ends)
-    and the endpoints are restored with ``where``: four ops more.
-    """
-
-    start_float32: Tensor
-    slope_float32: Tensor
-    start_float64: Tensor
-    slope_float64: Tensor
-    offset: Tensor
-
-    def __init__(self, vocab_size: int, knots: int, half_width: float) -> None:
-        super().__init__()
-        tau, gamma = dense_table(vocab_size)
-        knot_times = expit(np.linspace(-half_width, half_width, knots))
-        knot_gamma = np.interp(knot_times, tau[:-1], gamma[:-1])
-        knot_gamma[0] = 0.0
-        start = np.append(knot_gamma, 1.0)
-        slope = np.append(np.diff(knot_gamma), [0.0, 0.0])
-        self.sentinel = knots
-        self.cells_per_unit = (knots - 1) / (2.0 * half_width)
-        self.register_buffer("offset", torch.tensor(half_width * self.cells_per_unit))
-        self.lowest_time = float(expit(-half_width))
-        self.highest_time = {dtype: 1.0 - torch.finfo(dtype).eps / 2.0 for dtype in TABLE_DTYPES}
-        for dtype in TABLE_DTYPES:
-            name = str(dtype).removeprefix("torch.")
-            self.register_buffer(f"start_{name}", torch.tensor(start, dtype=dtype))
-            self.register_buffer(f"slope_{name}", torch.tensor(slope, dtype=dtype))
-
-    def forward(self, t: Tensor) -> Tensor:
-        if t.requires_grad and torch.is_grad_enabled():
-            return self.differentiable(t)
-        position = torch.add(self.offset, torch.logit(t), alpha=self.cells_per_unit)
-        return self.interpolate(position.clamp_(0, self.sentinel))
-
-    def differentiable(self, t: Tensor) -> Tensor:
-        u = torch.logit(t.clamp(self.lowest_time, self.highest_time[t.dtype]))
-        gamma = self.interpolate(u * self.cells_per_unit + self.offset)
-        return torch.where(t.round() == t, t, gamma)
-
-    def interpolate(self, position: Tensor) -> Tensor:
-        wide = position.dtype == torch.float64
-        start = self.start_float64 if wide else self.start_float32
-        slope = self.slope_float64 if wide else self.slope_float32
-        cell = position.long()
-        return torch.addcmul(
-            start.index_select(0, cell), position.frac(), slope.index_select(0, cell)
-        )
-
-
-def max_error(kappa: Callable[[Tensor], Tensor], times: Tensor, exact: np.ndarray) -> float:
-    gamma = kappa(times).double().numpy()
-    return float(np.abs(gamma - exact).max())
+def max_relative_error(values: Tensor, exact: np.ndarray) -> float:
+    return float(np.abs(values.double().numpy() / exact - 1.0).max())
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -220,31 +150,33 @@ def parse_arguments() -> argparse.Namespace:
 def measure_vocabulary(vocab_size: int, times: Tensor, arguments: argparse.Namespace) -> dict:
     library = flowlm.TokenAccuracy(vocab_size)
     spline = ScipySplineLookup(vocab_size)
-    uniform = UniformGridLookup(vocab_size, UNIFORM_GRID_KNOTS)
-    logit_grid = LogitGridLookup(vocab_size, PROTOTYPE_KNOTS, PROTOTYPE_HALF_WIDTH)
     times64 = times.double()
-    tau_float64 = library.tau_table
-    tau_float32 = library.tau_table.float()
+    with torch.no_grad():
+        gammas = library(times)
 
     subset = times[: arguments.exact_subset]
     exact = exact_kappa(subset.double().numpy(), vocab_size)
-    errors = {
-        "library": max_error(library, subset, exact),
-        "scipy_spline": max_error(spline, subset, exact),
-        "prototype_uniform_grid": max_error(uniform, subset, exact),
-        "prototype_logit_grid": max_error(logit_grid, subset, exact),
-        "prototype_logit_grid_float64": max_error(logit_grid, subset.double(), exact),
-    }
+    exact_rate = 1.0 / quadrature_tau_rate(exact, vocab_size)
+    with torch.no_grad():
+        errors = {
+            "library": (max_abs_error(library(subset), exact), ABS_GAMMA),
+            "scipy_spline": (max_abs_error(spline(subset), exact), ABS_GAMMA),
+            "library_float64_input": (max_abs_error(library(subset.double()), exact), ABS_GAMMA),
+            "library_inverse": (
+                max_abs_error(library.inverse(torch.from_numpy(exact)), subset.double().numpy()),
+                ABS_TIME,
+            ),
+            "library_derivative": (
+                max_relative_error(library.derivative(subset), exact_rate),
+                REL_RATE,
+            ),
+        }
     candidates: dict[str, Callable[[], object]] = {
         "library": lambda: library(times),
         "scipy_spline": lambda: spline(times),
         "library_float64_input": lambda: library(times64),
-        "searchsorted_float64_table": lambda: torch.searchsorted(tau_float64, times64),
-        "searchsorted_float32_table": lambda: torch.searchsorted(tau_float32, times),
-        "prototype_uniform_grid": lambda: uniform(times),
-        "prototype_logit_grid": lambda: logit_grid(times),
-        "prototype_logit_grid_float64": lambda: logit_grid(times64),
-        "prototype_logit_grid_autograd_path": lambda: logit_grid.differentiable(times),
+        "library_inverse": lambda: library.inverse(gammas),
+        "library_derivative": lambda: library.derivative(times),
     }
     with torch.no_grad():
         timings = time_interleaved(
@@ -253,23 +185,26 @@ def measure_vocabulary(vocab_size: int, times: Tensor, arguments: argparse.Names
     scipy = timings["scipy_spline"]
     methods = {}
     for name, timing in timings.items():
+        error, measure = errors[name]
         methods[name] = {
             "us_per_call": timing.summary(1e6),
             "speedup_vs_scipy": scipy.median / timing.median,
             "cpu_speedup_vs_scipy": scipy.cpu_median / timing.cpu_median,
-            "max_abs_error": errors.get(name),
+            "error": error,
+            "error_measure": measure,
         }
-    library_result = methods["library"]
+    library_result = methods[TARGET_ROW]
     return {
         "vocab_size": vocab_size,
-        "library_table_knots": int(library.tau_table.numel()),
+        "library_knots": {
+            "tau_of_gamma": int(library.tau_of_gamma.shape[0]),
+            "gamma_of_logit": int(library.gamma_of_logit.shape[0]),
+        },
+        "scipy_spline_knots": int(spline.spline.x.size),
         "exact_times": len(exact),
         "methods": methods,
         "library_speedup_pass": library_result["cpu_speedup_vs_scipy"] >= SPEEDUP_TARGET,
-        "library_error_pass": library_result["max_abs_error"] <= ERROR_TARGET,
-        "prototype_speedup_pass": methods["prototype_logit_grid"]["cpu_speedup_vs_scipy"]
-        >= SPEEDUP_TARGET,
-        "prototype_error_pass": methods["prototype_logit_grid"]["max_abs_error"] <= ERROR_TARGET,
+        "library_error_pass": library_result["error"] <= ERROR_TARGET,
     }
 
 
@@ -284,54 +219,37 @@ def pass_fail(passed: bool) -> str:
 
 
 def markdown_table(report: dict) -> str:
+    first = report["results"][0]
     lines = [
         f"Batch {report['batch']} float32 times, {report['repeats']} interleaved repeats of "
-        f"{report['calls_per_repeat']} calls; torch threads {report['machine']['torch_threads']}; "
-        f"load average before {report['load_average_before']}, after "
-        f"{report['machine']['load_average_1_5_15min']}.",
-        f"Targets: >= {SPEEDUP_TARGET:g}x faster than scipy, max |dgamma| <= {ERROR_TARGET:g} "
-        "against brentq on 100-node quadrature (float64). The speed verdict uses thread CPU "
-        "time, which a shared machine's preemptions do not inflate; wall-clock is shown too.",
+        f"{report['calls_per_repeat']} calls; torch threads {report['machine']['torch_threads']} "
+        f"of {report['machine']['cpu_count']} CPUs; load average (1, 5, 15 min) before "
+        f"{report['load_average_before']}, after {report['load_average_after']}.",
+        f"Library tables: tau_of_gamma {first['library_knots']['tau_of_gamma']} knots, "
+        f"gamma_of_logit {first['library_knots']['gamma_of_logit']} knots; scipy spline on "
+        f"its own {DENSE_TABLE_SIZE}-point gamma grid. Errors against brentq on "
+        f"{HERMITE_NODES}-node quadrature (float64), {first['exact_times']} times per V.",
+        f"Targets (row `{TARGET_ROW}`): >= {SPEEDUP_TARGET:g}x faster than scipy in CPU time, "
+        f"{ABS_GAMMA} <= {ERROR_TARGET:g}. Thread CPU time is not inflated by a shared "
+        "machine's preemptions; wall-clock is shown too. Other rows are informational.",
         "",
         "| V | method | wall us/call median [IQR] | CPU us/call | speedup vs scipy (wall, CPU) "
-        "| max abs dgamma | target |",
-        "|---|---|---|---|---|---|---|",
+        "| error | error measure | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in report["results"]:
         for name, method in result["methods"].items():
-            error = method["max_abs_error"]
-            error_cell = "n/a" if error is None else f"{error:.2e}"
             target = ""
-            if name == "library":
+            if name == TARGET_ROW:
                 target = (
                     f"speed {pass_fail(result['library_speedup_pass'])}, "
                     f"error {pass_fail(result['library_error_pass'])}"
                 )
-            elif name == "prototype_logit_grid":
-                target = (
-                    f"(prototype) speed {pass_fail(result['prototype_speedup_pass'])}, "
-                    f"error {pass_fail(result['prototype_error_pass'])}"
-                )
             lines.append(
                 f"| {result['vocab_size']} | {name} | {timing_cell(method)} | "
                 f"{method['speedup_vs_scipy']:.2f}x, {method['cpu_speedup_vs_scipy']:.2f}x | "
-                f"{error_cell} | {target} |"
+                f"{method['error']:.2e} | {method['error_measure']} | {target} |"
             )
-    return "\n".join(lines)
-
-
-def proposal_summary(report: dict) -> str:
-    lines = ["Proposal (PROTOTYPE LogitGridLookup, not in flowlm), CPU time per call:"]
-    for result in report["results"]:
-        methods = result["methods"]
-        prototype, library = methods["prototype_logit_grid"], methods["library"]
-        lines.append(
-            f"- V={result['vocab_size']}: {prototype['us_per_call']['cpu_median']:.1f} us "
-            f"({prototype['cpu_speedup_vs_scipy']:.1f}x scipy, "
-            f"{library['us_per_call']['cpu_median'] / prototype['us_per_call']['cpu_median']:.1f}x"
-            f" flowlm), max |dgamma| {prototype['max_abs_error']:.1e}; autograd path "
-            f"{methods['prototype_logit_grid_autograd_path']['us_per_call']['cpu_median']:.1f} us"
-        )
     return "\n".join(lines)
 
 
@@ -342,6 +260,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(arguments.seed)
     times = torch.rand(arguments.batch, generator=generator)
     results = [measure_vocabulary(vocab_size, times, arguments) for vocab_size in VOCAB_SIZES]
+    machine = machine_context()
     report = {
         "benchmark": "reparam_speed",
         "batch": arguments.batch,
@@ -350,23 +269,20 @@ def main() -> None:
         "calls_per_repeat": arguments.calls,
         "quick": arguments.quick,
         "targets": {"speedup_vs_scipy_min": SPEEDUP_TARGET, "max_abs_error": ERROR_TARGET},
+        "target_row": TARGET_ROW,
         "speed_verdict_measure": "thread CPU time (time.thread_time), single torch thread",
-        "prototype": {
-            "name": "LogitGridLookup (PROTOTYPE, not in flowlm)",
-            "knots": PROTOTYPE_KNOTS,
-            "logit_half_width": PROTOTYPE_HALF_WIDTH,
-        },
         "load_average_before": load_before,
-        "machine": machine_context(),
+        "load_average_after": [round(value, 2) for value in machine["load_average_1_5_15min"]],
+        "machine": machine,
         "results": results,
     }
     arguments.out_dir.mkdir(parents=True, exist_ok=True)
     path = arguments.out_dir / "reparam_speed.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(report))
-    print()
-    print(proposal_summary(report))
-    print(f"\nwrote {path}")
+    table = markdown_table(report)
+    (arguments.out_dir / "reparam_speed.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

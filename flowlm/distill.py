@@ -38,7 +38,7 @@ def squared_distance(a: State, b: State) -> TokenLoss:
 def kl_divergence(target: Probs, logits: Logits) -> TokenLoss:
     r"""$\mathrm{KL}(p \,\Vert\, \mathrm{softmax}(z)) = \sum_v p_v(\log p_v - \log\mathrm{softmax}(z)_v)$, per token.
 
-    Example:
+    Examples:
         >>> p = torch.tensor([[[0.5, 0.5]]])
         >>> kl_divergence(p, torch.zeros(1, 1, 2))
         tensor([[0.]])
@@ -57,7 +57,7 @@ def taylor_semigroup_loss(student: TaylorMap, x_t: State, t: Time, s: Time) -> T
 
     Only the correction network of ``student`` learns (the `TaylorMap` field is a frozen teacher).
 
-    Example:
+    Examples:
         >>> from flowlm import Identity
         >>> class Drift(nn.Module):  # dx/dγ = 1: the Taylor map with g = 0 is exact
         ...     reparam = Identity()
@@ -82,7 +82,7 @@ def map_regression_loss(
 
     The teacher can be the stage-1 `TaylorMap` or any other flow map (e.g. a many-step rollout).
 
-    Example:
+    Examples:
         >>> from flowlm import Identity, Euler
         >>> class Decay(nn.Module):
         ...     reparam = Identity()
@@ -105,7 +105,7 @@ def semigroup_weight(reparam: TimeReparam, t: Time, u: Time, s: Time) -> Time:
 
     $$w = \frac{(1-\gamma_s)(\gamma_u-\gamma_t)}{(1-\gamma_u)(\gamma_s-\gamma_t)} \in [0, 1].$$
 
-    Example:
+    Examples:
         >>> from flowlm import Identity
         >>> semigroup_weight(Identity(), torch.tensor([0.0]), torch.tensor([0.5]), torch.tensor([1.0]))
         tensor([0.])
@@ -129,11 +129,17 @@ def semigroup_target(student: XPredMap, x_t: State, t: Time, u: Time, s: Time) -
         return w * first + (1.0 - w) * second
 
 
-def diagonal_kl(student: XPredMap, teacher: XPredictor, x_t: State, t: Time) -> TokenLoss:
-    r"""Tie the student's diagonal to the FLM denoiser: $\mathrm{KL}(D_t(x_t)\,\Vert\,\hat\delta_{t,t}(x_t))$."""
+def diagonal_kl(student: XPredMap, teacher_probs: Probs, x_t: State, t: Time) -> TokenLoss:
+    r"""Tie the student's diagonal to the FLM denoiser: $\mathrm{KL}(D_t(x_t)\,\Vert\,\hat\delta_{t,t}(x_t))$.
+
+    ``teacher_probs`` is $D_t(x_t)$, computed without gradient by the caller.
+    """
+    return kl_divergence(teacher_probs, student.predictor.logits(x_t, t, t))
+
+
+def _teacher_probs(teacher: XPredictor, x_t: State, t: Time) -> Probs:
     with torch.no_grad():
-        target = teacher(x_t, t)
-    return kl_divergence(target, student.predictor.logits(x_t, t, t))
+        return teacher(x_t, t)
 
 
 def semigroup_kl_loss(
@@ -146,7 +152,7 @@ def semigroup_kl_loss(
     u = 0.5 * (t + s) if u is None else u
     target = semigroup_target(student, x_t, t, u, s)
     jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
-    return jump + diagonal_kl(student, teacher, x_t, t)
+    return jump + diagonal_kl(student, _teacher_probs(teacher, x_t, t), x_t, t)
 
 
 def self_semigroup_loss(
@@ -205,7 +211,7 @@ def lagrangian_kl_loss(
         correction = (1.0 + c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
         target = torch.softmax(teacher.logits(x_s, s) - torch.log(correction), -1)
     jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
-    return jump + diagonal_kl(student, teacher, x_t, t)
+    return jump + diagonal_kl(student, _teacher_probs(teacher, x_t, t), x_t, t)
 
 
 def eulerian_kl_loss(
@@ -225,7 +231,8 @@ def eulerian_kl_loss(
     gamma_t, gamma_s = reparam(t), reparam(s)
     with torch.no_grad():
         teacher_logits = teacher.logits(x_t, t)
-        velocity = student.interpolant.velocity(x_t, torch.softmax(teacher_logits, -1), t)
+        teacher_probs = torch.softmax(teacher_logits, -1)
+        velocity = student.interpolant.velocity(x_t, teacher_probs, t)
 
         def logits_from(x: State, start: Time) -> Logits:
             return student.predictor.logits(x, start, s)
@@ -237,7 +244,7 @@ def eulerian_kl_loss(
         correction = (1.0 - c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
         target = torch.softmax(teacher_logits - torch.log(correction), -1)
     jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
-    return jump + diagonal_kl(student, teacher, x_t, t)
+    return jump + diagonal_kl(student, teacher_probs, x_t, t)
 
 
 def init_student(student: nn.Module, teacher: nn.Module, zero: Sequence[str] = ()) -> list[str]:
@@ -255,7 +262,7 @@ def init_student(student: nn.Module, teacher: nn.Module, zero: Sequence[str] = (
     Returns:
         The student parameter names that the teacher did not provide.
 
-    Example:
+    Examples:
         >>> teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
         >>> init_student(student, teacher)
         []

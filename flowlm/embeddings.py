@@ -23,7 +23,7 @@ def sinusoidal_features(
 
     with a zero appended when ``dim`` is odd.
 
-    Example:
+    Examples:
         >>> sinusoidal_features(torch.tensor([0.0, 0.5]), 4).shape
         torch.Size([2, 4])
     """
@@ -46,7 +46,7 @@ class TimeEmbedding(nn.Module):
         frequency_dim: number of sinusoidal features.
         zero_init: start the last layer at zero, so the embedding is exactly 0 at init.
 
-    Example:
+    Examples:
         >>> emb = TimeEmbedding(8, zero_init=True)
         >>> emb(torch.rand(3)).abs().max().item()
         0.0

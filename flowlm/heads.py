@@ -36,7 +36,7 @@ class XPredictor(nn.Module):
     Args:
         backbone: the network; an ``nn.Module`` is registered as a submodule.
 
-    Example:
+    Examples:
         >>> predictor = XPredictor(lambda x, t: torch.zeros_like(x))
         >>> predictor(torch.randn(2, 3, 4), torch.rand(2))[0, 0]
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
@@ -73,7 +73,7 @@ class XPredictor(nn.Module):
 def cross_entropy(logits: Logits, tokens: Tokens) -> TokenLoss:
     r"""Per-token cross-entropy $-\log\mathrm{softmax}(\text{logits})[x]$, in float32 or wider.
 
-    Example:
+    Examples:
         >>> cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))
         tensor([[1.3863, 1.3863]])
     """
@@ -90,7 +90,7 @@ def cross_entropy(logits: Logits, tokens: Tokens) -> TokenLoss:
 def masked_mean(loss: TokenLoss, mask: TokenMask | None = None) -> Tensor:
     r"""Mean of a per-token loss over the tokens that count: $\sum \ell m / \sum m$.
 
-    Example:
+    Examples:
         >>> masked_mean(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]]))
         tensor(1.)
     """
@@ -108,7 +108,7 @@ class LearnedTimeWeighting(nn.Module):
     init; the optimum is $w(t) = \log\mathbb{E}[\ell \mid t]$, which equalizes the loss scale
     across times.
 
-    Example:
+    Examples:
         >>> weighting = LearnedTimeWeighting()
         >>> loss = torch.rand(2, 5)
         >>> torch.equal(weighting(loss, torch.rand(2)), loss)

@@ -28,7 +28,7 @@ NOISE_FLOOR = 1e-5
 def one_hot(tokens: Tokens, vocab_size: int, dtype: torch.dtype = torch.float32) -> State:
     """One-hot vectors $e_x$ of integer token ids.
 
-    Example:
+    Examples:
         >>> one_hot(torch.tensor([[0, 2]]), 3)
         tensor([[[1., 0., 0.],
                  [0., 0., 1.]]])
@@ -128,7 +128,7 @@ class Interpolant(nn.Module, ABC):
 class LinearInterpolant(Interpolant):
     r"""FLM's path $x_t = (1 - \gamma)x_0 + \gamma x_1$; velocity $(\hat x_1 - x_t)/(1 - \gamma)$.
 
-    Example:
+    Examples:
         >>> from flowlm.reparam import TokenAccuracy
         >>> path = LinearInterpolant(reparam=TokenAccuracy(4))
         >>> x1 = one_hot(torch.tensor([[1, 3]]), 4)
@@ -163,7 +163,7 @@ class SqrtNoiseInterpolant(Interpolant):
     Its matching clock is ``TokenAccuracy(V, snr=SqrtNoiseInterpolant.signal_to_noise)``
     with $m(\gamma) = \gamma/\sqrt{1 - \gamma}$.
 
-    Example:
+    Examples:
         >>> x1 = one_hot(torch.tensor([[0]]), 2)
         >>> SqrtNoiseInterpolant().sample(torch.ones_like(x1), x1, torch.tensor([0.75]))
         tensor([[[1.2500, 0.5000]]])
@@ -197,7 +197,7 @@ class CosineInterpolant(Interpolant):
     ``TokenAccuracy(V, snr=CosineInterpolant.signal_to_noise)``,
     with $m(\gamma) = \tan(\pi\gamma/2)$.
 
-    Example:
+    Examples:
         >>> x1 = one_hot(torch.tensor([[0]]), 2)
         >>> CosineInterpolant().sample(torch.zeros_like(x1), x1, torch.tensor([1.0]))
         tensor([[[1., 0.]]])

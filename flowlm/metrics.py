@@ -77,7 +77,7 @@ def token_entropy(tokens: Tokens) -> Float[Tensor, " batch"]:
         TypeError: if ``tokens`` is not an integer tensor.
         ValueError: if ``tokens`` is not 2-d or has no positions.
 
-    Example:
+    Examples:
         >>> token_entropy(torch.tensor([[3, 3, 7, 7], [5, 5, 5, 5]]))
         tensor([0.6931, 0.0000])
     """
@@ -100,7 +100,7 @@ class TokenEntropy(Metric):
     with $H$ as in `token_entropy`. The states are the sum of entropies and the number of
     samples, both summed across processes.
 
-    Example:
+    Examples:
         >>> metric = TokenEntropy()
         >>> metric.update(torch.tensor([[3, 3, 7, 7]]))
         >>> metric.update(torch.tensor([[5, 5, 5, 5]]))
@@ -186,7 +186,7 @@ def distinct_n(tokens: Tokens, n: int, vocab_size: int) -> Float[Tensor, ""]:
         ValueError: if ``tokens`` is not 2-d, if ``n`` is not in ``[1, seq]`` or if
             $V^n$ overflows int64.
 
-    Example:
+    Examples:
         >>> tokens = torch.tensor([[1, 2, 1, 2], [2, 1, 2, 3]])
         >>> distinct_n(tokens, n=2, vocab_size=4)  # (1,2) (2,1) (2,3) among 6 bigrams
         tensor(0.5000)
@@ -206,7 +206,7 @@ class DistinctN(Metric):
         vocab_size: the number of token ids $V$; $V^n$ must fit in int64.
         n: the n-gram length.
 
-    Example:
+    Examples:
         >>> metric = DistinctN(vocab_size=4, n=2)
         >>> metric.update(torch.tensor([[1, 2, 1, 2]]))
         >>> metric.update(torch.tensor([[2, 1, 2, 3]]))
@@ -301,7 +301,7 @@ def generative_perplexity(
         ValueError: if the scorer's output does not match ``tokens`` (or its own mask), or
             if ``mask`` is given to a scorer that returns its own.
 
-    Example:
+    Examples:
         >>> log_p = torch.log(torch.tensor([0.5, 0.25, 0.25]))
         >>> def iid_nll(tokens):  # every position i.i.d. with probabilities p
         ...     return -log_p[tokens]
@@ -331,7 +331,7 @@ class GenerativePerplexity(Metric):
     Args:
         scorer: a `Scorer`, run under `torch.no_grad` on every update.
 
-    Example:
+    Examples:
         >>> log_p = torch.log(torch.tensor([0.5, 0.25, 0.25]))
         >>> metric = GenerativePerplexity(lambda tokens: -log_p[tokens])
         >>> metric.update(torch.tensor([[0, 1]]))
@@ -390,7 +390,7 @@ class HuggingFaceScorer:
         ImportError: if `transformers` is not installed.
         ValueError: if the judge's tokenizer has no BOS token.
 
-    Example:
+    Examples:
         >>> def decode(tokens):  # a character-level tokenizer: ids 0..25 are a..z
         ...     return ["".join(chr(ord("a") + int(i)) for i in row) for row in tokens]
         >>> decode(torch.tensor([[7, 8]]))

@@ -22,7 +22,7 @@ class TimeReparam(nn.Module, ABC):
     Subclasses define ``forward`` ($t \mapsto \gamma$), ``inverse`` ($\gamma \mapsto t$) and
     ``derivative`` ($d\gamma/dt$).
 
-    Example:
+    Examples:
         >>> kappa = Power(2.0) >> Power(0.5)
         >>> kappa(torch.tensor([0.25])).item()
         0.25
@@ -49,7 +49,7 @@ class Composed(TimeReparam):
 
     The chain rule gives $\kappa'(t) = \kappa_2'(\kappa_1(t))\,\kappa_1'(t)$.
 
-    Example:
+    Examples:
         >>> kappa = Composed(Power(2.0), Power(3.0))
         >>> kappa(torch.tensor([0.5])).item() == 0.5**6
         True
@@ -76,7 +76,7 @@ class Composed(TimeReparam):
 class Identity(TimeReparam):
     r"""$\gamma = t$: the path is run at the speed of model time.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([0.3])
         >>> torch.equal(Identity()(t), t)
         True
@@ -98,7 +98,7 @@ class Identity(TimeReparam):
 class Power(TimeReparam):
     r"""$\gamma = t^p$ for $p > 0$; $p > 1$ spends more model time near the noise.
 
-    Example:
+    Examples:
         >>> Power(2.0).inverse(torch.tensor([0.25])).item()
         0.5
     """
@@ -127,8 +127,9 @@ def linear_snr(gamma: Tensor) -> Tensor:
     return gamma / (1.0 - gamma)
 
 
-LOGIT_RANGE = 37.0
-"""The forward table spans logit(t) in [-37, 37]: every float64 time strictly inside (0, 1)."""
+LOGIT_RANGE = float(np.log(np.nextafter(1.0, 0.0) / (1.0 - np.nextafter(1.0, 0.0))))
+r"""The forward table spans $\operatorname{logit}(t) \in [-36.7, 36.7]$: every float64 time
+strictly inside (0, 1); its end knots hold $\kappa = 0$ and $\kappa = 1$ exactly."""
 
 
 class TokenAccuracy(TimeReparam):
@@ -155,14 +156,16 @@ class TokenAccuracy(TimeReparam):
         gamma_knots: size of the uniform $\gamma$ grid.
         logit_knots: size of the uniform $\operatorname{logit}(t)$ grid.
 
-    Example:
+    Examples:
         >>> kappa = TokenAccuracy(64)
         >>> round(kappa(torch.tensor([0.5])).item(), 3)
         0.702
     """
 
     tau_of_gamma: Tensor
+    """Rows (value, slope) of $\tau$ on the uniform $\\gamma$ grid."""
     gamma_of_logit: Tensor
+    r"""Rows (value, slope) of $\kappa$ on the uniform $\operatorname{logit}(t)$ grid."""
 
     def __init__(
         self,
@@ -180,10 +183,11 @@ class TokenAccuracy(TimeReparam):
         keep = _strictly_increasing_interior(tau)
         logits = torch.linspace(-LOGIT_RANGE, LOGIT_RANGE, logit_knots, dtype=torch.float64)
         gamma_at_logits = np.interp(torch.sigmoid(logits).numpy(), tau[keep], gamma[keep])
-        self.logit_step = 2 * LOGIT_RANGE / (logit_knots - 1)
+        gamma_at_logits[0], gamma_at_logits[-1] = 0.0, 1.0
         tau_of_gamma = np.interp(gamma.numpy(), gamma[keep], tau[keep])
-        self.register_buffer("tau_of_gamma", torch.from_numpy(tau_of_gamma))
-        self.register_buffer("gamma_of_logit", torch.from_numpy(gamma_at_logits))
+        self.logit_step = 2 * LOGIT_RANGE / (logit_knots - 1)
+        self.register_buffer("tau_of_gamma", _value_slope_rows(torch.from_numpy(tau_of_gamma)))
+        self.register_buffer("gamma_of_logit", _value_slope_rows(torch.from_numpy(gamma_at_logits)))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "TokenAccuracy":
         # Follow device moves but keep the float64 tables: ``.float()`` or ``.half()`` on a model
@@ -196,27 +200,27 @@ class TokenAccuracy(TimeReparam):
 
     def _logit_position(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Fractional position of ``t`` on the logit grid, and ``t(1 - t)`` there."""
-        inside = t.to(torch.float64).clamp(1 / (1 + np.exp(LOGIT_RANGE)), np.nextafter(1.0, 0.0))
-        position = (torch.logit(inside) + LOGIT_RANGE) / self.logit_step
-        return position, inside * (1 - inside)
+        inside = t.to(torch.float64).clamp(1.0 - np.nextafter(1.0, 0.0), np.nextafter(1.0, 0.0))
+        position = torch.add(
+            LOGIT_RANGE / self.logit_step, torch.logit(inside), alpha=1 / self.logit_step
+        )
+        return position.clamp(0, self.gamma_of_logit.shape[0] - 1), inside * (1 - inside)
 
     def forward(self, t: Times) -> Times:
         r"""$\gamma = \kappa(t)$ by linear interpolation on the logit grid."""
         position, _ = self._logit_position(t)
-        gamma = _lookup(self.gamma_of_logit, position)
-        return torch.where(t <= 0, 0.0, torch.where(t >= 1, 1.0, gamma)).to(t.dtype)
+        return _lookup(self.gamma_of_logit, position).to(t.dtype)
 
     def inverse(self, gamma: Times) -> Times:
         r"""$t = \tau(\gamma)$ by linear interpolation on the uniform $\gamma$ grid."""
-        position = gamma.to(torch.float64) * (self.tau_of_gamma.numel() - 1)
+        position = gamma.to(torch.float64).clamp(0, 1) * (self.tau_of_gamma.shape[0] - 1)
         return _lookup(self.tau_of_gamma, position).to(gamma.dtype)
 
     def derivative(self, t: Times) -> Times:
         r"""$\kappa'(t)$: the table slope times $d\,\operatorname{logit}(t)/dt = 1/(t(1-t))$."""
         position, spread = self._logit_position(t)
-        index = _segment_index(position, self.gamma_of_logit)
-        rise = self.gamma_of_logit[index + 1] - self.gamma_of_logit[index]
-        return (rise / (self.logit_step * spread)).to(t.dtype)
+        _, slope, _ = _segment(self.gamma_of_logit, position)
+        return (slope / (self.logit_step * spread)).to(t.dtype)
 
 
 def decoding_accuracy(
@@ -224,7 +228,7 @@ def decoding_accuracy(
 ) -> Tensor:
     r"""Chance-corrected argmax accuracy $\tau(\gamma)$ by 100-node Gauss–Hermite quadrature.
 
-    Example:
+    Examples:
         >>> decoding_accuracy(torch.tensor([0.0, 1.0], dtype=torch.float64), 100)
         tensor([0., 1.], dtype=torch.float64)
     """
@@ -243,7 +247,7 @@ def _strictly_increasing_interior(tau: Tensor) -> Tensor:
     Interior entries at or beyond the endpoints (quadrature round-off, float64 saturation)
     and entries that do not exceed every earlier one are dropped; both endpoints stay.
 
-    Example:
+    Examples:
         >>> _strictly_increasing_interior(torch.tensor([0.0, 0.5, 0.4, 1.0, 1.0]))
         tensor([ True,  True, False, False,  True])
     """
@@ -255,18 +259,29 @@ def _strictly_increasing_interior(tau: Tensor) -> Tensor:
     return inside & rising
 
 
-def _segment_index(position: Tensor, values: Tensor) -> Tensor:
-    """Left knot of the segment holding each fractional grid position (clamped to the grid)."""
-    return position.detach().floor().clamp(0, values.numel() - 2).long()
+def _value_slope_rows(values: Tensor) -> Tensor:
+    """Rows ``(values[i], values[i + 1] - values[i])``: one gather reads a whole segment.
+
+    The last knot's row (slope 0) serves positions exactly at the end of the grid.
+    """
+    slopes = torch.cat([values.diff(), torch.zeros(1, dtype=values.dtype)])
+    return torch.stack([values, slopes], dim=-1)
 
 
-def _lookup(values: Tensor, position: Tensor) -> Tensor:
-    """Linear interpolation of ``values`` (on knots 0, 1, ..., n - 1) at fractional positions.
+def _segment(rows: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Value and slope of the segment holding each grid position in [0, n - 1], and the fraction."""
+    index = position.detach().long()  # floor, as positions are never negative
+    segment = rows.index_select(0, index.flatten()).view(*position.shape, 2)
+    return segment[..., 0], segment[..., 1], position - index
 
-    Example:
-        >>> _lookup(torch.tensor([0.0, 0.9, 1.0]), torch.tensor([0.5, 1.5, 2.0]))
+
+def _lookup(rows: Tensor, position: Tensor) -> Tensor:
+    """Linear interpolation of value/slope rows (knots 0, 1, ..., n - 1) at fractional positions.
+
+    Examples:
+        >>> rows = _value_slope_rows(torch.tensor([0.0, 0.9, 1.0]))
+        >>> _lookup(rows, torch.tensor([0.5, 1.5, 2.0]))
         tensor([0.4500, 0.9500, 1.0000])
     """
-    index = _segment_index(position, values)
-    low, high = values[index], values[index + 1]
-    return low + (position - index) * (high - low)
+    value, slope, fraction = _segment(rows, position)
+    return torch.addcmul(value, fraction, slope)

@@ -59,7 +59,7 @@ class XPredVelocity(nn.Module):
 
     For the linear path, $v(x, t) = (\hat x_1(x, t) - x)/(1 - \gamma)$.
 
-    Example:
+    Examples:
         >>> from flowlm import LinearInterpolant, XPredictor
         >>> field = XPredVelocity(XPredictor(lambda x, t: torch.zeros_like(x)), LinearInterpolant())
         >>> field(torch.zeros(1, 1, 2), torch.tensor([0.5]))
@@ -89,7 +89,7 @@ class XPredMap(nn.Module):
     ``two_time=True``, $\hat x_1 = \delta_{t,s}(x)$ is FMLM's two-time denoiser and
     $X_{t\to 1} = \delta_{t,1}$: one call from noise to data.
 
-    Example:
+    Examples:
         >>> from flowlm import LinearInterpolant, XPredictor
         >>> step = XPredMap(XPredictor(lambda x, t: 9 * x), LinearInterpolant())
         >>> x = torch.eye(3)[None]
@@ -114,7 +114,7 @@ class XPredMap(nn.Module):
 class Euler(nn.Module):
     r"""Euler in path time: $X_{t\to s}(x) = x + (\gamma_s - \gamma_t)\,v(x, t)$. Order 1, 1 call.
 
-    Example:
+    Examples:
         >>> from flowlm import LinearInterpolant, XPredictor
         >>> field = XPredVelocity(XPredictor(lambda x, t: 9 * x), LinearInterpolant())
         >>> x = torch.eye(3)[None]
@@ -138,7 +138,7 @@ class Midpoint(nn.Module):
     $x_m = x + \tfrac{\Delta}{2} v(x, t)$ at $\gamma_m = \tfrac12(\gamma_t + \gamma_s)$, then
     $X_{t\to s}(x) = x + \Delta\, v(x_m, \kappa^{-1}(\gamma_m))$, $\Delta = \gamma_s - \gamma_t$.
 
-    Example:
+    Examples:
         >>> from flowlm import Identity
         >>> class Decay(nn.Module):
         ...     reparam = Identity()
@@ -168,7 +168,7 @@ class Heun(nn.Module):
     Where $\gamma_s = 1$ the x-prediction velocity is singular, so those examples take the
     Euler step instead (as is usual for the last step).
 
-    Example:
+    Examples:
         >>> from flowlm import Identity
         >>> class Decay(nn.Module):
         ...     reparam = Identity()
@@ -199,7 +199,7 @@ class TaylorMap(nn.Module):
     network with two time inputs. With $g \equiv 0$ it is the teacher's Euler step. 2 calls.
     The field is a frozen teacher: it runs without gradient, so only $g$ can learn.
 
-    Example:
+    Examples:
         >>> from flowlm import Identity
         >>> class Decay(nn.Module):
         ...     reparam = Identity()
@@ -229,7 +229,7 @@ class Substeps(nn.Module):
     $X_{t\to s} = X_{t_{n-1}\to s}\circ\dots\circ X_{t\to t_1}$ with
     $t_k = t + \tfrac{k}{n}(s - t)$, per example. A many-step teacher for `map_regression_loss`.
 
-    Example:
+    Examples:
         >>> from flowlm import LinearInterpolant, XPredictor
         >>> step = XPredMap(XPredictor(lambda x, t: 3 * x), LinearInterpolant())
         >>> x, t, s = torch.randn(2, 3, 4), torch.zeros(2), torch.ones(2)
@@ -272,7 +272,7 @@ def time_grid(
         dtype: dtype of the grid.
         device: device of the grid.
 
-    Example:
+    Examples:
         >>> time_grid(4)
         tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
     """
@@ -347,7 +347,7 @@ def rollout(
     Raises:
         RuntimeError: if the final state is not finite.
 
-    Example:
+    Examples:
         >>> from flowlm import LinearInterpolant, XPredictor
         >>> step = XPredMap(XPredictor(lambda x, t: torch.zeros_like(x)), LinearInterpolant())
         >>> trajectory = rollout(step, torch.randn(2, 5, 3), time_grid(4))
@@ -385,7 +385,7 @@ def rollout(
 def decode(x: State) -> Tokens:
     """Tokens by argmax over the vocabulary at every position.
 
-    Example:
+    Examples:
         >>> decode(torch.tensor([[[0.1, 0.9], [0.7, 0.3]]]))
         tensor([[1, 0]])
     """

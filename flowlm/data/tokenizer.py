@@ -27,7 +27,7 @@ class CharTokenizer:
         alphabet: the characters, each once; their order fixes the ids.
         specials: extra tokens placed first, each a distinct string not in the alphabet.
 
-    Example:
+    Examples:
         >>> tokenizer = CharTokenizer("abc", specials=("<pad>",))
         >>> tokenizer.vocab_size
         4
@@ -56,7 +56,7 @@ class CharTokenizer:
     def from_text(cls, text: str, specials: tuple[str, ...] = ()) -> "CharTokenizer":
         """The tokenizer whose alphabet is the sorted distinct characters of ``text``.
 
-        Example:
+        Examples:
             >>> CharTokenizer.from_text("hello world").alphabet
             ' dehlorw'
         """
@@ -66,7 +66,7 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         """Number of ids: specials plus characters.
 
-        Example:
+        Examples:
             >>> CharTokenizer("ab", ("<unk>",)).vocab_size
             3
         """
@@ -86,7 +86,7 @@ class CharTokenizer:
         Raises:
             ValueError: a character is outside the alphabet and there is no ``"<unk>"``.
 
-        Example:
+        Examples:
             >>> CharTokenizer("ab").encode("abba")
             tensor([0, 1, 1, 0])
             >>> CharTokenizer("ab", ("<unk>",)).encode("abc").tolist()
@@ -110,7 +110,7 @@ class CharTokenizer:
     def decode(self, ids: Int[Tensor, " length"] | list[int]) -> str:
         """The text of a 1-d sequence of ids; specials appear as their strings.
 
-        Example:
+        Examples:
             >>> CharTokenizer("ab").decode(torch.tensor([1, 0]))
             'ba'
         """
@@ -123,7 +123,7 @@ class CharTokenizer:
     def decode_batch(self, tokens: Tokens) -> list[str]:
         """The text of each row of a batch of ids.
 
-        Example:
+        Examples:
             >>> CharTokenizer("ab").decode_batch(torch.tensor([[0, 1], [1, 1]]))
             ['ab', 'bb']
         """
@@ -132,7 +132,7 @@ class CharTokenizer:
     def state_dict(self) -> dict[str, str | list[str]]:
         """The vocabulary as plain JSON-able values, to save with a checkpoint.
 
-        Example:
+        Examples:
             >>> CharTokenizer("ab", ("<pad>",)).state_dict()
             {'alphabet': 'ab', 'specials': ['<pad>']}
         """
@@ -142,7 +142,7 @@ class CharTokenizer:
     def from_state_dict(cls, state: Mapping[str, str | list[str]]) -> "CharTokenizer":
         """The tokenizer saved by `state_dict`.
 
-        Example:
+        Examples:
             >>> tokenizer = CharTokenizer("ab", ("<pad>",))
             >>> CharTokenizer.from_state_dict(tokenizer.state_dict()) == tokenizer
             True
