@@ -157,10 +157,11 @@ class LinearInterpolant(Interpolant):
         return -torch.ones_like(gamma)
 
 
-class SqrtNoiseInterpolant(Interpolant):
+class SqrtNoiseInterpolant(LinearInterpolant):
     r"""The reference code's variance-preserving variant: $x_t = \sqrt{1-\gamma}x_0 + \gamma x_1$.
 
-    Its matching clock is ``TokenAccuracy(V, snr=SqrtNoiseInterpolant.signal_to_noise)``
+    It keeps the linear path's data coefficient $\alpha = \gamma$ and shrinks the noise more
+    slowly. Its matching clock is ``TokenAccuracy(V, snr=SqrtNoiseInterpolant.signal_to_noise)``
     with $m(\gamma) = \gamma/\sqrt{1 - \gamma}$.
 
     Examples:
@@ -170,19 +171,9 @@ class SqrtNoiseInterpolant(Interpolant):
     """
 
     @staticmethod
-    def alpha(gamma: Tensor) -> Tensor:
-        r"""$\gamma$."""
-        return gamma
-
-    @staticmethod
     def sigma(gamma: Tensor) -> Tensor:
         r"""$\sqrt{1 - \gamma}$."""
         return (1.0 - gamma).clamp_min(0.0).sqrt()
-
-    @staticmethod
-    def alpha_rate(gamma: Tensor) -> Tensor:
-        """1."""
-        return torch.ones_like(gamma)
 
     @staticmethod
     def sigma_rate(gamma: Tensor) -> Tensor:
