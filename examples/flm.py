@@ -4,7 +4,7 @@ Trains x-prediction with cross-entropy on a linear noise-to-one-hot path run on 
 decoding-accuracy clock (METHOD.md §3), then samples with the Euler sampler (§4) at a few
 step counts and reports NFE, entropy and the task's quality measure.
 
-    python examples/flm.py                          # the King James Bible, about 10 min on 2 cores
+    python examples/flm.py                          # the King James Bible, ~8 min on 2 cores
     python examples/flm.py --task alpha-repeat      # 26 letters repeated 8 times: valid rate
     python examples/flm.py --task markov            # a Markov chain: exact perplexity of samples
     python examples/flm.py --text my_books/         # your own .txt file or folder
@@ -59,7 +59,14 @@ import flowlm as fl
 from flowlm.backbones import DiT
 
 DEFAULT_THREADS = 1
-"""Measured on 2 cores (corpus preset, 20 steps): 1 thread ... steps/s, 2 threads ... steps/s."""
+"""Measured on a 2-core CPU, corpus preset, 20 training steps: 1 thread 5.1 steps/s and
+2 threads 2.1 steps/s at load average 0.8-1.5; with other jobs running (load 2-4), 1 thread
+3.3-5.2 and 2 threads 0.3-0.9 steps/s. Under torchrun, each process takes one core."""
+
+# Corpus: 2,500 steps take about 8 min at 5.1 steps/s (12.5 min measured at load average 3);
+# samples go from letter soup (step 500) to words such as "the", "and", "they" (step 2,500).
+# Alpha-repeat: valid rate 0.97-0.99 at 8 Euler steps for seeds 0-2, in 20-30 s of training.
+# Markov: exact perplexity of 8-step samples about 15 against 8.7 for the data, in about 2 min.
 
 PRESETS: dict[str, dict[str, Any]] = {
     "corpus": {
@@ -182,9 +189,9 @@ def train(
             tqdm.write(f"step {done}: validation cross-entropy (EMA) {validation[str(done)]:.4f}")
         if done % config.sample_every == 0 and not last:
             n_steps = max(config.sample_steps)
-            noise = sample_noise(config, task, SHOWN_SAMPLES, processes.device)
+            start_noise = sample_noise(config, task, SHOWN_SAMPLES, processes.device)
             sampler = make_sampler(config.solver, averaged, interpolant)
-            samples = fl.decode(fl.rollout(sampler, noise, fl.time_grid(n_steps)).x)
+            samples = fl.decode(fl.rollout(sampler, start_noise, fl.time_grid(n_steps)).x)
             tqdm.write(f"step {done}: samples (EMA, {n_steps} {config.solver} steps)")
             for text in task.decode(samples.cpu()):
                 tqdm.write(f"    {text!r}")

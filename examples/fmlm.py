@@ -199,7 +199,10 @@ def train_stage(
     ema = make_ema(stage.network, config.ema_decay)
     start = 0
     if saved is not None and stage.name in saved["stages"]:
-        start = restore_training_state(saved["stages"][stage.name], stage.network, ema, optimizer)
+        stage_state = saved["stages"][stage.name]
+        start = restore_training_state(stage_state, stage.network, ema, optimizer)
+        if stage.extra is not None:
+            stage.extra.load_state_dict(stage_state["extra"])
     loss_of = stage.loss(processes.wrap(stage.network))
     boundary_prob = BOUNDARY_PROB.get(stage.name, DEFAULT_BOUNDARY_PROB)
     if method.boundary_prob is not None:
@@ -246,6 +249,8 @@ def train_stage(
         if processes.is_main and options.out is not None:
             if done % config.checkpoint_every == 0 or done == config.steps:
                 state = training_state(done, stage.network, ema, optimizer, task.tokenizer, config)
+                if stage.extra is not None:  # e.g. v1's learned time weighting
+                    state["extra"] = stage.extra.state_dict()
                 stages = {} if saved is None else dict(saved["stages"])
                 saved = {"stages": stages | {stage.name: state}, "method": method.__dict__}
                 save_checkpoint(options.out, saved)
@@ -261,7 +266,15 @@ def train_stage(
 
 def load_teacher(path: Path, device: torch.device) -> tuple[DiT, Config, dict[str, Any]]:
     """The FLM's EMA network, frozen, its settings and its checkpoint."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--teacher: no FLM checkpoint at {path}; train one with examples/flm.py --out {path}"
+        )
     checkpoint = load_checkpoint(path)
+    if "ema" not in checkpoint:
+        raise ValueError(
+            f"--teacher: {path} is not an FLM checkpoint (examples/flm.py --out writes those)"
+        )
     config = Config(**checkpoint["config"])
     vocab_size = CharTokenizer.from_state_dict(checkpoint["tokenizer"]).vocab_size
     teacher = build_backbone(config, vocab_size)

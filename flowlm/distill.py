@@ -71,7 +71,7 @@ def taylor_semigroup_loss(student: TaylorMap, x_t: State, t: Time, s: Time) -> T
     with torch.no_grad():
         target = student(student(x_t, t, u), u, s)
     gamma_t, gamma_s = kappa(t), kappa(s)
-    weight = ((1.0 - gamma_t) / (gamma_s - gamma_t).clamp_min(torch.finfo(t.dtype).tiny)) ** 2
+    weight = ((1.0 - gamma_t) / (gamma_s - gamma_t).clamp_min(1e-12)) ** 2  # finite in float32
     return weight[:, None] * squared_distance(student(x_t, t, s), target)
 
 

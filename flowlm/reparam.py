@@ -262,9 +262,11 @@ def _strictly_increasing_interior(tau: Tensor) -> Tensor:
 def _value_slope_rows(values: Tensor) -> Tensor:
     """Rows ``(values[i], values[i + 1] - values[i])``: one gather reads a whole segment.
 
-    The last knot's row (slope 0) serves positions exactly at the end of the grid.
+    The last knot's row serves positions exactly at the end of the grid (fraction 0); it repeats
+    the last segment's slope, so the derivative there stays that of the last segment.
     """
-    slopes = torch.cat([values.diff(), torch.zeros(1, dtype=values.dtype)])
+    slopes = values.diff()
+    slopes = torch.cat([slopes, slopes[-1:]])
     return torch.stack([values, slopes], dim=-1)
 
 

@@ -265,3 +265,16 @@ def test_kl_divergence_matches_a_direct_computation():
     logits = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
     q = torch.softmax(logits, -1)
     torch.testing.assert_close(distill.kl_divergence(p, logits), (p * (p / q).log()).sum(-1))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_kl_losses_are_finite_on_the_whole_path_jump(name):
+    interp = fl.LinearInterpolant(reparam=fl.TokenAccuracy(5))
+    teacher_net = perturbed(small_dit(False))
+    student_net = small_dit(True)
+    distill.init_student(student_net, teacher_net)
+    student = fl.XPredMap(fl.XPredictor(perturbed(student_net)), interp, two_time=True)
+    x_t = torch.randn(2, 4, 5)
+    t, s = torch.zeros(2), torch.ones(2)
+    loss = LOSSES[name](student, fl.XPredictor(teacher_net), x_t, t, s)
+    assert bool(torch.isfinite(loss).all())

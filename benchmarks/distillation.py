@@ -1,0 +1,303 @@
+"""Distillation: one-step FMLM against 1- and 8-step FLM from the same teacher, per method.
+
+For each task (alpha-repeat: one of 26 letters repeated 8 times, scored by the valid-sequence
+rate; markov: an order-1 chain over 16 symbols, length 32, scored by the exact perplexity of
+the samples under the chain), one FLM teacher is trained with ``examples/flm.py`` and distilled
+with every method of ``examples/fmlm.py`` (v2, lagrangian, eulerian, self, regression, v1).
+Both examples run in this process through their ``main(argv)``, i.e. exactly what
+``python examples/flm.py ...`` and ``python examples/fmlm.py --teacher ...`` run, with the
+flags in `TEACHER_FLAGS` and `DISTILL_FLAGS` on top of the examples' presets.
+
+Every model samples 1024 sequences at 1, 2, 4 and 8 steps from the same fixed noise, in fp32,
+with an argmax at the end. Samplers: FLM, the Euler x-prediction map on a uniform model-time
+grid (decoding-accuracy clock); FMLM, the two-time denoiser map on the same grid (1 NFE per
+step); v1's stage-1 Taylor map, 2 NFE per step (teacher + correction).
+
+Target (alpha-repeat): one-step FMLM valid rate >= 0.9 where one-step FLM is below 0.2, with
+teacher plus distillation within 15 CPU-minutes (process CPU time of the two runs, sampling
+included). Each method is judged on its own; the verdict is printed honestly.
+
+Usage:
+    python benchmarks/distillation.py                  # about an hour of CPU on one thread
+    python benchmarks/distillation.py --quick --out-dir /tmp/d   # seconds, for tests
+
+Writes ``<out-dir>/distillation.json`` and ``<out-dir>/distillation.md`` (a table per task).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+import common  # noqa: E402
+import flm  # noqa: E402
+import fmlm  # noqa: E402
+
+TASKS = ("alpha-repeat", "markov")
+QUALITY = {"alpha-repeat": "valid_rate", "markov": "exact_ppl"}
+SAMPLE_STEPS = (1, 2, 4, 8)
+TEACHER_FLAGS: dict[str, list[str]] = {
+    "alpha-repeat": [
+        "--dim",
+        "128",
+        "--depth",
+        "4",
+        "--heads",
+        "4",
+        "--steps",
+        "3000",
+        "--lr",
+        "1e-3",
+    ],
+    "markov": [],
+}
+"""On top of examples/flm.py's presets: alpha-repeat needs a stronger teacher than its preset."""
+DISTILL_FLAGS: dict[str, list[str]] = {"alpha-repeat": [], "markov": []}
+"""On top of examples/fmlm.py's presets (tuned there for alpha-repeat)."""
+TARGET = {"fmlm_one_step_min": 0.9, "flm_one_step_max": 0.2, "cpu_seconds_max": 15 * 60}
+QUICK_SAMPLES = 16
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=fmlm.METHODS, default=fmlm.METHODS)
+    parser.add_argument("--quick", action="store_true", help="smoke-sized models, seconds")
+    return parser.parse_args()
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def timed(main: Callable[[list[str]], dict[str, Any]], argv: list[str]) -> dict[str, Any]:
+    """Run an example's ``main``; return its result with CPU and wall seconds and the load."""
+    before = load_average()
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = main(argv)
+    return {
+        "result": result,
+        "cpu_seconds": time.process_time() - cpu,
+        "wall_seconds": time.perf_counter() - wall,
+        "load_average_before": before,
+        "load_average_after": load_average(),
+        "argv": argv,
+    }
+
+
+def shared_flags(arguments: argparse.Namespace) -> list[str]:
+    """Flags of every run: threads, seed, samples and step counts of the final report."""
+    flags = ["--threads", str(arguments.threads), "--seed", str(arguments.seed)]
+    flags += ["--samples", str(arguments.samples), "--sample-steps", *map(str, SAMPLE_STEPS)]
+    return flags + (["--smoke"] if arguments.quick else [])
+
+
+def commands(task: str, arguments: argparse.Namespace) -> dict[str, str]:
+    """The command lines this benchmark runs in-process, for the report."""
+    teacher_flags, distill_flags = settings(task, arguments.quick)
+    shared = shared_flags(arguments)
+    return {
+        "teacher": " ".join(["examples/flm.py --task", task, *shared, *teacher_flags]),
+        "distillation": " ".join(
+            ["examples/fmlm.py --teacher TEACHER --method METHOD", *shared, *distill_flags]
+        ),
+    }
+
+
+def settings(task: str, quick: bool) -> tuple[list[str], list[str]]:
+    """The teacher's and the distillation's flags (none with ``--quick``: the smoke presets)."""
+    return ([], []) if quick else (TEACHER_FLAGS[task], DISTILL_FLAGS[task])
+
+
+def row(label: str, nfe_per_step: int, steps: dict[str, dict[str, float]]) -> dict[str, Any]:
+    return {"sampler": label, "nfe_per_step": nfe_per_step, "steps": steps}
+
+
+def run_task(
+    task: str, arguments: argparse.Namespace, work_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train the teacher, distil it with each method; the teacher's run and the table's rows."""
+    shared = shared_flags(arguments)
+    teacher_flags, distill_flags = settings(task, arguments.quick)
+    checkpoint = work_dir / f"{task}-flm.pt"
+    teacher = timed(flm.main, ["--task", task, *shared, *teacher_flags, "--out", str(checkpoint)])
+    rows = [row("FLM teacher (Euler)", 1, teacher["result"]["steps"])]
+    rows[0] |= {"cpu_seconds": teacher["cpu_seconds"], "wall_seconds": teacher["wall_seconds"]}
+    for method in arguments.methods:
+        argv = ["--teacher", str(checkpoint), "--method", method, *shared, *distill_flags]
+        try:
+            distilled = timed(fmlm.main, argv)
+        except RuntimeError as error:  # e.g. a loss that turns NaN: report it, go on
+            rows.append(row(f"FMLM {method}", 1, {}) | {"error": str(error), "argv": argv})
+            continue
+        result = distilled.pop("result")
+        stages = [name for name in result if name in (method, "v1-stage1", "v1-stage2")]
+        costs = {key: distilled[key] for key in ("cpu_seconds", "wall_seconds", "argv")}
+        costs |= {"load_average_before": distilled["load_average_before"]}
+        costs |= {"train_seconds": {name: result[name]["seconds"] for name in stages}}
+        costs |= {"final_loss": {name: _last(result[name]["train_loss"]) for name in stages}}
+        rows.append(row(f"FMLM {method}", 1, result["steps"]) | costs)
+        if method == "v1":
+            rows.append(row("v1 stage-1 Taylor map", 2, result["stage1_steps"]))
+    return teacher, rows
+
+
+def _last(losses: dict[str, float]) -> float | None:
+    return losses[max(losses, key=int)] if losses else None
+
+
+def verdicts(teacher: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, bool]:
+    """Per FMLM method: does it meet the alpha-repeat target?"""
+    flm_one_step = teacher["result"]["steps"]["1"]["valid_rate"]
+    outcome = {}
+    for entry in rows:
+        if not entry["sampler"].startswith("FMLM"):
+            continue
+        one_step = entry["steps"].get("1", {}).get("valid_rate", 0.0)
+        cpu = teacher["cpu_seconds"] + entry.get("cpu_seconds", math.inf)
+        outcome[entry["sampler"]] = (
+            one_step >= TARGET["fmlm_one_step_min"]
+            and flm_one_step < TARGET["flm_one_step_max"]
+            and cpu <= TARGET["cpu_seconds_max"]
+        )
+    return outcome
+
+
+def cell(metrics: dict[str, float] | None, quality: str) -> str:
+    if metrics is None:
+        return ""
+    return f"{metrics[quality]:.3f} / {metrics['entropy']:.2f} (NFE {metrics['nfe']})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [
+        "# Distillation: one-step FMLM against FLM from the same teacher",
+        "",
+        f"{report['samples']} samples per cell from fixed noise (seed {report['seed']}), fp32, "
+        f"{machine['torch_threads']} torch thread(s) on {machine['cpu_count']} cores, "
+        f"load average before {report['load_average_before']}, after "
+        f"{machine['load_average_1_5_15min']}. Samplers: {report['sampler']}",
+        "",
+    ]
+    for task, outcome in report["tasks"].items():
+        quality = QUALITY[task]
+        lines += [
+            f"## {task}",
+            "",
+            f"Cells: {quality} / entropy (nats) of the samples. {outcome['reference']}",
+            f"Teacher: `python {outcome['commands']['teacher']} --out TEACHER`; distillation: "
+            f"`python {outcome['commands']['distillation']}` (CPU-s: process CPU time of the "
+            "run, sampling included).",
+            "",
+            "| sampler | NFE/step | "
+            + " | ".join(f"{n} step(s)" for n in SAMPLE_STEPS)
+            + " | CPU-s |",
+            "|---|---|" + "---|" * len(SAMPLE_STEPS) + "---|",
+        ]
+        for entry in outcome["rows"]:
+            cells = [cell(entry["steps"].get(str(n)), quality) for n in SAMPLE_STEPS]
+            cost = f"{entry['cpu_seconds']:.0f}" if "cpu_seconds" in entry else ""
+            if "error" in entry:
+                cells[0] = f"error: {entry['error']}"
+            lines.append(
+                f"| {entry['sampler']} | {entry['nfe_per_step']} | "
+                + " | ".join(cells)
+                + f" | {cost} |"
+            )
+        if "verdicts" in outcome:
+            lines += ["", _target_line(outcome)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _target_line(outcome: dict[str, Any]) -> str:
+    passed = [name for name, ok in outcome["verdicts"].items() if ok]
+    verdict = "PASS" if passed else "FAIL"
+    return (
+        f"Target: one-step FMLM valid rate >= {TARGET['fmlm_one_step_min']} where one-step FLM "
+        f"< {TARGET['flm_one_step_max']}, teacher + distillation <= "
+        f"{TARGET['cpu_seconds_max'] / 60:.0f} CPU-minutes: **{verdict}**"
+        + (f" ({', '.join(passed)})" if passed else "")
+        + "; per method: "
+        + ", ".join(
+            f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in outcome["verdicts"].items()
+        )
+    )
+
+
+def reference(task: str) -> str:
+    if task == "markov":
+        chain = common.MarkovChain(
+            common.MARKOV_SYMBOLS, order=common.MARKOV_ORDER, seed=common.MARKOV_SEED
+        )
+        return f"Data: exact perplexity {math.exp(chain.entropy_rate()):.3f} (the entropy rate)."
+    return "Data: valid rate 1; entropy 0 (one letter per sequence)."
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    if arguments.quick:
+        arguments.samples = QUICK_SAMPLES
+    torch.set_num_threads(arguments.threads)
+    load_before = load_average()
+    tasks: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as work_dir:
+        for task in TASKS:
+            teacher, rows = run_task(task, arguments, Path(work_dir))
+            tasks[task] = {
+                "commands": commands(task, arguments),
+                "teacher_cpu_seconds": teacher["cpu_seconds"],
+                "reference": reference(task),
+                "rows": rows,
+            }
+            if task == "alpha-repeat":
+                tasks[task]["verdicts"] = verdicts(teacher, rows)
+    report = {
+        "benchmark": "distillation",
+        "quick": arguments.quick,
+        "samples": arguments.samples,
+        "seed": arguments.seed,
+        "precision": "fp32",
+        "sampler": (
+            "FLM: Euler x-prediction map on a uniform model-time grid (decoding-accuracy clock); "
+            "FMLM: two-time denoiser map on the same grid, 1 NFE per step; v1 stage 1: "
+            "Taylor map, 2 NFE per step; argmax at the end."
+        ),
+        "targets": TARGET,
+        "load_average_before": load_before,
+        "machine": {
+            "load_average_1_5_15min": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+        },
+        "tasks": tasks,
+    }
+    arguments.out_dir.mkdir(parents=True, exist_ok=True)
+    (arguments.out_dir / "distillation.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (arguments.out_dir / "distillation.md").write_text(table)
+    print(table)
+    print(_target_line(tasks["alpha-repeat"]).replace("**", ""))
+
+
+if __name__ == "__main__":
+    main()
