@@ -9,7 +9,7 @@ loop, so each assembly shows only what is particular to it.
 - Data: `build_task` returns a `Task` (training sequences, fixed validation sequences, a
   tokenizer and a quality measure): the embedded King James Bible or your own text, the
   synthetic ``alpha-repeat`` task, or a ``markov`` chain with an exact likelihood.
-- Model: `build_backbone` (a `DiT`), `build_interpolant`, `make_ema`, `warm_up`.
+- Model: `build_backbone` (a `DiT`), `build_interpolant`, `make_ema`, `warm_up`, `optimizer_step`.
 - Processes: `distributed` sets up ``torchrun`` (gloo on CPU, NCCL on GPU) or one process.
 - Randomness: every random draw of training step ``k`` comes from `seeded_generator`
   ``(seed, purpose, k)``, identical on every process, and each process keeps its own rows of
@@ -364,6 +364,24 @@ def warm_up(optimizer: Optimizer, step: int, peak: float, warmup_steps: int) -> 
     rate = peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
     for group in optimizer.param_groups:
         group["lr"] = rate
+
+
+def optimizer_step(
+    loss: Tensor,
+    optimizer: Optimizer,
+    parameters: list[nn.Parameter],
+    ema: AveragedModel,
+    network: nn.Module,
+    step: int,
+    config: Config,
+) -> None:
+    """One update of (0-based) ``step``: warm-up rate, backward, clipping, AdamW, EMA of ``network``."""
+    warm_up(optimizer, step, config.lr, config.warmup)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    optimizer.step()
+    ema.update_parameters(network)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from common import (
     draw_training_data,
     load_checkpoint,
     make_ema,
+    optimizer_step,
     parse_command_line,
     restore_training_state,
     sample_noise,
@@ -49,7 +50,6 @@ from common import (
     seeded_generator,
     training_state,
     validation_loss,
-    warm_up,
     write_json,
 )
 from torch.optim.swa_utils import AveragedModel
@@ -168,12 +168,7 @@ def train(
         with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
 
-        warm_up(optimizer, step, config.lr, config.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), config.grad_clip)
-        optimizer.step()
-        ema.update_parameters(backbone)
+        optimizer_step(loss, optimizer, list(backbone.parameters()), ema, backbone, step, config)
 
         done = step + 1
         last = done == config.steps

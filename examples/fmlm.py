@@ -44,13 +44,13 @@ from common import (
     draw_training_data,
     load_checkpoint,
     make_ema,
+    optimizer_step,
     parse_command_line,
     restore_training_state,
     sample_report,
     save_checkpoint,
     seeded_generator,
     training_state,
-    warm_up,
     write_json,
 )
 from torch import nn
@@ -235,12 +235,7 @@ def train_stage(
         with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = fl.masked_mean(loss_of(tokens, x_t, pair.t, pair.s))
 
-        warm_up(optimizer, step, config.lr, config.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        optimizer.step()
-        ema.update_parameters(stage.network)
+        optimizer_step(loss, optimizer, parameters, ema, stage.network, step, config)
 
         done = step + 1
         if done % config.log_every == 0:
