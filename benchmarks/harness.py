@@ -116,19 +116,15 @@ def train_on_tokens(
     if path.exists():
         ema.load_state_dict(examples_common.load_checkpoint(path)["ema"])
         return ema.module
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     model.train()
     for step in range(config.steps):
         generator = examples_common.seeded_generator(config.seed, "train", step)
         torch.manual_seed(examples_common.derived_seed(config.seed, "dropout", step, 0))
         tokens = task.draw(config.batch_size, generator)
         loss = objective(tokens, generator)
-        examples_common.warm_up(optimizer, step, config.lr, config.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        ema.update_parameters(model)
+        examples_common.optimizer_step(loss, optimizer, parameters, ema, model, step, config)
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             print(f"  {label} step {step + 1}/{config.steps}: loss {loss.item():.4f}", flush=True)
     state = examples_common.training_state(

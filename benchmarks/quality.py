@@ -159,7 +159,7 @@ PRESETS: dict[str, Preset] = {
             checkpoint_every=2000,
         ),
         judge=judge_module.JUDGES["full"],
-        distill_steps=500,
+        distill_steps=400,
         distill_lr=5e-4,
         fmlm_methods=("v2", "lagrangian", "eulerian", "self", "regression", "v1"),
         sample_steps=(1, 2, 4, 8, 16, 32, 128),
@@ -283,7 +283,13 @@ def evaluate_targets(
     targets: list[dict[str, object]] = []
     for method in methods:
         one_step = row_of(rows, f"FMLM {method}", 1)
-        if one_step is None or data is None or mdlm_8 is None:
+        if data is None or mdlm_8 is None:
+            continue
+        if one_step is None:  # diverged: no samples, both targets fail
+            targets += [
+                {"target": f"FMLM {method} 1-step: {name}", "value": None, "pass": False}
+                for name in ("judge PPL (diverged)", "entropy (diverged)")
+            ]
             continue
         ppl, bound = float(one_step["judge_ppl"]), float(mdlm_8["judge_ppl"])
         entropy, reference = float(one_step["entropy"]), float(data["entropy"])
@@ -369,8 +375,8 @@ def markdown(rows: list[dict[str, object]], run: dict[str, object]) -> str:
     for target in run["targets"]:
         verdict = "PASS" if target["pass"] else "FAIL"
         lines.append(
-            f"| {target['target']} | {target['value']:.3f} | {target['reference']:.3f} | "
-            f"{verdict} |"
+            f"| {target['target']} | {describe(target['value'], 3)} | "
+            f"{describe(target.get('reference'), 3)} | {verdict} |"
         )
     lines += ["", "Phases (thread CPU time is the work done on one torch thread):", ""]
     lines += [
@@ -383,6 +389,8 @@ def markdown(rows: list[dict[str, object]], run: dict[str, object]) -> str:
             f"{phase['load_before'][0]:.2f} | {phase['load_after'][0]:.2f} | "
             f"{'yes' if phase['cached'] else 'no'} |"
         )
+    if run["diverged"]:
+        lines.append(f"\nDiverged (non-finite weights, no samples): {', '.join(run['diverged'])}.")
     total = run["total_seconds"]
     lines.append(f"\nTotal: {total['wall']:.0f} s wall, {total['cpu']:.0f} s CPU.")
     return "\n".join(lines)
@@ -484,6 +492,7 @@ def main() -> None:
         checkpoint_every=preset.distill_steps,
         log_every=max(1, preset.distill_steps // 5),
     )
+    diverged: list[str] = []
     for method in preset.fmlm_methods:
         key = dataclasses.asdict(distill_config) | {"teacher": flm_path.name}
         path = checkpoint_path(cache, f"fmlm-{method}", key)
@@ -491,6 +500,10 @@ def main() -> None:
             student = distill(
                 method, distill_config, task, teacher, flm_path, path, arguments.threads
             )
+        if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
+            print(f"   FMLM {method} diverged: non-finite weights in {path}", flush=True)
+            diverged.append(method)
+            continue
         with timed(f"FMLM {method}: sample and score", phases):
             student_map = fl.XPredMap(fl.XPredictor(student), interpolant, two_time=True)
             rows += sample_rows(
@@ -530,6 +543,7 @@ def main() -> None:
         "samplers": SAMPLERS,
         "torch_threads": torch.get_num_threads(),
         "judge": judge_report,
+        "diverged": diverged,
         "targets": evaluate_targets(rows, preset.fmlm_methods),
         "phases": [phase.as_dict() for phase in phases],
         "total_seconds": {

@@ -94,13 +94,12 @@ def parse_arguments() -> argparse.Namespace:
 def build_samplers(
     arguments: argparse.Namespace, generator: torch.Generator
 ) -> tuple[dict[str, Method], dict[str, Callable[[], object]], DiT]:
-    """The methods, the bare-backbone loops they are compared with, and
-    the one-time DiT (the FLM network, trained in the training group)."""
+    """The timed methods, the bare-backbone loops they are compared with, and the FLM DiT."""
     batch, length, dim = arguments.batch, arguments.length, arguments.dim
     depth, heads = arguments.depth, arguments.heads
 
     def dit(vocab_size: int, two_time: bool) -> DiT:
-        network = DiT(vocab_size, dim=dim, depth=depth, heads=heads, two_time=two_time, dropout=0)
+        network = DiT(vocab_size, dim=dim, depth=depth, heads=heads, two_time=two_time, dropout=0.0)
         return network.eval()
 
     one_time, two_time = dit(VOCAB_SIZE, False), dit(VOCAB_SIZE, True)
