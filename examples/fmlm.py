@@ -23,7 +23,7 @@ training it *is* the teacher's Euler step. ``--steps`` counts distillation steps
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,63 +121,67 @@ def student_network(teacher: DiT, config: Config, vocab_size: int, zero_output: 
     return network
 
 
+def one_network_loss(
+    name: str, student: fl.XPredMap, teacher: fl.XPredictor, teacher_steps: int
+) -> Loss:
+    """The objective of a one-network method: one line of `flowlm.distill` each."""
+    many_step_teacher = fl.Substeps(fl.XPredMap(teacher, student.interpolant), teacher_steps)
+
+    def loss(tokens: fl.Tokens, x_t: fl.State, t: fl.Time, s: fl.Time) -> fl.TokenLoss:
+        match name:
+            case "v2":
+                return distill.semigroup_kl_loss(student, teacher, x_t, t, s)
+            case "lagrangian":
+                return distill.lagrangian_kl_loss(student, teacher, x_t, t, s)
+            case "eulerian":
+                return distill.eulerian_kl_loss(student, teacher, x_t, t, s)
+            case "self":
+                return distill.self_semigroup_loss(student, tokens, x_t, t, s)
+            case _:
+                return distill.map_regression_loss(student, many_step_teacher, x_t, t, s)
+
+    return loss
+
+
 def build_stages(
     method: Method, config: Config, teacher: DiT, interpolant: fl.Interpolant, vocab_size: int
 ) -> list[Stage]:
-    """The networks and objectives of ``method``, each a line of `flowlm.distill`."""
+    """The networks and objectives of ``method``."""
     teacher_predictor = fl.XPredictor(teacher)
 
     def student_map(network: nn.Module) -> fl.XPredMap:
         return fl.XPredMap(fl.XPredictor(network), interpolant, two_time=True)
 
     if method.name != "v1":
-        objectives: dict[str, Callable[[fl.XPredMap], Loss]] = {
-            "v2": lambda st: (
-                lambda tok, x, t, s: distill.semigroup_kl_loss(st, teacher_predictor, x, t, s)
-            ),
-            "lagrangian": lambda st: (
-                lambda tok, x, t, s: distill.lagrangian_kl_loss(st, teacher_predictor, x, t, s)
-            ),
-            "eulerian": lambda st: (
-                lambda tok, x, t, s: distill.eulerian_kl_loss(st, teacher_predictor, x, t, s)
-            ),
-            "self": lambda st: lambda tok, x, t, s: distill.self_semigroup_loss(st, tok, x, t, s),
-            "regression": lambda st: (
-                lambda tok, x, t, s: distill.map_regression_loss(
-                    st,
-                    fl.Substeps(fl.XPredMap(teacher_predictor, interpolant), method.teacher_steps),
-                    x,
-                    t,
-                    s,
-                )
-            ),
-        }
-        objective = objectives[method.name]
         network = student_network(teacher, config, vocab_size, zero_output=False)
-        return [Stage(method.name, network, None, lambda net: objective(student_map(net)))]
+
+        def objective(net: nn.Module) -> Loss:
+            return one_network_loss(
+                method.name, student_map(net), teacher_predictor, method.teacher_steps
+            )
+
+        return [Stage(method.name, network, None, objective)]
 
     velocity = fl.XPredVelocity(teacher_predictor, interpolant)
     correction = student_network(teacher, config, vocab_size, zero_output=True)
     weighting = fl.LearnedTimeWeighting().to(teacher.output.weight.device)
+    frozen_taylor = fl.TaylorMap(velocity, correction)  # stage 2 reads stage 1's EMA weights
 
     def taylor_objective(net: nn.Module) -> Loss:
         taylor = fl.TaylorMap(velocity, net)
-        return lambda tok, x, t, s: weighting(distill.taylor_semigroup_loss(taylor, x, t, s), t)
+        return lambda tokens, x_t, t, s: weighting(
+            distill.taylor_semigroup_loss(taylor, x_t, t, s), t
+        )
 
-    frozen_taylor = fl.TaylorMap(velocity, correction)  # stage 2 reads stage 1's EMA weights
+    def regression_objective(net: nn.Module) -> Loss:
+        return lambda tokens, x_t, t, s: distill.map_regression_loss(
+            student_map(net), frozen_taylor, x_t, t, s
+        )
+
     student = student_network(teacher, config, vocab_size, zero_output=False)
     return [
         Stage("v1-stage1", correction, weighting, taylor_objective),
-        Stage(
-            "v1-stage2",
-            student,
-            None,
-            lambda net: (
-                lambda tok, x, t, s: distill.map_regression_loss(
-                    student_map(net), frozen_taylor, x, t, s
-                )
-            ),
-        ),
+        Stage("v1-stage2", student, None, regression_objective),
     ]
 
 
@@ -247,7 +251,7 @@ def train_stage(
                 if stage.extra is not None:  # e.g. v1's learned time weighting
                     state["extra"] = stage.extra.state_dict()
                 stages = {} if saved is None else dict(saved["stages"])
-                saved = {"stages": stages | {stage.name: state}, "method": method.__dict__}
+                saved = {"stages": stages | {stage.name: state}, "method": asdict(method)}
                 save_checkpoint(options.out, saved)
     progress.close()
     stage.network.load_state_dict(ema.module.state_dict())  # sample (and stage 2) from the EMA
