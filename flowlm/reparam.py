@@ -127,7 +127,9 @@ def linear_snr(gamma: Tensor) -> Tensor:
     return gamma / (1.0 - gamma)
 
 
-LOGIT_RANGE = float(np.log(np.nextafter(1.0, 0.0) / (1.0 - np.nextafter(1.0, 0.0))))
+TIME_EDGE = float(1.0 - np.nextafter(1.0, 0.0))
+"""Times are clamped to [TIME_EDGE, 1 - TIME_EDGE], the float64 numbers strictly inside (0, 1)."""
+LOGIT_RANGE = float(np.log((1.0 - TIME_EDGE) / TIME_EDGE))
 r"""The forward table spans $\operatorname{logit}(t) \in [-36.7, 36.7]$: every float64 time
 strictly inside (0, 1); its end knots hold $\kappa = 0$ and $\kappa = 1$ exactly."""
 
@@ -145,10 +147,10 @@ class TokenAccuracy(TimeReparam):
     float64 on a dense uniform $\gamma$ grid, where entries that break strict monotonicity
     (quadrature round-off near 0, float64 saturation near 1) are replaced by linear
     interpolation (``inverse`` reads this grid), and inverted once onto a grid uniform in
-    $\operatorname{logit}(t)$, which resolves the steep
-    start of $\kappa$ (``forward``). Both lookups index their grid arithmetically (no search),
-    run in torch on the input's device, and are piecewise linear, so gradients flow through
-    $t$; $\kappa(0) = 0$ and $\kappa(1) = 1$ exactly, and the round trip holds to about 1e-6.
+    $\operatorname{logit}(t)$, which resolves the steep start of $\kappa$ (``forward``). Both
+    lookups index their grid arithmetically (no search), run in torch on the input's device and
+    are piecewise linear, so gradients flow through $t$; $\kappa(0) = 0$ and $\kappa(1) = 1$
+    exactly, and the round trip holds to about 1e-6.
 
     Args:
         vocab_size: $V \geq 2$.
@@ -162,10 +164,14 @@ class TokenAccuracy(TimeReparam):
         0.702
     """
 
-    tau_of_gamma: Tensor
-    """Rows (value, slope) of $\tau$ on the uniform $\\gamma$ grid."""
-    gamma_of_logit: Tensor
-    r"""Rows (value, slope) of $\kappa$ on the uniform $\operatorname{logit}(t)$ grid."""
+    tau_values: Tensor
+    r"""$\tau$ at the knots of the uniform $\gamma$ grid (float64)."""
+    tau_slopes: Tensor
+    """Its segment slopes (``tau_values[i + 1] - tau_values[i]``)."""
+    kappa_values: Tensor
+    r"""$\kappa$ at the knots of the uniform $\operatorname{logit}(t)$ grid (float64)."""
+    kappa_slopes: Tensor
+    """Its segment slopes."""
 
     def __init__(
         self,
@@ -181,46 +187,51 @@ class TokenAccuracy(TimeReparam):
         gamma = torch.linspace(0.0, 1.0, gamma_knots, dtype=torch.float64)
         tau = decoding_accuracy(gamma, vocab_size, snr)
         keep = _strictly_increasing_interior(tau)
+        tau_at_knots = np.interp(gamma.numpy(), gamma[keep], tau[keep])
         logits = torch.linspace(-LOGIT_RANGE, LOGIT_RANGE, logit_knots, dtype=torch.float64)
-        gamma_at_logits = np.interp(torch.sigmoid(logits).numpy(), tau[keep], gamma[keep])
-        gamma_at_logits[0], gamma_at_logits[-1] = 0.0, 1.0
-        tau_of_gamma = np.interp(gamma.numpy(), gamma[keep], tau[keep])
-        self.logit_step = 2 * LOGIT_RANGE / (logit_knots - 1)
-        self.register_buffer("tau_of_gamma", _value_slope_rows(torch.from_numpy(tau_of_gamma)))
-        self.register_buffer("gamma_of_logit", _value_slope_rows(torch.from_numpy(gamma_at_logits)))
+        kappa_at_knots = np.interp(torch.sigmoid(logits).numpy(), tau[keep], gamma[keep])
+        kappa_at_knots[0], kappa_at_knots[-1] = 0.0, 1.0
+        for name, values in [("tau", tau_at_knots), ("kappa", kappa_at_knots)]:
+            values = torch.from_numpy(values)
+            # Derived from vocab_size, so not saved in state_dict.
+            self.register_buffer(f"{name}_values", values, persistent=False)
+            self.register_buffer(f"{name}_slopes", _segment_slopes(values), persistent=False)
+        self.last_gamma_knot = gamma_knots - 1
+        self.last_logit_knot = logit_knots - 1
+        self.knots_per_logit = self.last_logit_knot / (2 * LOGIT_RANGE)
+        self.first_knot_offset = LOGIT_RANGE * self.knots_per_logit
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "TokenAccuracy":
         # Follow device moves but keep the float64 tables: ``.float()`` or ``.half()`` on a model
-        # holding this clock would round the saturated end of the table and collapse segments.
-        tables = {name: getattr(self, name) for name in ("tau_of_gamma", "gamma_of_logit")}
+        # holding this clock would round the saturated end of a table and collapse segments.
+        tables = dict(self.named_buffers())
         super()._apply(fn, recurse)
         for name, table in tables.items():
             setattr(self, name, table.to(getattr(self, name).device))
         return self
 
-    def _logit_position(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Fractional position of ``t`` on the logit grid, and ``t(1 - t)`` there."""
-        inside = t.to(torch.float64).clamp(1.0 - np.nextafter(1.0, 0.0), np.nextafter(1.0, 0.0))
-        position = torch.add(
-            LOGIT_RANGE / self.logit_step, torch.logit(inside), alpha=1 / self.logit_step
-        )
-        return position.clamp(0, self.gamma_of_logit.shape[0] - 1), inside * (1 - inside)
+    def _logit_position(self, t: Tensor) -> Tensor:
+        """Fractional position of ``t`` on the logit grid (0 at the first knot), in float64."""
+        logit = torch.logit(t.to(torch.float64), eps=TIME_EDGE)
+        position = torch.add(self.first_knot_offset, logit, alpha=self.knots_per_logit)
+        return position.clamp_(0, self.last_logit_knot)
 
     def forward(self, t: Times) -> Times:
         r"""$\gamma = \kappa(t)$ by linear interpolation on the logit grid."""
-        position, _ = self._logit_position(t)
-        return _lookup(self.gamma_of_logit, position).to(t.dtype)
+        gamma = _interpolate(self.kappa_values, self.kappa_slopes, self._logit_position(t))
+        return gamma.to(t.dtype)
 
     def inverse(self, gamma: Times) -> Times:
         r"""$t = \tau(\gamma)$ by linear interpolation on the uniform $\gamma$ grid."""
-        position = gamma.to(torch.float64).clamp(0, 1) * (self.tau_of_gamma.shape[0] - 1)
-        return _lookup(self.tau_of_gamma, position).to(gamma.dtype)
+        position = gamma.to(torch.float64).clamp(0, 1) * self.last_gamma_knot
+        return _interpolate(self.tau_values, self.tau_slopes, position).to(gamma.dtype)
 
     def derivative(self, t: Times) -> Times:
         r"""$\kappa'(t)$: the table slope times $d\,\operatorname{logit}(t)/dt = 1/(t(1-t))$."""
-        position, spread = self._logit_position(t)
-        _, slope, _ = _segment(self.gamma_of_logit, position)
-        return (slope / (self.logit_step * spread)).to(t.dtype)
+        index = self._logit_position(t).int().flatten()
+        slope = self.kappa_slopes.index_select(0, index).view_as(t)
+        inside = t.to(torch.float64).clamp(TIME_EDGE, 1.0 - TIME_EDGE)
+        return (slope * self.knots_per_logit / (inside * (1 - inside))).to(t.dtype)
 
 
 def decoding_accuracy(
@@ -259,31 +270,25 @@ def _strictly_increasing_interior(tau: Tensor) -> Tensor:
     return inside & rising
 
 
-def _value_slope_rows(values: Tensor) -> Tensor:
-    """Rows ``(values[i], values[i + 1] - values[i])``: one gather reads a whole segment.
+def _segment_slopes(values: Tensor) -> Tensor:
+    """Segment slopes ``values[i + 1] - values[i]``, one per knot.
 
-    The last knot's row serves positions exactly at the end of the grid (fraction 0); it repeats
-    the last segment's slope, so the derivative there stays that of the last segment.
+    The last knot repeats the last segment's slope, so a position exactly at the end of the grid
+    (fraction 0) keeps that segment's derivative.
     """
     slopes = values.diff()
-    slopes = torch.cat([slopes, slopes[-1:]])
-    return torch.stack([values, slopes], dim=-1)
+    return torch.cat([slopes, slopes[-1:]])
 
 
-def _segment(rows: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Value and slope of the segment holding each grid position in [0, n - 1], and the fraction."""
-    index = position.detach().long()  # floor, as positions are never negative
-    segment = rows.index_select(0, index.flatten()).view(*position.shape, 2)
-    return segment[..., 0], segment[..., 1], position - index
-
-
-def _lookup(rows: Tensor, position: Tensor) -> Tensor:
-    """Linear interpolation of value/slope rows (knots 0, 1, ..., n - 1) at fractional positions.
+def _interpolate(values: Tensor, slopes: Tensor, position: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of knots 0, 1, ..., n - 1 at positions in [0, n - 1].
 
     Examples:
-        >>> rows = _value_slope_rows(torch.tensor([0.0, 0.9, 1.0]))
-        >>> _lookup(rows, torch.tensor([0.5, 1.5, 2.0]))
+        >>> values = torch.tensor([0.0, 0.9, 1.0])
+        >>> _interpolate(values, _segment_slopes(values), torch.tensor([0.5, 1.5, 2.0]))
         tensor([0.4500, 0.9500, 1.0000])
     """
-    value, slope, fraction = _segment(rows, position)
-    return torch.addcmul(value, fraction, slope)
+    flat = position.flatten()
+    index = flat.int()  # floor, as positions are never negative; carries no gradient
+    gathered = values.index_select(0, index)
+    return gathered.addcmul_(flat.frac(), slopes.index_select(0, index)).view_as(position)
