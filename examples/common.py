@@ -9,7 +9,7 @@ loop, so each assembly shows only what is particular to it.
 - Data: `build_task` returns a `Task` (training sequences, fixed validation sequences, a
   tokenizer and a quality measure): the embedded King James Bible or your own text, the
   synthetic ``alpha-repeat`` task, or a ``markov`` chain with an exact likelihood.
-- Model: `build_backbone` (a `DiT`), `build_interpolant`, `make_ema`, `warm_up`, `optimizer_step`.
+- Model: `build_backbone` (a `DiT`), `build_interpolant`, `make_ema`, `set_learning_rate`, `optimizer_step`.
 - Processes: `distributed` sets up ``torchrun`` (gloo on CPU, NCCL on GPU) or one process.
 - Randomness: every random draw of training step ``k`` comes from `seeded_generator`
   ``(seed, purpose, k)``, identical on every process, and each process keeps its own rows of
@@ -23,6 +23,7 @@ loop, so each assembly shows only what is particular to it.
 
 import argparse
 import json
+import math
 import os
 import string
 import tempfile
@@ -50,6 +51,7 @@ from flowlm.metrics import distinct_n, token_entropy
 TASKS = ("corpus", "alpha-repeat", "markov")
 CLOCKS = ("token-accuracy", "identity")
 SOLVERS = ("euler", "midpoint", "heun")
+SCHEDULES = ("constant", "cosine")
 
 ALPHA_SYMBOLS = 26
 MARKOV_SYMBOLS = 16
@@ -80,6 +82,7 @@ class Config:
     batch_size: int = 32
     lr: float = 3e-4
     warmup: int = 100
+    schedule: str = "constant"
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     bf16: bool = False
@@ -97,6 +100,7 @@ class Config:
             ("task", self.task, TASKS),
             ("clock", self.clock, CLOCKS),
             ("solver", self.solver, SOLVERS),
+            ("schedule", self.schedule, SCHEDULES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -175,6 +179,12 @@ def command_line_parser(description: str | None, default_threads: int) -> argpar
         "--clock", choices=CLOCKS, help="time reparameterization", default=argparse.SUPPRESS
     )
     config.add_argument("--solver", choices=SOLVERS, help="sampler", default=argparse.SUPPRESS)
+    config.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="learning rate after the warm-up: constant, or cosine decay to 0 at the last step",
+        default=argparse.SUPPRESS,
+    )
     config.add_argument(
         "--sample-steps", type=int, nargs="+", help="step counts", default=argparse.SUPPRESS
     )
@@ -359,9 +369,19 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
     return ema.eval()
 
 
-def warm_up(optimizer: Optimizer, step: int, peak: float, warmup_steps: int) -> None:
-    """Set the learning rate of (0-based) ``step``: linear warm-up to ``peak``, then constant."""
-    rate = peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
+def set_learning_rate(optimizer: Optimizer, step: int, config: Config) -> None:
+    """The rate of (0-based) ``step``: linear warm-up to ``config.lr``, then ``config.schedule``.
+
+    ``cosine`` multiplies ``config.lr`` by (1 + cos(pi p)) / 2, with p the fraction of the steps
+    after the warm-up that are done: it reaches 0 at the last step.
+    """
+    if step < config.warmup:
+        rate = config.lr * (step + 1) / config.warmup
+    elif config.schedule == "cosine":
+        done = (step - config.warmup + 1) / max(1, config.steps - config.warmup)
+        rate = config.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+    else:
+        rate = config.lr
     for group in optimizer.param_groups:
         group["lr"] = rate
 
@@ -376,7 +396,7 @@ def optimizer_step(
     config: Config,
 ) -> None:
     """One update of (0-based) ``step``: warm-up rate, backward, clipping, AdamW, EMA of ``network``."""
-    warm_up(optimizer, step, config.lr, config.warmup)
+    set_learning_rate(optimizer, step, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)

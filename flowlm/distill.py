@@ -97,6 +97,34 @@ def map_regression_loss(
     return squared_distance(student(x_t, t, s), target)
 
 
+def map_regression_kl_loss(
+    student: XPredMap, teacher: FlowMap, x_t: State, t: Time, s: Time
+) -> TokenLoss:
+    r"""Regress a two-time denoiser onto any frozen flow map, in KL on the simplex.
+
+    The teacher's jump implies the denoiser $\delta^*$ with which the student's map would make
+    it (`Interpolant.implied_prediction`); for a teacher that steps with simplex predictions
+    (e.g. `Substeps` of the FLM Euler map) $\delta^*$ is a convex combination of them, so it
+    lies on the simplex (round-off is clipped). The loss is
+    $\mathrm{KL}(\delta^*\,\Vert\,\hat\delta_{t,s}(x_t))$: v1 stage 2 in the simplex form of v2.
+    Needs $\gamma_s > \gamma_t$.
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor
+        >>> path = LinearInterpolant()
+        >>> student = XPredMap(XPredictor(lambda x, t, s: x), path, two_time=True)
+        >>> teacher = XPredMap(XPredictor(lambda x, t: x), path)
+        >>> x, t, s = torch.randn(1, 2, 3), torch.tensor([0.2]), torch.tensor([1.0])
+        >>> bool(map_regression_kl_loss(student, teacher, x, t, s).abs().max() < 1e-6)
+        True
+    """
+    with torch.no_grad():
+        implied = student.interpolant.implied_prediction(x_t, teacher(x_t, t, s), t, s)
+        clipped = implied.clamp_min(0.0)
+        target = clipped / clipped.sum(-1, keepdim=True)
+    return kl_divergence(target, student.predictor.logits(x_t, t, s))
+
+
 def semigroup_weight(reparam: TimeReparam, t: Time, u: Time, s: Time) -> Time:
     r"""The convex weight that makes two-time denoiser maps compose exactly.
 

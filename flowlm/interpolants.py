@@ -118,6 +118,32 @@ class Interpolant(nn.Module, ABC):
         x0_hat = self.predicted_noise(x_t, x1_hat, t)
         return self.sigma(gamma_s) * x0_hat + self.alpha(gamma_s) * x1_hat
 
+    def implied_prediction(self, x_t: State, x_s: State, t: Time, s: Time) -> State:
+        r"""The data prediction $\hat x_1$ with which `step` moves ``x_t`` at ``t`` to ``x_s`` at ``s``.
+
+        Solving $x_s = \sigma_s\hat x_0 + \alpha_s\hat x_1$, $\hat x_0 = (x_t - \alpha_t\hat x_1)/\sigma_t$:
+
+        $$\hat x_1 = \frac{\sigma_t x_s - \sigma_s x_t}{\alpha_s\sigma_t - \sigma_s\alpha_t},$$
+
+        defined for $\gamma_s \neq \gamma_t$. Several `step`s in a row imply a convex
+        combination of their predictions (the weights telescope), so a many-step rollout of
+        simplex predictions implies a point of the simplex.
+
+        Examples:
+            >>> path = LinearInterpolant()
+            >>> x, x1_hat = torch.randn(1, 2, 3), torch.softmax(torch.randn(1, 2, 3), -1)
+            >>> t, s = torch.tensor([0.2]), torch.tensor([0.7])
+            >>> implied = path.implied_prediction(x, path.step(x, x1_hat, t, s), t, s)
+            >>> torch.allclose(implied, x1_hat, atol=1e-6)
+            True
+        """
+        self._check(x_t, t)
+        self._check(x_s, s)
+        gamma_t, gamma_s = _per_example(self.reparam(t)), _per_example(self.reparam(s))
+        sigma_t = self.sigma(gamma_t).clamp_min(NOISE_FLOOR)  # as in `predicted_noise`
+        alpha_s, sigma_s = self.alpha(gamma_s), self.sigma(gamma_s)
+        return (sigma_t * x_s - sigma_s * x_t) / (alpha_s * sigma_t - sigma_s * self.alpha(gamma_t))
+
     @staticmethod
     def _check(x: Tensor, t: Tensor) -> None:
         check_state(x)

@@ -164,6 +164,28 @@ def test_map_regression_vanishes_on_the_exact_map_and_not_elsewhere(interpolant)
     assert distill.map_regression_loss(wrong, exact, x_t, t, s).mean() > 1e-4
 
 
+def test_map_regression_kl_vanishes_on_the_exact_map_and_not_elsewhere(interpolant):
+    exact = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
+    wrong = fl.XPredMap(
+        fl.XPredictor(OracleDenoiser(interpolant.reparam, perturbation=0.3)), interpolant, True
+    )
+    _, x_t, t, s = oracle_batch(interpolant)
+    assert distill.map_regression_kl_loss(exact, exact, x_t, t, s).abs().max() < 1e-9
+    assert distill.map_regression_kl_loss(wrong, exact, x_t, t, s).mean() > 1e-3
+
+
+def test_map_regression_kl_onto_one_euler_step_is_the_diagonal_kl(interpolant):
+    # A one-step teacher's jump implies its own denoiser D_t(x_t), whatever the jump's length.
+    teacher = fl.XPredictor(OracleDenoiser(interpolant.reparam))
+    student = fl.XPredMap(
+        fl.XPredictor(OracleDenoiser(interpolant.reparam, perturbation=0.3)), interpolant, True
+    )
+    _, x_t, t, s = oracle_batch(interpolant)
+    loss = distill.map_regression_kl_loss(student, fl.XPredMap(teacher, interpolant), x_t, t, s)
+    expected = distill.kl_divergence(teacher(x_t, t), student.predictor.logits(x_t, t, s))
+    torch.testing.assert_close(loss, expected, atol=1e-9, rtol=1e-9)
+
+
 class PointDataField(nn.Module):
     """Exact velocity of a one-point data distribution e_0: v = (e_0 − x)/(1 − γ)."""
 
@@ -248,6 +270,7 @@ def test_teacher_parameters_receive_no_gradient():
         (distill.eulerian_kl_loss(student, teacher, x_t, pair.t, pair.s), student_net),
         (distill.self_semigroup_loss(student, tokens, x_t, pair.t, pair.s), student_net),
         (distill.map_regression_loss(student, taylor, x_t, pair.t, pair.s), student_net),
+        (distill.map_regression_kl_loss(student, taylor, x_t, pair.t, pair.s), student_net),
         (distill.taylor_semigroup_loss(taylor, x_t, pair.t, pair.s), correction),
     ]
     for loss, trained in losses:

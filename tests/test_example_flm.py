@@ -6,6 +6,7 @@ Run the slow training test with ``pytest -m slow tests/test_example_flm.py``.
 """
 
 import importlib
+import itertools
 import json
 import math
 import subprocess
@@ -170,6 +171,31 @@ def test_a_sequence_longer_than_the_text_is_refused(flm: ModuleType, tmp_path: P
 def test_text_belongs_to_the_corpus_task(flm: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--text gives the corpus task its text"):
         run(flm, "--smoke", "--task", "markov", "--text", tmp_path)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule(flm: ModuleType, schedule: str) -> None:
+    common = sys.modules["common"]
+    config = common.Config(steps=110, warmup=10, lr=2.0, schedule=schedule)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+    def rate(step: int) -> float:
+        common.set_learning_rate(optimizer, step, config)
+        return optimizer.param_groups[0]["lr"]
+
+    assert [rate(step) for step in (0, 4, 9)] == pytest.approx([0.2, 1.0, 2.0])
+    after_warmup = [rate(step) for step in range(10, 110)]
+    if schedule == "constant":
+        assert after_warmup == [2.0] * 100
+    else:  # (1 + cos(pi p)) with p = 0.5 at step 59, 1 at the last step
+        assert rate(59) == pytest.approx(1.0)
+        assert after_warmup[-1] == pytest.approx(0.0, abs=1e-12)
+        assert all(a > b for a, b in itertools.pairwise(after_warmup))
+
+
+def test_an_unknown_schedule_is_refused(flm: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        run(flm, "--smoke", "--schedule", "linear")
 
 
 @pytest.mark.slow

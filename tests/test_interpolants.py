@@ -121,6 +121,32 @@ def test_oracle_step_follows_the_path(interp: Interpolant, direction: str):
     assert torch.allclose(x_s, interp.sample(x0, x1, s), rtol=0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_implied_prediction_inverts_step(interp: Interpolant, direction: str):
+    x_t, _ = data()
+    x1_hat = prediction()
+    early = torch.tensor([0.0, 0.1, 0.4, 0.5], dtype=F64)
+    late = torch.tensor([0.2, 0.8, 0.6, 1.0], dtype=F64)
+    t, s = (early, late) if direction == "forward" else (late, early)
+    x_s = interp.step(x_t, x1_hat, t, s)
+    torch.testing.assert_close(interp.implied_prediction(x_t, x_s, t, s), x1_hat)
+
+
+def test_many_steps_imply_a_convex_combination_of_their_predictions(interp: Interpolant):
+    # Four steps from t to s, each with its own prediction: the one-jump prediction that lands
+    # on the same point is a convex combination of the four, so it stays on the simplex.
+    x_t, _ = data()
+    t, s = torch.zeros(B, dtype=F64), torch.tensor([0.3, 0.6, 0.9, 1.0], dtype=F64)
+    x = x_t
+    for k in range(4):
+        start, end = torch.lerp(t, s, k / 4), torch.lerp(t, s, (k + 1) / 4)
+        x = interp.step(x, prediction(seed=10 + k), start, end)
+    implied = interp.implied_prediction(x_t, x, t, s)
+    torch.testing.assert_close(implied.sum(-1), torch.ones(B, L, dtype=F64))
+    assert implied.min() >= -1e-12
+    torch.testing.assert_close(interp.step(x_t, implied, t, s), x)
+
+
 @pytest.mark.parametrize("clock", CLOCKS)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_linear_step_is_the_euler_formula(clock: str, direction: str):
