@@ -164,14 +164,15 @@ class TokenAccuracy(TimeReparam):
         0.702
     """
 
-    tau_values: Tensor
-    r"""$\tau$ at the knots of the uniform $\gamma$ grid (float64)."""
+    tau_intercepts: Tensor
+    r"""$\tau$ on the uniform $\gamma$ grid as linear pieces $a_i + b_i p$ of the grid position
+    $p \in [i, i + 1]$: the intercepts $a_i$ (float64)."""
     tau_slopes: Tensor
-    """Its segment slopes (``tau_values[i + 1] - tau_values[i]``)."""
-    kappa_values: Tensor
-    r"""$\kappa$ at the knots of the uniform $\operatorname{logit}(t)$ grid (float64)."""
+    """The slopes $b_i$ (the last knot's piece is flat)."""
+    kappa_intercepts: Tensor
+    r"""$\kappa$ on the uniform $\operatorname{logit}(t)$ grid, as linear pieces: intercepts."""
     kappa_slopes: Tensor
-    """Its segment slopes."""
+    """Slopes."""
 
     def __init__(
         self,
@@ -192,10 +193,10 @@ class TokenAccuracy(TimeReparam):
         kappa_at_knots = np.interp(torch.sigmoid(logits).numpy(), tau[keep], gamma[keep])
         kappa_at_knots[0], kappa_at_knots[-1] = 0.0, 1.0
         for name, values in [("tau", tau_at_knots), ("kappa", kappa_at_knots)]:
-            values = torch.from_numpy(values)
+            intercepts, slopes = _linear_pieces(torch.from_numpy(values))
             # Derived from vocab_size, so not saved in state_dict.
-            self.register_buffer(f"{name}_values", values, persistent=False)
-            self.register_buffer(f"{name}_slopes", _segment_slopes(values), persistent=False)
+            self.register_buffer(f"{name}_intercepts", intercepts, persistent=False)
+            self.register_buffer(f"{name}_slopes", slopes, persistent=False)
         self.last_gamma_knot = gamma_knots - 1
         self.last_logit_knot = logit_knots - 1
         self.knots_per_logit = self.last_logit_knot / (2 * LOGIT_RANGE)
@@ -218,13 +219,13 @@ class TokenAccuracy(TimeReparam):
 
     def forward(self, t: Times) -> Times:
         r"""$\gamma = \kappa(t)$ by linear interpolation on the logit grid."""
-        gamma = _interpolate(self.kappa_values, self.kappa_slopes, self._logit_position(t))
+        gamma = _interpolate(self.kappa_intercepts, self.kappa_slopes, self._logit_position(t))
         return gamma.to(t.dtype)
 
     def inverse(self, gamma: Times) -> Times:
         r"""$t = \tau(\gamma)$ by linear interpolation on the uniform $\gamma$ grid."""
         position = gamma.to(torch.float64).clamp(0, 1) * self.last_gamma_knot
-        return _interpolate(self.tau_values, self.tau_slopes, position).to(gamma.dtype)
+        return _interpolate(self.tau_intercepts, self.tau_slopes, position).to(gamma.dtype)
 
     def derivative(self, t: Times) -> Times:
         r"""$\kappa'(t)$: the table slope times $d\,\operatorname{logit}(t)/dt = 1/(t(1-t))$."""
@@ -270,25 +271,30 @@ def _strictly_increasing_interior(tau: Tensor) -> Tensor:
     return inside & rising
 
 
-def _segment_slopes(values: Tensor) -> Tensor:
-    """Segment slopes ``values[i + 1] - values[i]``, one per knot.
+def _linear_pieces(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Intercepts $a_i$ and slopes $b_i$ with $a_i + b_i p$ the line through knots $i$, $i + 1$.
 
-    The last knot repeats the last segment's slope, so a position exactly at the end of the grid
-    (fraction 0) keeps that segment's derivative.
-    """
-    slopes = values.diff()
-    return torch.cat([slopes, slopes[-1:]])
-
-
-def _interpolate(values: Tensor, slopes: Tensor, position: Tensor) -> Tensor:
-    """Piecewise-linear interpolation of knots 0, 1, ..., n - 1 at positions in [0, n - 1].
+    The last knot gets a flat piece ($b = 0$), so a position at the end of the grid returns the
+    last value exactly, as the first knot's piece does at position 0.
 
     Examples:
-        >>> values = torch.tensor([0.0, 0.9, 1.0])
-        >>> _interpolate(values, _segment_slopes(values), torch.tensor([0.5, 1.5, 2.0]))
+        >>> _linear_pieces(torch.tensor([0.0, 0.5, 2.0]))
+        (tensor([ 0., -1.,  2.]), tensor([0.5000, 1.5000, 0.0000]))
+    """
+    slopes = torch.cat([values.diff(), values.new_zeros(1)])
+    positions = torch.arange(len(values), dtype=values.dtype)
+    return values - positions * slopes, slopes
+
+
+def _interpolate(intercepts: Tensor, slopes: Tensor, position: Tensor) -> Tensor:
+    """Piecewise-linear interpolation at positions in [0, n - 1], from `_linear_pieces`.
+
+    Examples:
+        >>> pieces = _linear_pieces(torch.tensor([0.0, 0.9, 1.0]))
+        >>> _interpolate(*pieces, torch.tensor([0.5, 1.5, 2.0]))
         tensor([0.4500, 0.9500, 1.0000])
     """
     flat = position.flatten()
     index = flat.int()  # floor, as positions are never negative; carries no gradient
-    gathered = values.index_select(0, index)
-    return gathered.addcmul_(flat.frac(), slopes.index_select(0, index)).view_as(position)
+    line = intercepts.index_select(0, index)
+    return line.addcmul_(flat, slopes.index_select(0, index)).view_as(position)
