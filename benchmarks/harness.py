@@ -124,7 +124,9 @@ def train_on_tokens(
         torch.manual_seed(examples_common.derived_seed(config.seed, "dropout", step, 0))
         tokens = task.draw(config.batch_size, generator)
         loss = objective(tokens, generator)
-        examples_common.optimizer_step(loss, optimizer, parameters, ema, model, step, config)
+        examples_common.optimizer_step(
+            loss, optimizer, parameters, ema, model, step, config, ONE_PROCESS
+        )
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             print(f"  {label} step {step + 1}/{config.steps}: loss {loss.item():.4f}", flush=True)
     state = examples_common.training_state(

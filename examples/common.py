@@ -394,14 +394,26 @@ def optimizer_step(
     network: nn.Module,
     step: int,
     config: Config,
-) -> None:
-    """One update of (0-based) ``step``: warm-up rate, backward, clipping, AdamW, EMA of ``network``."""
+    processes: "Distributed",
+) -> Tensor:
+    """One update of (0-based) ``step``: learning rate, backward, clipping, AdamW, EMA.
+
+    Returns the loss averaged over the processes. A loss that is not finite on any process stops
+    every process before it reaches the weights, so saved checkpoints stay finite.
+    """
+    mean_loss = processes.mean(loss.detach())
+    if not bool(torch.isfinite(mean_loss)):
+        raise FloatingPointError(
+            f"step {step + 1}: the training loss is {mean_loss.item()}; stopped before the "
+            "update (the last checkpoint is kept). Try a lower --lr or float32."
+        )
     set_learning_rate(optimizer, step, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
     optimizer.step()
     ema.update_parameters(network)
+    return mean_loss
 
 
 @dataclass(frozen=True)

@@ -168,12 +168,15 @@ def train(
         with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
 
-        optimizer_step(loss, optimizer, list(backbone.parameters()), ema, backbone, step, config)
+        parameters = list(backbone.parameters())
+        mean_loss = optimizer_step(
+            loss, optimizer, parameters, ema, backbone, step, config, processes
+        )
 
         done = step + 1
         last = done == config.steps
         if done % config.log_every == 0:
-            train_loss[str(done)] = processes.mean(loss.detach()).item()
+            train_loss[str(done)] = mean_loss.item()
             progress.set_postfix(loss=f"{train_loss[str(done)]:.4f}")
         if not processes.is_main:
             continue

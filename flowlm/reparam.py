@@ -228,8 +228,11 @@ class TokenAccuracy(TimeReparam):
         return _interpolate(self.tau_intercepts, self.tau_slopes, position).to(gamma.dtype)
 
     def derivative(self, t: Times) -> Times:
-        r"""$\kappa'(t)$: the table slope times $d\,\operatorname{logit}(t)/dt = 1/(t(1-t))$."""
-        index = self._logit_position(t).int().flatten()
+        r"""$\kappa'(t)$: the table slope times $d\,\operatorname{logit}(t)/dt = 1/(t(1-t))$.
+
+        At the grid's end (the clamped ends of $[0, 1]$) it is the last segment's rate.
+        """
+        index = self._logit_position(t).int().flatten().clamp_max_(self.last_logit_knot - 1)
         slope = self.kappa_slopes.index_select(0, index).view_as(t)
         inside = t.to(torch.float64).clamp(TIME_EDGE, 1.0 - TIME_EDGE)
         return (slope * self.knots_per_logit / (inside * (1 - inside))).to(t.dtype)

@@ -193,6 +193,27 @@ def test_learning_rate_schedule(flm: ModuleType, schedule: str) -> None:
         assert all(a > b for a, b in itertools.pairwise(after_warmup))
 
 
+def test_a_non_finite_loss_stops_before_the_update(flm: ModuleType) -> None:
+    common = sys.modules["common"]
+    network = torch.nn.Linear(2, 1)
+    before = [p.detach().clone() for p in network.parameters()]
+    parameters = list(network.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+    ema = common.make_ema(network, 0.9)
+    one_process = common.Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    config = common.Config(warmup=0)
+    loss = network(torch.ones(1, 2)).sum() * float("nan")
+    with pytest.raises(FloatingPointError, match="step 4: the training loss is nan"):
+        common.optimizer_step(loss, optimizer, parameters, ema, network, 3, config, one_process)
+    assert all(torch.equal(a, b) for a, b in zip(before, network.parameters(), strict=True))
+    finite = network(torch.ones(1, 2)).sum()
+    mean = common.optimizer_step(
+        finite, optimizer, parameters, ema, network, 3, config, one_process
+    )
+    assert mean == finite.detach()
+    assert not all(torch.equal(a, b) for a, b in zip(before, network.parameters(), strict=True))
+
+
 def test_an_unknown_schedule_is_refused(flm: ModuleType) -> None:
     with pytest.raises(SystemExit):
         run(flm, "--smoke", "--schedule", "linear")

@@ -278,6 +278,14 @@ def test_gradient_matches_finite_differences(kappa: TokenAccuracy):
     assert torch.allclose(kappa.derivative(t.detach()), grad, rtol=1e-12, atol=0.0)
 
 
+def test_derivative_is_positive_on_the_closed_interval(kappa: TokenAccuracy):
+    # kappa is strictly increasing, so its rate is positive everywhere, ends included (solvers
+    # and the Lagrangian loss divide by it).
+    t = torch.cat([f64([0.0, 1e-300, 1e-12]), torch.linspace(0, 1, 1001, dtype=F64), f64([1.0])])
+    rate = kappa.derivative(t)
+    assert bool((rate > 0).all() and torch.isfinite(rate).all())
+
+
 def test_gradient_in_float32(kappa: TokenAccuracy):
     t = torch.linspace(0.05, 0.95, 19).requires_grad_()
     (grad,) = torch.autograd.grad(kappa(t).sum(), t)
