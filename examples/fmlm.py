@@ -13,7 +13,7 @@ Methods (METHOD.md §6-7), each one line of `flowlm.distill`:
 - ``v2``: semigroup KL on the two-time denoiser + KL tie of its diagonal to the teacher.
 - ``lagrangian`` / ``eulerian``: one JVP per step, targets in logit space.
 - ``self``: semigroup KL + cross-entropy of the diagonal to data (no teacher in the loss).
-- ``regression``: regress the student's jumps onto the teacher's ``--teacher-steps``-step rollout.
+- ``regression``: KL of the student's jumps to the teacher's ``--teacher-steps``-step rollout.
 - ``v1``: stage 1 trains a Taylor correction g (2 NFE per step) by semigroup
   self-distillation; stage 2 regresses a one-network student onto that frozen map.
 
@@ -74,7 +74,14 @@ TEACHER_STEPS = (1, 8)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "corpus": {"steps": 300, "lr": 3e-4, "warmup": 20, "ema_decay": 0.99, "samples": 32},
-    "alpha-repeat": {"steps": 600, "lr": 1e-3, "warmup": 20, "ema_decay": 0.99, "samples": 256},
+    "alpha-repeat": {
+        "steps": 3000,
+        "lr": 1e-3,
+        "warmup": 20,
+        "schedule": "cosine",
+        "ema_decay": 0.99,
+        "samples": 256,
+    },
     "markov": {"steps": 400, "lr": 1e-3, "warmup": 20, "ema_decay": 0.99, "samples": 128},
 }
 SMOKE: dict[str, Any] = {
@@ -138,7 +145,7 @@ def one_network_loss(
             case "self":
                 return distill.self_semigroup_loss(student, tokens, x_t, t, s)
             case _:
-                return distill.map_regression_loss(student, many_step_teacher, x_t, t, s)
+                return distill.map_regression_kl_loss(student, many_step_teacher, x_t, t, s)
 
     return loss
 
@@ -239,11 +246,13 @@ def train_stage(
         with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = fl.masked_mean(loss_of(tokens, x_t, pair.t, pair.s))
 
-        optimizer_step(loss, optimizer, parameters, ema, stage.network, step, config)
+        mean_loss = optimizer_step(
+            loss, optimizer, parameters, ema, stage.network, step, config, processes
+        )
 
         done = step + 1
         if done % config.log_every == 0:
-            train_loss[str(done)] = processes.mean(loss.detach()).item()
+            train_loss[str(done)] = mean_loss.item()
             progress.set_postfix(loss=f"{train_loss[str(done)]:.4f}")
         if processes.is_main and options.out is not None:
             if done % config.checkpoint_every == 0 or done == config.steps:
