@@ -152,6 +152,7 @@ PRESETS: dict[str, Preset] = {
             batch_size=32,
             lr=1e-3,
             warmup=100,
+            schedule="cosine",
             ema_decay=0.998,
             log_every=250,
             eval_every=2000,
