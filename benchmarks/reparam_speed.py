@@ -197,8 +197,8 @@ def measure_vocabulary(vocab_size: int, times: Tensor, arguments: argparse.Names
     return {
         "vocab_size": vocab_size,
         "library_knots": {
-            "tau_values": int(library.tau_values.shape[0]),
-            "kappa_values": int(library.kappa_values.shape[0]),
+            "gamma_grid": int(library.tau_slopes.shape[0]),
+            "logit_grid": int(library.kappa_slopes.shape[0]),
         },
         "scipy_spline_knots": int(spline.spline.x.size),
         "exact_times": len(exact),
@@ -225,8 +225,8 @@ def markdown_table(report: dict) -> str:
         f"{report['calls_per_repeat']} calls; torch threads {report['machine']['torch_threads']} "
         f"of {report['machine']['cpu_count']} CPUs; load average (1, 5, 15 min) before "
         f"{report['load_average_before']}, after {report['load_average_after']}.",
-        f"Library tables: tau on {first['library_knots']['tau_values']} gamma knots, "
-        f"kappa on {first['library_knots']['kappa_values']} logit(t) knots; scipy spline on "
+        f"Library tables: tau on {first['library_knots']['gamma_grid']} gamma knots, "
+        f"kappa on {first['library_knots']['logit_grid']} logit(t) knots; scipy spline on "
         f"its own {DENSE_TABLE_SIZE}-point gamma grid. Errors against brentq on "
         f"{HERMITE_NODES}-node quadrature (float64), {first['exact_times']} times per V.",
         f"Targets (row `{TARGET_ROW}`): >= {SPEEDUP_TARGET:g}x faster than scipy in CPU time, "
