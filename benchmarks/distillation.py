@@ -81,6 +81,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=fmlm.METHODS, default=fmlm.METHODS)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
+    parser.add_argument(
+        "--distill-flags",
+        default="",
+        help='more examples/fmlm.py flags for every distillation, e.g. "--steps 6000"',
+    )
     parser.add_argument("--quick", action="store_true", help="smoke-sized models, seconds")
     return parser.parse_args()
 
@@ -113,7 +119,7 @@ def shared_flags(arguments: argparse.Namespace) -> list[str]:
 
 def commands(task: str, arguments: argparse.Namespace) -> dict[str, Any]:
     """The command lines this benchmark runs in-process, for the report."""
-    teacher_flags, distill_flags = settings(task, arguments.quick)
+    teacher_flags, distill_flags = settings(task, arguments)
     shared = shared_flags(arguments)
     return {
         "teacher": " ".join(["examples/flm.py --task", task, *shared, *teacher_flags]),
@@ -128,9 +134,12 @@ def commands(task: str, arguments: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def settings(task: str, quick: bool) -> tuple[list[str], list[str]]:
-    """The teacher's and the distillation's flags (none with ``--quick``: the smoke presets)."""
-    return ([], []) if quick else (TEACHER_FLAGS[task], DISTILL_FLAGS[task])
+def settings(task: str, arguments: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The teacher's and the distillation's flags (only ``--distill-flags`` with ``--quick``)."""
+    extra = arguments.distill_flags.split()
+    if arguments.quick:
+        return [], extra
+    return TEACHER_FLAGS[task], DISTILL_FLAGS[task] + extra
 
 
 def method_flags(task: str, method: str, quick: bool) -> list[str]:
@@ -147,7 +156,7 @@ def run_task(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train the teacher, distil it with each method; the teacher's run and the table's rows."""
     shared = shared_flags(arguments)
-    teacher_flags, distill_flags = settings(task, arguments.quick)
+    teacher_flags, distill_flags = settings(task, arguments)
     checkpoint = work_dir / f"{task}-flm.pt"
     teacher = timed(flm.main, ["--task", task, *shared, *teacher_flags, "--out", str(checkpoint)])
     rows = [row("FLM teacher (Euler)", 1, teacher["result"]["steps"])]
@@ -278,7 +287,7 @@ def main() -> None:
     load_before = load_average()
     tasks: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as work_dir:
-        for task in TASKS:
+        for task in arguments.tasks:
             teacher, rows = run_task(task, arguments, Path(work_dir))
             tasks[task] = {
                 "commands": commands(task, arguments),

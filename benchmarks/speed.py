@@ -197,14 +197,15 @@ def sampling_report(
     """Rows of every method in every precision, and the overhead ratios."""
     methods, bare, one_time = build_samplers(arguments, generator)
     nfe: dict[str, int] = {}
-    candidates: dict[str, Callable[[], object]] = {}
-    for precision, context in PRECISIONS.items():
+    timings = {}
+    for precision, context in PRECISIONS.items():  # one precision at a time, see time_interleaved
+        candidates: dict[str, Callable[[], object]] = {}
         for name, method in methods.items():
             call = method_call(name, method.steps, method.sampler, nfe)
             candidates[label(name, precision)] = in_precision(context, call)
         for name, loop in bare.items():
             candidates[label(name, precision)] = in_precision(context, loop)
-    timings = time_interleaved(candidates, arguments.repeats, calls=1, warmup=1)
+        timings |= time_interleaved(candidates, arguments.repeats, calls=1, warmup=1)
     tokens = arguments.batch * arguments.length
     rows = []
     for precision in PRECISIONS:

@@ -6,6 +6,7 @@ directory; Python puts ``benchmarks/`` on the path).
 
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -58,7 +59,8 @@ def time_interleaved(
 
     Each candidate is first called ``warmup`` times. Then, for every repeat, each candidate
     runs ``calls`` times back to back and records the mean seconds per call; the order of the
-    candidates rotates from one repeat to the next so none always runs first.
+    candidates is shuffled (seeded) from one repeat to the next, so none always runs first or
+    after the same other one (heavy bfloat16 work, for one, can slow what follows it).
     """
     for run in candidates.values():
         for _ in range(warmup):
@@ -66,9 +68,9 @@ def time_interleaved(
     names = list(candidates)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             run = candidates[name]
             wall_start, cpu_start = time.perf_counter(), time.thread_time()
             for _ in range(calls):
