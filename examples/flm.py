@@ -140,6 +140,7 @@ def train(
     predictor = fl.XPredictor(processes.wrap(backbone))  # DDP averages the gradients
     averaged = fl.XPredictor(ema.module)  # validation and previews use the EMA weights
     validation_tokens = task.validation.to(processes.device)
+    parameters = list(backbone.parameters())
     train_loss: dict[str, float] = {}
     validation: dict[str, float] = {}
     backbone.train()
@@ -168,7 +169,6 @@ def train(
         with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
 
-        parameters = list(backbone.parameters())
         mean_loss = optimizer_step(
             loss, optimizer, parameters, ema, backbone, step, config, processes
         )
