@@ -197,8 +197,8 @@ def measure_vocabulary(vocab_size: int, times: Tensor, arguments: argparse.Names
     return {
         "vocab_size": vocab_size,
         "library_knots": {
-            "gamma_grid": int(library.tau_slopes.shape[0]),
-            "logit_grid": int(library.kappa_slopes.shape[0]),
+            "gamma_grid": library.tau_table.last_knot + 1,
+            "logit_grid": library.kappa_table.last_knot + 1,
         },
         "scipy_spline_knots": int(spline.spline.x.size),
         "exact_times": len(exact),

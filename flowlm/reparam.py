@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flowlm._grid_table import GridTable, cast, for_lookup
 from flowlm._types import Times
 
 
@@ -128,7 +129,8 @@ def linear_snr(gamma: Tensor) -> Tensor:
 
 
 TIME_EDGE = float(1.0 - np.nextafter(1.0, 0.0))
-"""Times are clamped to [TIME_EDGE, 1 - TIME_EDGE], the float64 numbers strictly inside (0, 1)."""
+"""The smallest time the clock resolves: 1 - TIME_EDGE is the largest float64 below 1, and
+times below TIME_EDGE count as TIME_EDGE."""
 LOGIT_RANGE = float(np.log((1.0 - TIME_EDGE) / TIME_EDGE))
 r"""The forward table spans $\operatorname{logit}(t) \in [-36.7, 36.7]$: every float64 time
 strictly inside (0, 1); its end knots hold $\kappa = 0$ and $\kappa = 1$ exactly."""
@@ -147,10 +149,11 @@ class TokenAccuracy(TimeReparam):
     float64 on a dense uniform $\gamma$ grid, where entries that break strict monotonicity
     (quadrature round-off near 0, float64 saturation near 1) are replaced by linear
     interpolation (``inverse`` reads this grid), and inverted once onto a grid uniform in
-    $\operatorname{logit}(t)$, which resolves the steep start of $\kappa$ (``forward``). Both
-    lookups index their grid arithmetically (no search), run in torch on the input's device and
-    are piecewise linear, so gradients flow through $t$; $\kappa(0) = 0$ and $\kappa(1) = 1$
-    exactly, and the round trip holds to about 1e-6.
+    $\operatorname{logit}(t)$, which resolves both ends of $[0, 1]$ down to `TIME_EDGE`
+    (``forward`` reads this one). Both are `GridTable` lookups: piecewise linear, so gradients
+    flow through $t$, run in torch on the input's device (in float64 for float64 input, in
+    float32 otherwise) with no search; $\kappa(0) = 0$ and $\kappa(1) = 1$ exactly, and the
+    round trip holds to about 1e-6.
 
     Args:
         vocab_size: $V \geq 2$.
@@ -163,16 +166,6 @@ class TokenAccuracy(TimeReparam):
         >>> round(kappa(torch.tensor([0.5])).item(), 3)
         0.702
     """
-
-    tau_intercepts: Tensor
-    r"""$\tau$ on the uniform $\gamma$ grid as linear pieces $a_i + b_i p$ of the grid position
-    $p \in [i, i + 1]$: the intercepts $a_i$ (float64)."""
-    tau_slopes: Tensor
-    """The slopes $b_i$ (the last knot's piece is flat)."""
-    kappa_intercepts: Tensor
-    r"""$\kappa$ on the uniform $\operatorname{logit}(t)$ grid, as linear pieces: intercepts."""
-    kappa_slopes: Tensor
-    """Slopes."""
 
     def __init__(
         self,
@@ -192,50 +185,48 @@ class TokenAccuracy(TimeReparam):
         logits = torch.linspace(-LOGIT_RANGE, LOGIT_RANGE, logit_knots, dtype=torch.float64)
         kappa_at_knots = np.interp(torch.sigmoid(logits).numpy(), tau[keep], gamma[keep])
         kappa_at_knots[0], kappa_at_knots[-1] = 0.0, 1.0
-        for name, values in [("tau", tau_at_knots), ("kappa", kappa_at_knots)]:
-            intercepts, slopes = _linear_pieces(torch.from_numpy(values))
-            # Derived from vocab_size, so not saved in state_dict.
-            self.register_buffer(f"{name}_intercepts", intercepts, persistent=False)
-            self.register_buffer(f"{name}_slopes", slopes, persistent=False)
-        self.last_gamma_knot = gamma_knots - 1
-        self.last_logit_knot = logit_knots - 1
-        self.knots_per_logit = self.last_logit_knot / (2 * LOGIT_RANGE)
-        self.first_knot_offset = LOGIT_RANGE * self.knots_per_logit
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "TokenAccuracy":
-        # Follow device moves but keep the float64 tables: ``.float()`` or ``.half()`` on a model
-        # holding this clock would round the saturated end of a table and collapse segments.
-        tables = dict(self.named_buffers())
-        super()._apply(fn, recurse)
-        for name, table in tables.items():
-            setattr(self, name, table.to(getattr(self, name).device))
-        return self
-
-    def _logit_position(self, t: Tensor) -> Tensor:
-        """Fractional position of ``t`` on the logit grid (0 at the first knot), in float64."""
-        logit = torch.logit(t.to(torch.float64), eps=TIME_EDGE)
-        position = torch.add(self.first_knot_offset, logit, alpha=self.knots_per_logit)
-        return position.clamp_(0, self.last_logit_knot)
+        self.tau_table = GridTable(torch.from_numpy(tau_at_knots), 0.0, 1.0)
+        r"""$\tau$ on the uniform $\gamma$ grid."""
+        self.kappa_table = GridTable(torch.from_numpy(kappa_at_knots), -LOGIT_RANGE, LOGIT_RANGE)
+        r"""$\kappa$ on the uniform $\operatorname{logit}(t)$ grid."""
 
     def forward(self, t: Times) -> Times:
         r"""$\gamma = \kappa(t)$ by linear interpolation on the logit grid."""
-        gamma = _interpolate(self.kappa_intercepts, self.kappa_slopes, self._logit_position(t))
-        return gamma.to(t.dtype)
+        return cast(self.kappa_table.lookup(_logit(for_lookup(t))), t.dtype)
 
     def inverse(self, gamma: Times) -> Times:
         r"""$t = \tau(\gamma)$ by linear interpolation on the uniform $\gamma$ grid."""
-        position = gamma.to(torch.float64).clamp(0, 1) * self.last_gamma_knot
-        return _interpolate(self.tau_intercepts, self.tau_slopes, position).to(gamma.dtype)
+        return cast(self.tau_table.lookup(for_lookup(gamma)), gamma.dtype)
 
     def derivative(self, t: Times) -> Times:
         r"""$\kappa'(t)$: the table slope times $d\,\operatorname{logit}(t)/dt = 1/(t(1-t))$.
 
-        At the grid's end (the clamped ends of $[0, 1]$) it is the last segment's rate.
+        At the ends of $[0, 1]$ it is the rate at the nearest time inside them.
         """
-        index = self._logit_position(t).int().flatten().clamp_max_(self.last_logit_knot - 1)
-        slope = self.kappa_slopes.index_select(0, index).view_as(t)
-        inside = t.to(torch.float64).clamp(TIME_EDGE, 1.0 - TIME_EDGE)
-        return (slope * self.knots_per_logit / (inside * (1 - inside))).to(t.dtype)
+        inside = _inside(for_lookup(t))
+        rate = self.kappa_table.slope(torch.logit(inside)) / (inside * (1 - inside))
+        return cast(rate, t.dtype)
+
+
+def _inside(t: Tensor) -> Tensor:
+    """``t`` clamped to [TIME_EDGE, the largest number below 1 in its dtype]."""
+    return t.clamp(TIME_EDGE, 1.0 - torch.finfo(t.dtype).eps / 2)
+
+
+def _logit(t: Tensor) -> Tensor:
+    r"""$\operatorname{logit}(t)$ of times clamped below at `TIME_EDGE`, with zero gradient at 0 and 1.
+
+    $t = 1$ maps to or beyond the logit grid's last knot. ``torch.logit``'s own gradient at
+    $t = 1$ is 0/0 in float32, where its upper clamp $1 - \epsilon$ rounds to 1, so a time that
+    needs a gradient takes an equal-valued path: clamp below 1, then put $+\infty$ back at 1.
+
+    Examples:
+        >>> _logit(torch.tensor([0.5, 1.0], requires_grad=True))
+        tensor([0., inf], grad_fn=<WhereBackward0>)
+    """
+    if not t.requires_grad:
+        return torch.logit(t, eps=TIME_EDGE)
+    return torch.where(t < 1, torch.logit(_inside(t)), torch.inf)
 
 
 def decoding_accuracy(
@@ -272,32 +263,3 @@ def _strictly_increasing_interior(tau: Tensor) -> Tensor:
     rising = torch.ones_like(inside)
     rising[1:] = tau[1:] > previous_max[:-1]
     return inside & rising
-
-
-def _linear_pieces(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Intercepts $a_i$ and slopes $b_i$ with $a_i + b_i p$ the line through knots $i$, $i + 1$.
-
-    The last knot gets a flat piece ($b = 0$), so a position at the end of the grid returns the
-    last value exactly, as the first knot's piece does at position 0.
-
-    Examples:
-        >>> _linear_pieces(torch.tensor([0.0, 0.5, 2.0]))
-        (tensor([ 0., -1.,  2.]), tensor([0.5000, 1.5000, 0.0000]))
-    """
-    slopes = torch.cat([values.diff(), values.new_zeros(1)])
-    positions = torch.arange(len(values), dtype=values.dtype)
-    return values - positions * slopes, slopes
-
-
-def _interpolate(intercepts: Tensor, slopes: Tensor, position: Tensor) -> Tensor:
-    """Piecewise-linear interpolation at positions in [0, n - 1], from `_linear_pieces`.
-
-    Examples:
-        >>> pieces = _linear_pieces(torch.tensor([0.0, 0.9, 1.0]))
-        >>> _interpolate(*pieces, torch.tensor([0.5, 1.5, 2.0]))
-        tensor([0.4500, 0.9500, 1.0000])
-    """
-    flat = position.flatten()
-    index = flat.int()  # floor, as positions are never negative; carries no gradient
-    line = intercepts.index_select(0, index)
-    return line.addcmul_(flat, slopes.index_select(0, index)).view_as(position)

@@ -124,8 +124,10 @@ def test_round_trip_dense_grids(kappa: TokenAccuracy):
     assert (kappa.inverse(kappa(t)) - t).abs().max() <= 1e-6
     gamma = torch.linspace(0.0, GAMMA_BELOW_SATURATION, 5_001, dtype=F64)
     assert (kappa(kappa.inverse(gamma)) - gamma).abs().max() <= 1e-6
+    # float32 times are looked up in float32: a grid position up to 2^14 keeps 2^-10 of a knot,
+    # about 4e-7 in gamma, which tau' <= 13 turns into about 1e-6 in t.
     t32 = t.float()
-    assert (kappa.inverse(kappa(t32)) - t32).abs().max() <= 1e-6
+    assert (kappa.inverse(kappa(t32)) - t32).abs().max() <= 2e-6
 
 
 REFERENCE = {
@@ -292,6 +294,36 @@ def test_gradient_in_float32(kappa: TokenAccuracy):
     assert grad.dtype == torch.float32
     assert torch.allclose(grad, kappa.derivative(t.detach()), rtol=1e-5)
     assert (grad > 0).all()
+
+
+# Float32 times near the ends: 0, the smallest normal, numbers below TIME_EDGE, the largest
+# float32 below 1 (kappa ~0.9 there, not 1: float32 cannot get closer to 1) and 1 itself.
+FLOAT32_EDGES = [0.0, 1e-38, 1e-20, 1e-9, 0.3, 1.0 - 2.0**-23, 1.0 - 2.0**-24, 1.0]
+
+
+def test_float32_lookup_agrees_with_float64(kappa: TokenAccuracy):
+    # The same float32 numbers, looked up in float32 and in float64 (the grid position keeps
+    # 2^-10 of a knot in float32, hence 5e-7, not float32's 6e-8).
+    t = torch.cat(
+        [torch.rand(4096, generator=torch.Generator().manual_seed(0)), f64(FLOAT32_EDGES).float()]
+    )
+    assert (kappa(t).double() - kappa(t.double())).abs().max() <= 5e-7
+    gamma = t[t <= GAMMA_BELOW_SATURATION]
+    assert (kappa.inverse(gamma).double() - kappa.inverse(gamma.double())).abs().max() <= 2e-6
+    below_one = f64([1.0 - 2.0**-24])
+    assert kappa(below_one.float()).item() < 0.95 < 1.0 == kappa(f64([1.0]).float()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gradient_is_finite_and_values_unchanged_at_the_ends(kappa: TokenAccuracy, dtype):
+    # A time that needs a gradient takes another path through logit(t) (torch.logit's own
+    # gradient at t = 1 is 0/0 in float32); it must return the very same values.
+    t = torch.tensor(FLOAT32_EDGES, dtype=dtype).requires_grad_()
+    gamma = kappa(t)
+    (grad,) = torch.autograd.grad(gamma.sum(), t)
+    assert torch.equal(gamma.detach(), kappa(t.detach()))
+    assert torch.isfinite(grad).all()
+    assert grad[0] == grad[-1] == 0.0  # the table is flat beyond its end knots
 
 
 # ---------------------------------------------------------------- Identity, Power, composition
