@@ -14,7 +14,8 @@ Usage:
     python benchmarks/sampler_overhead.py --quick       # seconds: tiny model and batch
     python benchmarks/sampler_overhead.py --out-dir results --threads 1 --repeats 7
 
-Writes ``<out-dir>/sampler_overhead.json`` and prints a markdown table.
+Writes ``<out-dir>/sampler_overhead.json`` and ``<out-dir>/sampler_overhead.md`` (the markdown
+table, also printed).
 """
 
 import argparse
@@ -278,8 +279,10 @@ def main() -> None:
     arguments.out_dir.mkdir(parents=True, exist_ok=True)
     path = arguments.out_dir / "sampler_overhead.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(report))
-    print(f"\nwrote {path}")
+    table = markdown_table(report)
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -613,8 +613,9 @@ def describe_run(
             f"load average {load} on {os.cpu_count()} cores",
             f"model: DiT dim {config.dim}, depth {config.depth}, heads {config.heads}, "
             f"{parameter_count(model):,} parameters, {config.clock} clock",
-            f"training: {config.steps} steps, global batch {config.batch_size}, lr {config.lr}, "
-            f"warm-up {config.warmup}, EMA {config.ema_decay}, seed {config.seed}",
+            f"training: {config.steps} steps, global batch {config.batch_size}, "
+            f"lr {config.lr} ({config.schedule} after warm-up {config.warmup}), "
+            f"EMA {config.ema_decay}, seed {config.seed}",
             f"validation data: {format_metrics(data_quality)}",
         )
     )

@@ -29,8 +29,8 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
 class GridTable(nn.Module):
     r"""A piecewise-linear function with knots uniformly on $[x_0, x_1]$, constant beyond them.
 
-    It interpolates knot values $v_0, \dots, v_{n-1}$: with the grid position $p = (x - x_0)\,(n - 1)/(x_1 - x_0)$ clamped to $[0, n - 1]$ and
-    $i = \lfloor p \rfloor$,
+    It interpolates knot values $v_0, \dots, v_{n-1}$: with the grid position
+    $p = (x - x_0)\,(n - 1)/(x_1 - x_0)$ clamped to $[0, n - 1]$ and $i = \lfloor p \rfloor$,
 
     $$f(x) = v_i + (v_{i+1} - v_i)\,(p - i),\qquad v_n := v_{n-1},$$
 
@@ -38,10 +38,10 @@ class GridTable(nn.Module):
     holding $x$ (zero where $p$ is clamped). The knot index is arithmetic, so a lookup is a few
     elementwise ops and one gather on the input's device, with no search and no host round trip.
 
-    The table is held twice, as non-persistent buffers: in float64, used for float64 input,
-    and in float32, used for float32 input (`for_lookup` converts other dtypes); results come
-    back in the input's dtype. Casting the module (``.float()``, ``.half()``) keeps both; moving it to a
-    device moves both.
+    The table is held twice, as non-persistent buffers: in float64 for float64 input and in
+    float32 for float32 input (`for_lookup` converts other dtypes); a lookup returns the
+    input's dtype. Casting the module (``.float()``, ``.half()``) keeps both copies as they
+    are; moving it to a device moves both.
 
     Args:
         values: the knot values $v_i$ (float64, at least two).

@@ -152,8 +152,9 @@ class TokenAccuracy(TimeReparam):
     $\operatorname{logit}(t)$, which resolves both ends of $[0, 1]$ down to `TIME_EDGE`
     (``forward`` reads this one). Both are `GridTable` lookups: piecewise linear, so gradients
     flow through $t$, run in torch on the input's device (in float64 for float64 input, in
-    float32 otherwise) with no search; $\kappa(0) = 0$ and $\kappa(1) = 1$ exactly, and the
-    round trip holds to about 1e-6.
+    float32 otherwise) with no search; $\kappa(0) = 0$ and $\kappa(1) = 1$ exactly, the round
+    trip holds to about 1e-6 (2e-6 for float32 times), and float32 lookups are within 5e-7
+    of float64 ones.
 
     Args:
         vocab_size: $V \geq 2$.

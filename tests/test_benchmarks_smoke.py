@@ -68,6 +68,8 @@ def test_sampler_overhead_report_has_the_three_comparisons(tmp_path: Path) -> No
         assert row["method_seconds"]["wall_median"] > 0
     assert isinstance(rows["sampling fp32"]["pass"], bool)
     assert rows["training step fp32"]["pass"] is None
+    table = (tmp_path / "sampler_overhead.md").read_text()
+    assert all(f"| {name} |" in table for name in rows)
     assert [cost["name"] for cost in report["library_only"]] == [
         "library_only_fp32",
         "library_only_bf16_autocast",
