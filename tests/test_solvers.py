@@ -258,16 +258,35 @@ def build(kind: str, net: Net, correction: Correction) -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("kind", "per_step"),
-    [("xpred", 1), ("euler", 1), ("midpoint", 2), ("heun", 2), ("taylor", 2)],
+    ("kind", "per_step", "saved_on_the_last_step"),
+    [("xpred", 1, 0), ("euler", 1, 0), ("midpoint", 2, 0), ("heun", 2, 1), ("taylor", 2, 0)],
 )
 @pytest.mark.parametrize("n_steps", [1, 3, 8])
-def test_nfe_counts_real_network_calls(kind: str, per_step: int, n_steps: int):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_nfe_counts_real_network_calls(
+    kind: str, per_step: int, saved_on_the_last_step: int, n_steps: int, reverse: bool
+):
+    # Heun skips its corrector on a step onto the data (gamma = 1), not on one onto the noise.
     net, correction = Net(), Correction()
-    trajectory = rollout(build(kind, net, correction), noise(), time_grid(n_steps, dtype=F64))
+    grid = time_grid(n_steps, reverse=reverse, dtype=F64)
+    trajectory = rollout(build(kind, net, correction), noise(), grid)
     assert net.calls + correction.calls == trajectory.nfe
-    assert trajectory.nfe == per_step * n_steps
+    assert trajectory.nfe == per_step * n_steps - (0 if reverse else saved_on_the_last_step)
     assert torch.isfinite(trajectory.x).all()
+
+
+def test_heun_onto_the_data_is_the_euler_step_per_example():
+    # A batch where only some examples end at gamma = 1: those take the Euler step, the others
+    # the trapezoid, each exactly as when stepped alone.
+    field = XPredVelocity(XPredictor(Net()), LinearInterpolant(reparam=token_clock()))
+    x = noise()
+    t = torch.full((B,), 0.5, dtype=F64)
+    s = torch.tensor([1.0, 0.75], dtype=F64)
+    both = Heun(field)(x, t, s)
+    for i in range(B):
+        alone = Heun(field)(x[i : i + 1], t[i : i + 1], s[i : i + 1])
+        assert torch.allclose(both[i : i + 1], alone, rtol=0.0, atol=1e-12)
+    assert torch.equal(Heun(field)(x[:1], t[:1], s[:1]), Euler(field)(x[:1], t[:1], s[:1]))
 
 
 def test_nfe_with_explicit_networks_for_a_plain_function():
