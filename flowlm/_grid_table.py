@@ -109,14 +109,13 @@ class GridTable(nn.Module):
     def lookup(self, x: Times) -> Times:
         """$f(x)$, in ``x``'s dtype (float32 or float64)."""
         pieces, position = self._locate(x, self.last_knot)
-        # int() is the floor, as positions are never negative; it carries no gradient.
-        value, rise = pieces.index_select(1, position.int())
+        value, rise = pieces.index_select(1, _knot_index(position)).unbind()
         return torch.addcmul(value, rise, position.frac()).view_as(x)
 
     def slope(self, x: Times) -> Times:
-        r"""$df/dx$ of the piece holding $x$; beyond the grid, the slope of the end piece."""
+        r"""$df/dx$ of the piece holding $x$; beyond the grid (and at NaN), an end piece's."""
         pieces, position = self._locate(x, self.last_knot - 1)
-        rise = pieces[1].index_select(0, position.int())
+        rise = pieces[1].index_select(0, _knot_index(position))
         return (rise * self.knots_per_unit).view_as(x)
 
     def _locate(self, x: Tensor, last_position: int) -> tuple[Tensor, Tensor]:
@@ -127,3 +126,13 @@ class GridTable(nn.Module):
         pieces, offset = tables
         position = torch.add(offset, x.flatten(), alpha=self.knots_per_unit)
         return pieces, position.clamp_(0, last_position)
+
+
+def _knot_index(position: Tensor) -> Tensor:
+    """The knot at or left of each (clamped) position; knot 0 for NaN, which ``frac()`` keeps.
+
+    ``int()`` is the floor here, as positions are never negative; it carries no gradient. A
+    NaN would convert to an arbitrary integer, so it gathers knot 0 and the lookup returns
+    NaN through ``position.frac()``, as an elementwise op does.
+    """
+    return position.nan_to_num(0.0).int()

@@ -99,3 +99,15 @@ def test_lookup_dtypes_and_unsupported_input():
 def test_bad_tables_are_rejected(values: torch.Tensor, start: float, stop: float, message: str):
     with pytest.raises(ValueError, match=message):
         GridTable(values, start, stop)
+
+
+def test_nan_propagates_like_an_elementwise_op():
+    # A NaN position must not reach the gather as an arbitrary integer (an index error on CPU,
+    # a device assert on GPU): the lookup returns NaN there and the other entries unchanged.
+    table, _ = random_table(5, 0.0, 1.0, 0)
+    x = torch.tensor([0.25, float("nan"), 1.0], dtype=F64)
+    for dtype in (F64, torch.float32):
+        got = table.lookup(x.to(dtype))
+        assert torch.isnan(got[1])
+        assert torch.equal(got[[0, 2]], table.lookup(x[[0, 2]].to(dtype)))
+        assert torch.isfinite(table.slope(x.to(dtype))).all()

@@ -315,6 +315,14 @@ def test_float32_lookup_agrees_with_float64(kappa: TokenAccuracy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_nan_times_give_nan(dtype: torch.dtype):
+    kappa = TokenAccuracy(64)
+    t = torch.tensor([0.5, float("nan")], dtype=dtype)
+    for out in (kappa(t), kappa.inverse(t), kappa.derivative(t)):
+        assert torch.isfinite(out[0]) and torch.isnan(out[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_gradient_is_finite_and_values_unchanged_at_the_ends(kappa: TokenAccuracy, dtype):
     # A time that needs a gradient takes another path through logit(t) (torch.logit's own
     # gradient at t = 1 is 0/0 in float32); it must return the very same values.
