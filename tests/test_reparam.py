@@ -241,7 +241,7 @@ def test_path_specific_clocks(path: type[Interpolant]):
 # ---------------------------------------------------------------- dtype, device, gradients
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, F64])
 @pytest.mark.parametrize("shape", [(), (5,), (2, 3)])
 def test_dtype_device_shape_preserved(kappa: TokenAccuracy, dtype: torch.dtype, shape: tuple):
     t = torch.rand(shape, dtype=dtype)
@@ -249,6 +249,8 @@ def test_dtype_device_shape_preserved(kappa: TokenAccuracy, dtype: torch.dtype, 
         assert out.dtype == dtype
         assert out.device == t.device
         assert out.shape == t.shape
+    if dtype in (torch.bfloat16, torch.float16):  # looked up in float32, then rounded
+        assert torch.equal(kappa(t), kappa(t.float()).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
