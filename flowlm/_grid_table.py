@@ -76,16 +76,13 @@ class GridTable(nn.Module):
         self.last_knot = len(values) - 1
         self.knots_per_unit = self.last_knot / (stop - start)
         r"""$(n - 1)/(x_1 - x_0)$, the scale from $x$ to grid positions."""
-        for dtype, suffix in [(torch.float64, "float64"), (torch.float32, "float32")]:
+        for dtype in LOOKUP_DTYPES:
             knots = values.to(dtype)
             pieces = torch.stack([knots, torch.cat([knots.diff(), knots.new_zeros(1)])])
+            offset = torch.tensor(-start * self.knots_per_unit, dtype=dtype)
             # Derived from the constructor's arguments, so not saved in state_dict.
-            self.register_buffer(f"pieces_{suffix}", pieces, persistent=False)
-            self.register_buffer(
-                f"offset_{suffix}",
-                torch.tensor(-start * self.knots_per_unit, dtype=dtype),
-                persistent=False,
-            )
+            self.register_buffer(f"pieces_{_suffix(dtype)}", pieces, persistent=False)
+            self.register_buffer(f"offset_{_suffix(dtype)}", offset, persistent=False)
         self._index_tables()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "GridTable":
@@ -102,8 +99,11 @@ class GridTable(nn.Module):
         # The buffers by lookup dtype, in a plain dict: reading two buffers through
         # nn.Module.__getattr__ at every call costs more than the lookup's gather.
         self._tables = {
-            torch.float64: (self.pieces_float64, self.offset_float64),
-            torch.float32: (self.pieces_float32, self.offset_float32),
+            dtype: (
+                getattr(self, f"pieces_{_suffix(dtype)}"),
+                getattr(self, f"offset_{_suffix(dtype)}"),
+            )
+            for dtype in LOOKUP_DTYPES
         }
 
     def lookup(self, x: Times) -> Times:
@@ -126,6 +126,11 @@ class GridTable(nn.Module):
         pieces, offset = tables
         position = torch.add(offset, x.flatten(), alpha=self.knots_per_unit)
         return pieces, position.clamp_(0, last_position)
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    """The buffer-name suffix of a lookup dtype: ``float32`` or ``float64``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _knot_index(position: Tensor) -> Tensor:
