@@ -23,6 +23,7 @@ def load_dataset_documents(
     config: str | None = None,
     streaming: bool = False,
     limit: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> list[Document]:
     r"""One split of a dataset as documents ``(f"{split}/{row}", text)``, in dataset order.
 
@@ -40,6 +41,8 @@ def load_dataset_documents(
         config: the dataset's configuration name, if it has several.
         streaming: read rows lazily (for large Hub datasets).
         limit: read at most this many rows.
+        cache_dir: where ``datasets`` keeps downloads and prepared data (by default the
+            Hugging Face cache, ``~/.cache/huggingface/datasets``).
 
     Raises:
         ImportError: ``datasets`` is not installed.
@@ -50,7 +53,7 @@ def load_dataset_documents(
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     path = Path(folder) / "notes.jsonl"
         ...     _ = path.write_text('{"text": "first"}\n{"text": "second"}\n')
-        ...     load_dataset_documents(str(path))
+        ...     load_dataset_documents(str(path), cache_dir=folder)
         [('train/0', 'first'), ('train/1', 'second')]
     """
     try:
@@ -73,7 +76,12 @@ def load_dataset_documents(
     else:
         arguments = {"path": name_or_path, "name": config}
     try:
-        rows = datasets.load_dataset(**arguments, split=split, streaming=streaming)
+        rows = datasets.load_dataset(
+            **arguments,
+            split=split,
+            streaming=streaming,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
     except (OSError, ValueError, ConnectionError) as error:
         raise ValueError(
             f"could not load split {split!r} of the dataset {name_or_path!r} (a local file or "
