@@ -166,7 +166,16 @@ def test_bert_like_tokenizer_uses_cls_and_sep(tmp_path: Path) -> None:
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, normalizers, pre_tokenizers
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "the": 4, "light": 5, "##s": 6, "[MASK]": 7}
+    vocab = {
+        "[PAD]": 0,
+        "[UNK]": 1,
+        "[CLS]": 2,
+        "[SEP]": 3,
+        "the": 4,
+        "light": 5,
+        "##s": 6,
+        "[MASK]": 7,
+    }
     backend = Backend(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -251,7 +260,7 @@ def test_bad_specs_raise_clearly(spec: str, error: type[Exception], message: str
 def test_a_json_file_that_is_not_a_tokenizer_raises(tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
     path.write_text('{"not": "a tokenizer"}')
-    with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json"):
+    with pytest.raises(ValueError, match=r"is not a Hugging Face tokenizer\.json"):
         build_tokenizer(str(path), "")
 
 
