@@ -110,7 +110,7 @@ class SequenceCorpus:
 
         Raises:
             ValueError: the tokenizer has no padding id, ``length`` is not positive, or
-                there are too few lines to hold some out.
+                there are no lines or too few to hold some out.
 
         Examples:
             >>> from flowlm.data import CharTokenizer
@@ -127,14 +127,14 @@ class SequenceCorpus:
                 "subword tokenizer"
             )
         _check_length(length)
+        if not lines:
+            raise ValueError("there are no lines")
         held_out = validation_positions(len(lines), validation_fraction, "lines")
-        encoded = tokenizer.encode_batch(lines)
+        kept = [ids[:length] for ids in tokenizer.encode_batch(lines)]
+        counts = torch.tensor([ids.numel() for ids in kept])
+        mask = torch.arange(length) < counts[:, None]
         rows = torch.full((len(lines), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(lines), length), dtype=torch.bool)
-        for row, ids in enumerate(encoded):
-            kept = ids[:length]
-            rows[row, : kept.numel()] = kept
-            mask[row, : kept.numel()] = True
+        rows[mask] = torch.cat(kept)  # row-major order: each line's ids fill its row's prefix
         is_validation = torch.zeros(len(lines), dtype=torch.bool)
         is_validation[list(held_out)] = True
         return cls(

@@ -78,6 +78,8 @@ def test_lengths_must_be_positive(length: int) -> None:
 
 
 def test_too_few_lines_to_hold_out() -> None:
+    with pytest.raises(ValueError, match="there are no lines"):
+        SequenceCorpus.from_lines([], PADDED, 4, 0.0)
     with pytest.raises(ValueError, match="cannot hold out 1 of 1 lines"):
         SequenceCorpus.from_lines(["ab"], PADDED, 4, 0.5)
 
