@@ -99,7 +99,10 @@ class SubwordTokenizer:
     @cached_property
     def _backend(self) -> Any:
         tokenizers = _import_optional("tokenizers")
-        return tokenizers.Tokenizer.from_str(self.definition)
+        backend = tokenizers.Tokenizer.from_str(self.definition)
+        backend.no_truncation()  # a saved tokenizer.json may truncate or pad on encode
+        backend.no_padding()
+        return backend
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SubwordTokenizer":
@@ -166,8 +169,8 @@ class SubwordTokenizer:
             raise OSError(
                 f"could not load the Hugging Face tokenizer {name_or_path!r}: its files are "
                 f"not in a local folder or the cache, and the Hub did not provide them "
-                f"(offline?). Download it once with network access, or pass a "
-                f"tokenizer.json. Cause: {error}"
+                f"(offline? set HF_HUB_OFFLINE=1 to fail without retrying). Download it "
+                f"once with network access, or pass a tokenizer.json. Cause: {error}"
             ) from error
         if not loaded.is_fast:
             raise ValueError(f"the tokenizer {name_or_path!r} has no fast (tokenizers) version")

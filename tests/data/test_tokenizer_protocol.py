@@ -313,3 +313,17 @@ def test_the_core_imports_no_optional_package() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_saved_truncation_or_padding_setting_is_ignored(tmp_path: Path, genesis: str) -> None:
+    from tokenizers import Tokenizer as Backend
+
+    trained = train_bpe(genesis, 300)
+    backend = Backend.from_str(trained.definition)
+    backend.enable_truncation(max_length=4)
+    backend.enable_padding(length=4000)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(backend.to_str(), encoding="utf-8")
+    loaded = SubwordTokenizer.from_file(path)
+    assert torch.equal(loaded.encode(genesis[:500]), trained.encode(genesis[:500]))
+    assert loaded.decode(loaded.encode(genesis[:500])) == genesis[:500]
