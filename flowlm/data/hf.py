@@ -53,6 +53,15 @@ def _import_optional(name: str) -> ModuleType:
         ) from missing
 
 
+def _parse(definition: str, source: str) -> Any:
+    """The ``tokenizers.Tokenizer`` of a ``tokenizer.json`` text; ``source`` names it in errors."""
+    tokenizers = _import_optional("tokenizers")
+    try:
+        return tokenizers.Tokenizer.from_str(definition)
+    except Exception as error:  # the Rust parser raises a bare Exception
+        raise ValueError(f"{source} is not a Hugging Face tokenizer.json: {error}") from None
+
+
 @dataclass(frozen=True)
 class SubwordTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer as a flowlm `Tokenizer`.
@@ -71,7 +80,8 @@ class SubwordTokenizer:
 
     Raises:
         ImportError: ``tokenizers`` is not installed.
-        ValueError: a special token is not in the vocabulary.
+        ValueError: the definition is not a ``tokenizer.json``, or a special token is not in
+            the vocabulary.
 
     Examples:
         >>> tokenizer = train_bpe(["the cat sat on the mat"] * 20, vocab_size=270)
@@ -98,8 +108,7 @@ class SubwordTokenizer:
 
     @cached_property
     def _backend(self) -> Any:
-        tokenizers = _import_optional("tokenizers")
-        backend = tokenizers.Tokenizer.from_str(self.definition)
+        backend = _parse(self.definition, "the definition")
         backend.no_truncation()  # a saved tokenizer.json may truncate or pad on encode
         backend.no_padding()
         return backend
@@ -128,11 +137,7 @@ class SubwordTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json file at {path}")
-        tokenizers = _import_optional("tokenizers")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as error:  # the Rust parser raises a bare Exception
-            raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {error}") from None
+        backend = _parse(path.read_text(encoding="utf-8"), str(path))
         vocabulary = backend.get_vocab(with_added_tokens=True)
 
         def first_known(names: tuple[str, ...]) -> str | None:

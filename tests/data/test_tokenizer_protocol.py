@@ -292,6 +292,11 @@ def test_states_of_unknown_or_broken_tokenizers_raise() -> None:
         tokenizer_from_state({"kind": "char", "alphabet": "ab", "specials": [1]})
 
 
+def test_a_definition_that_is_not_a_tokenizer_raises() -> None:
+    with pytest.raises(ValueError, match=r"the definition is not a Hugging Face tokenizer\.json"):
+        SubwordTokenizer("{}", pad_token="<pad>")
+
+
 def test_a_special_outside_the_vocabulary_raises() -> None:
     definition = train_bpe("abc", 258).definition
     with pytest.raises(ValueError, match=r"the eos token '\[SEP\]' is not in the"):
