@@ -11,7 +11,8 @@ The examples' scripts use these so that each reads as one loop; none of them kno
   rank)``, so that a resumed run replays its draws exactly and every process draws its own.
 - `Processes` and `processes`: one process, or the processes of a ``torchrun`` launch.
 - `learning_rate`: linear warm-up, then constant or cosine decay to 0.
-- `require_memory`: refuse a configuration that cannot fit before allocating it.
+- `require_memory` and `transformer_step_bytes`: refuse a configuration that cannot fit
+  before allocating it.
 """
 
 import copy
@@ -48,6 +49,7 @@ __all__ = [
     "require_memory",
     "save_checkpoint",
     "seeded_generator",
+    "transformer_step_bytes",
 ]
 
 MAGIC = b"flowlm checkpoint v1\n"
@@ -437,3 +439,34 @@ def require_memory(needed: int, device: torch.device, what: str) -> None:
             f"{what} needs about {needed / 2**30:.1f} GiB, more than the "
             f"{available / 2**30:.1f} GiB of {device}: lower it"
         )
+
+
+def transformer_step_bytes(
+    batch: int, length: int, vocab_size: int, dim: int, depth: int, heads: int
+) -> int:
+    r"""A rough upper estimate of the fp32 bytes of one transformer training step.
+
+    For `require_memory`, on dense ``(batch, length, vocab_size)`` states.
+
+    Counts 16 state-sized tensors (noise, one-hot, $x_t$, logits, their gradients and the
+    losses' temporaries), per block 24 activations of width ``dim`` and two
+    ``(batch, heads, length, length)`` attention tensors saved for the backward pass, and 16
+    copies of the $12\,d^2$ weights per block plus the $V \times d$ tables (weights, gradients,
+    AdamW's moments, the EMA).
+
+    Args:
+        batch: sequences on this process.
+        length: positions per sequence.
+        vocab_size: $V$.
+        dim: model width $d$.
+        depth: blocks.
+        heads: attention heads.
+
+    Examples:
+        >>> transformer_step_bytes(32, 64, 70, dim=128, depth=4, heads=4) < 2**30
+        True
+    """
+    states = 16 * batch * length * vocab_size
+    activations = depth * batch * length * (24 * dim + 2 * heads * length)
+    weights = 16 * (12 * dim * dim * depth + 2 * vocab_size * dim)
+    return 4 * (states + activations + weights)
