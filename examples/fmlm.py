@@ -249,6 +249,22 @@ def draw_batch(task: Task, config: Config, stage: str, step: int, procs: Process
     return tokens, noise, pair
 
 
+def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
+    """The teacher's DiT with a second time embedding (zero at init): the teacher's Euler step.
+
+    v1's stage 1 also zeroes the output layer: its Taylor correction g starts at 0.
+    """
+    torch.manual_seed(derived_seed(config.seed, f"init {stage}"))
+    vocab, device = teacher.vocab_size, teacher.output.weight.device
+    network = DiT(
+        vocab, config.dim, config.depth, config.heads, two_time=True, dropout=config.dropout
+    )
+    distill.init_student(
+        network.to(device), teacher, zero=["output"] if stage == "v1-stage1" else []
+    )
+    return network
+
+
 def all_finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
 
@@ -325,14 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {"task": config.task, "method": config.method, "train_steps": 0}
         networks: dict[str, DiT] = {}
         for stage in stages:
-            torch.manual_seed(derived_seed(config.seed, "init", len(networks)))
-            network = DiT(
-                vocab, config.dim, config.depth, config.heads, two_time=True, dropout=config.dropout
-            )
-            distill.init_student(
-                network, teacher_network, zero=["output"] if stage == "v1-stage1" else []
-            )
-            network = networks[stage] = network.to(device)
+            network = networks[stage] = student_network(teacher_network, config, stage)
             weighting = fl.LearnedTimeWeighting().to(device)  # v1 stage 1 only
             parameters = [
                 *network.parameters(),
