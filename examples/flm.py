@@ -22,38 +22,23 @@ with --resume / --sample-only the settings saved in the checkpoint. Checkpoints 
 optimizer, step, vocabulary, settings) are replaced atomically and carry a checksum.
 """
 
-import argparse
 import json
 import math
-import sys
 import time
-from argparse import SUPPRESS, BooleanOptionalAction
-from dataclasses import asdict, dataclass, fields, replace
+from argparse import Namespace, RawDescriptionHelpFormatter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, get_origin
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 import flowlm as fl
+from flowlm import train
 from flowlm.backbones import DiT
 from flowlm.data import CharTokenizer
 from flowlm.data.tasks import TASKS, Task, build_task
 from flowlm.metrics import token_entropy
-from flowlm.train import (
-    EMA,
-    Processes,
-    atomic_write,
-    derived_seed,
-    learning_rate,
-    load_checkpoint,
-    processes,
-    remove_partial_files,
-    require_memory,
-    save_checkpoint,
-    seeded_generator,
-    transformer_step_bytes,
-)
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
@@ -113,7 +98,9 @@ class Config:
         """Raise ValueError naming the flag of the first setting that cannot work."""
         for name in "length dim depth heads steps batch_size samples log_every eval_every sample_every checkpoint_every".split():
             if getattr(self, name) < 1:
-                raise ValueError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if min(self.sample_steps) < 1:
             raise ValueError(f"--sample-steps must be at least 1, got {self.sample_steps}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
@@ -126,8 +113,7 @@ class Config:
             raise ValueError(f"--grad-clip must be a positive gradient norm, got {self.grad_clip}")
         if self.warmup < 0 or not 0 <= self.dropout < 1 or not 0 < self.ema_decay < 1:
             raise ValueError(
-                "need --warmup >= 0, 0 <= --dropout < 1 and 0 < --ema-decay < 1, "
-                f"got {self.warmup}, {self.dropout} and {self.ema_decay}"
+                f"need --warmup >= 0, 0 <= --dropout < 1 and 0 < --ema-decay < 1, got {self.warmup}, {self.dropout} and {self.ema_decay}"
             )
         if self.batch_size % world_size:
             raise ValueError(
@@ -135,65 +121,31 @@ class Config:
             )
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def fail(message: str) -> NoReturn:
-    """A configuration error: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(message)
-
-
-def parse_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
     """The invocation's options, and the run settings given on the command line (only those)."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="checkpoint file")
     parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
     parser.add_argument("--json", type=Path, help="write the final metrics here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (CI)")
-    settings = parser.add_argument_group("run settings (override the preset or the checkpoint)")
-    for field in fields(Config):  # absent unless given
-        kind = {str | None: str}.get(field.type, field.type)  # pyright: ignore
-        if kind is bool:
-            settings.add_argument(flag(field.name), action=BooleanOptionalAction, default=SUPPRESS)
-        else:
-            nargs = "+" if get_origin(kind) is tuple else None
-            kind, choices = int if nargs else kind, CHOICES.get(field.name)
-            settings.add_argument(
-                flag(field.name), type=kind, nargs=nargs, choices=choices, default=SUPPRESS
-            )
+    train.add_settings(parser, Config, CHOICES)  # --task, --length, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = argparse.Namespace(**{key: given.pop(key) for key in INVOCATION})
+    options = Namespace(**{name: given.pop(name) for name in INVOCATION})
     if options.threads < 1:
-        fail(f"--threads must be at least 1, got {options.threads}")
+        train.fail(f"--threads must be at least 1, got {options.threads}")
     if (options.resume or options.sample_only) and options.out is None:
-        fail("--resume and --sample-only read the checkpoint at --out: give --out")
-    if "sample_steps" in given:
-        given["sample_steps"] = tuple(given["sample_steps"])
+        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
     return options, given
 
 
-def settle(options: argparse.Namespace, given: dict[str, Any], world_size: int):
-    """The run's settings and the checkpoint to resume from (or None); raise on a bad input."""
+def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
+    """The run's settings, task and saved state (or None); ValueError on a bad input."""
     saved = None
     if options.out is not None and (options.resume or options.sample_only):
         if options.out.exists():
-            saved = load_checkpoint(options.out)  # refuses empty, truncated, corrupted files
-            if saved.get("kind") != "flm":
-                what = (
-                    "an FMLM checkpoint (of examples/fmlm.py)" if saved.get("kind") else "not ours"
-                )
-                raise ValueError(
-                    f"{options.out} is {what}: flm.py reads the FLM checkpoints of flm.py --out"
-                )
+            saved = train.load_checkpoint(options.out, kind="flm")  # refuses damaged files
             if options.resume and saved["smoke"] != options.smoke:
                 kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
                 raise ValueError(
@@ -202,9 +154,9 @@ def settle(options: argparse.Namespace, given: dict[str, Any], world_size: int):
         elif options.sample_only:
             raise FileNotFoundError(f"--sample-only: no checkpoint at {options.out}")
     if saved is None:
-        task = given.get("task", Config.task)
+        name = given.get("task", Config.task)
         config = replace(
-            Config(task=task, **PRESETS[task] | (SMOKE if options.smoke else {})), **given
+            Config(task=name, **PRESETS[name] | (SMOKE if options.smoke else {})), **given
         )
     else:
         config = Config(
@@ -213,15 +165,41 @@ def settle(options: argparse.Namespace, given: dict[str, Any], world_size: int):
         for name in MODEL:
             if name in given and given[name] != getattr(config, name):
                 raise ValueError(
-                    f"{flag(name)} {given[name]} contradicts the checkpoint's {getattr(config, name)} "
-                    f"({options.out}): drop it or give another --out"
+                    f"--{name} {given[name]} contradicts the checkpoint's {getattr(config, name)}: drop it or give another --out"
                 )
         config = replace(config, **given)
-    config.check(world_size)
-    return config, saved
+    config.check(procs.world_size)
+    task = build_task(config.task, config.length, config.text and Path(config.text), config.seed)
+    if saved is not None and CharTokenizer.from_state_dict(saved["tokenizer"]) != task.tokenizer:
+        raise ValueError(f"{options.out} was trained on another vocabulary than {config.task}'s")
+    rows = max(config.batch_size // procs.world_size, config.samples)
+    needed = train.transformer_step_bytes(
+        rows, config.length, task.vocab_size, config.dim, config.depth, config.heads
+    )
+    train.require_memory(needed, procs.device, f"this configuration ({config})")
+    return config, task, saved
 
 
-# ---------------------------------------------------------------------------- model and data
+# ---------------------------------------------------------------------------- data and samples
+def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
+    """This process's rows of step ``step``'s batch: sequences, noise (on the device), times."""
+    rows, device = config.batch_size // procs.world_size, procs.device
+    tokens = task.draw(rows, train.seeded_generator(config.seed, "data", step, procs.rank)).to(
+        device
+    )
+    noise_generator = train.seeded_generator(config.seed, "noise", step, procs.rank, device=device)
+    noise = torch.randn(
+        (rows, task.length, task.vocab_size), generator=noise_generator, device=device
+    )
+    times_generator = train.seeded_generator(
+        config.seed, "times", step
+    )  # the global batch's strata
+    t = fl.uniform_times(
+        rows, rank=procs.rank, world_size=procs.world_size, generator=times_generator, device=device
+    )
+    return tokens, noise, t
+
+
 def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpolant) -> fl.FlowMap:
     """FLM's Euler sampler, or a second-order ODE solver on the x-prediction velocity."""
     if solver == "euler":
@@ -230,68 +208,59 @@ def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpol
     return fl.Midpoint(velocity) if solver == "midpoint" else fl.Heun(velocity)
 
 
-def draw_batch(task: Task, config: Config, step: int, procs: Processes):
-    """This process's rows of step ``step``'s batch: sequences, noise (on the device), times."""
-    rows, device = config.batch_size // procs.world_size, procs.device
-    tokens = task.draw(rows, seeded_generator(config.seed, "data", step, procs.rank)).to(device)
-    noise_generator = seeded_generator(config.seed, "noise", step, procs.rank, device=device)
-    noise = torch.randn(
-        (rows, task.length, task.vocab_size), generator=noise_generator, device=device
-    )
-    times_generator = seeded_generator(config.seed, "times", step)  # the strata of the global batch
-    t = fl.uniform_times(rows, rank=procs.rank, world_size=procs.world_size,
-                         generator=times_generator, device=device)  # fmt: skip
-    return tokens, noise, t
-
-
-def all_finite(module: torch.nn.Module) -> bool:
-    return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
-
-
-# ---------------------------------------------------------------------------- reports
-@torch.no_grad()
-def validation_loss(
-    predictor: fl.XPredictor,
-    interpolant: fl.Interpolant,
-    task: Task,
-    seed: int,
-    device: torch.device,
-) -> float:
-    """Cross-entropy on fixed sequences and noise, averaged over VALIDATION_TIMES (not a bound)."""
-    x1 = fl.one_hot(task.validation.to(device), task.vocab_size)
-    losses = []
-    for i, time_value in enumerate(VALIDATION_TIMES):
-        generator = seeded_generator(seed, "validation", i, device=device)
-        noise = torch.randn(x1.shape, generator=generator, device=device)
-        t = torch.full((len(x1),), time_value, device=device)
-        logits = predictor.logits(interpolant.sample(noise, x1, t), t)
-        losses.append(fl.masked_mean(fl.cross_entropy(logits, task.validation.to(device))))
-    return torch.stack(losses).mean().item()
+def sample(
+    flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: Config, device: torch.device
+) -> fl.Trajectory:
+    """``count`` samples in ``n_steps`` steps, from the same starting noise at every call."""
+    generator = train.seeded_generator(config.seed, "sample", device=device)
+    noise = torch.randn((count, task.length, task.vocab_size), generator=generator, device=device)
+    return fl.rollout(flow_map, noise, fl.time_grid(n_steps))
 
 
 def sample_report(
     flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
 ):
     """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
-    noise = torch.randn(
-        (config.samples, task.length, task.vocab_size),
-        device=device,
-        generator=seeded_generator(config.seed, "sample", device=device),
-    )
     report: dict[str, dict[str, Any]] = {}
     for n_steps in config.sample_steps:
         started = time.perf_counter()
-        trajectory = fl.rollout(flow_map, noise, fl.time_grid(n_steps))
+        trajectory = sample(flow_map, n_steps, config.samples, task, config, device)
         tokens = fl.decode(trajectory.x).cpu()
-        entropy = token_entropy(tokens).mean().item()
-        metrics: dict[str, Any] = {"nfe": trajectory.nfe, "entropy": entropy} | task.quality(tokens)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        metrics = {"nfe": trajectory.nfe, "entropy": token_entropy(tokens).mean().item()}
+        metrics |= task.quality(tokens)
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
         print(f"{n_steps} step(s), {label}: {shown} ({time.perf_counter() - started:.2f} s)")
         texts = task.decode(tokens)
-        for text in texts[:SHOWN_SAMPLES]:
-            print(f"    {text!r}")
+        print("\n".join(f"    {text!r}" for text in texts[:SHOWN_SAMPLES]))
         report[str(n_steps)] = metrics | {"samples": texts}
     return report
+
+
+@torch.no_grad()
+def validation_loss(
+    predictor: fl.XPredictor,
+    interpolant: fl.Interpolant,
+    task: Task,
+    config: Config,
+    device: torch.device,
+) -> float:
+    """Cross-entropy on fixed sequences and noise, averaged over VALIDATION_TIMES (not a bound)."""
+    tokens = task.validation.to(device)
+    x1 = fl.one_hot(tokens, task.vocab_size)
+    losses = []
+    for i, time_value in enumerate(VALIDATION_TIMES):
+        noise = torch.randn(
+            x1.shape,
+            generator=train.seeded_generator(config.seed, "validation", i, device=device),
+            device=device,
+        )
+        t = torch.full((len(x1),), time_value, device=device)
+        losses.append(
+            fl.masked_mean(
+                fl.cross_entropy(predictor.logits(interpolant.sample(noise, x1, t), t), tokens)
+            )
+        )
+    return torch.stack(losses).mean().item()
 
 
 # ---------------------------------------------------------------------------- the run
@@ -299,71 +268,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train (or resume, or only sample) and return (with --json also write) the metrics."""
     options, given = parse_command_line(argv)
     torch.set_num_threads(options.threads)
-    with processes() as procs:
+    with train.processes() as procs:
         try:
-            config, saved = settle(options, given, procs.world_size)
-            task = build_task(
-                config.task, config.length, config.text and Path(config.text), config.seed
-            )
-            if (
-                saved is not None
-                and CharTokenizer.from_state_dict(saved["tokenizer"]) != task.tokenizer
-            ):
-                raise ValueError(
-                    f"{options.out} was trained on another vocabulary than this {config.task} task"
-                )
-            rows = max(config.batch_size // procs.world_size, config.samples)
-            needed = transformer_step_bytes(
-                rows, config.length, task.vocab_size, config.dim, config.depth, config.heads
-            )
-            require_memory(needed, procs.device, f"this configuration ({config})")
+            config, task, saved = settle(options, given, procs)
         except (ValueError, FileNotFoundError) as error:
-            fail(str(error))
+            train.fail(str(error))
         if procs.is_main and options.out is not None:
-            for stale in remove_partial_files(options.out):
+            for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
+        device, vocab = procs.device, task.vocab_size
         torch.manual_seed(config.seed)  # the same initial weights on every process
-        backbone = DiT(
-            task.vocab_size, config.dim, config.depth, config.heads, dropout=config.dropout
-        ).to(procs.device)
-        identity = config.clock == "identity"
-        clock = fl.Identity() if identity else fl.TokenAccuracy(task.vocab_size)
-        interpolant = fl.LinearInterpolant(reparam=clock).to(procs.device)
-        ema = EMA(backbone, config.ema_decay)
+        backbone = DiT(vocab, config.dim, config.depth, config.heads, dropout=config.dropout).to(
+            device
+        )
+        clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
+        interpolant = fl.LinearInterpolant(reparam=clock).to(device)
+        ema = train.EMA(backbone, config.ema_decay)  # validation, previews and samples use the EMA
         optimizer = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0)
-        start = 0
+        start = 0 if saved is None else saved["step"]
         if saved is not None:
             backbone.load_state_dict(saved["model"])
             ema.load_state_dict(saved["ema"])
             optimizer.load_state_dict(saved["optimizer"])
-            start = saved["step"]
         if procs.is_main:
+            parameters = sum(p.numel() for p in backbone.parameters())
             print(
-                f"flowlm FLM: {task.description}\ndevice {procs.device} x {procs.world_size} process(es), "
-                f"{sum(p.numel() for p in backbone.parameters()):,} parameters, {config}"
+                f"flowlm FLM: {task.description}\n{procs.world_size} process(es) on {device}, {parameters:,} parameters, {config}"
             )
-            if saved is not None:
-                print(f"restored step {start} from {options.out}")
+            print(f"restored step {start} from {options.out}" if saved else "new run")
 
         result: dict[str, Any] = {"task": config.task, "train_steps": start}
         if not options.sample_only:
             predictor = fl.XPredictor(procs.wrap(backbone))  # DDP averages the gradients
-            averaged = fl.XPredictor(ema.module)  # validation and previews use the EMA weights
-            train_loss: dict[str, float] = {}
-            validation_losses: dict[str, float] = {}
+            averaged = fl.XPredictor(ema.module)
+            train_loss, validation = {}, {}
             backbone.train()
             started = time.perf_counter()
-            todo = range(start, config.steps)
-            progress = tqdm(todo, "FLM", initial=start, disable=not procs.is_main)
+            progress = tqdm(
+                range(start, config.steps), "FLM", initial=start, disable=not procs.is_main
+            )
             for step in progress:
-                torch.manual_seed(derived_seed(config.seed, "dropout", step, procs.rank))
+                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
                 tokens, noise, t = draw_batch(task, config, step, procs)
-                x_t = interpolant.sample(noise, fl.one_hot(tokens, task.vocab_size), t)
-                with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
+                rate = train.learning_rate(
+                    step,
+                    peak=config.lr,
+                    warmup=config.warmup,
+                    total=config.steps,
+                    schedule=config.schedule,
+                )
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, peak=config.lr, warmup=config.warmup,
-                                                total=config.steps, schedule=config.schedule)  # fmt: skip
+                    group["lr"] = rate
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(backbone.parameters(), config.grad_clip)
@@ -378,53 +336,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 if done % config.log_every == 0 or checkpoint or last:
                     train_loss[str(done)] = value = procs.mean(loss.detach()).item()
-                    if not math.isfinite(value) or (checkpoint and not all_finite(backbone)):
+                    weights = torch.stack([p.isfinite().all() for p in backbone.parameters()])
+                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
                         raise FloatingPointError(
-                            f"step {done}: the training loss is {value}; stopped without saving "
-                            "(the last checkpoint is kept). Try a lower --lr or float32."
+                            f"step {done}: the training loss is {value}; stopped without saving (the last checkpoint is kept). Try a lower --lr or float32."
                         )
                     progress.set_postfix(loss=f"{value:.4f}")
                 if not procs.is_main:
                     continue
                 if done % config.eval_every == 0 or last:
-                    validation_losses[str(done)] = validation_loss(
-                        averaged, interpolant, task, config.seed, procs.device
+                    validation[str(done)] = validation_loss(
+                        averaged, interpolant, task, config, device
                     )
                     tqdm.write(
-                        f"step {done}: validation cross-entropy (EMA) {validation_losses[str(done)]:.4f}"
+                        f"step {done}: validation cross-entropy (EMA) {validation[str(done)]:.4f}"
                     )
                 if done % config.sample_every == 0 and not last:
                     sampler = make_sampler(config.solver, averaged, interpolant)
-                    generator = seeded_generator(config.seed, "sample", device=procs.device)
-                    shape = (SHOWN_SAMPLES, task.length, task.vocab_size)
-                    noise = torch.randn(shape, generator=generator, device=procs.device)
-                    samples = fl.decode(
-                        fl.rollout(sampler, noise, fl.time_grid(max(config.sample_steps))).x
+                    trajectory = sample(
+                        sampler, max(config.sample_steps), SHOWN_SAMPLES, task, config, device
                     )
+                    texts = task.decode(fl.decode(trajectory.x).cpu())
                     tqdm.write(
                         f"step {done}: samples (EMA)\n"
-                        + "\n".join(f"    {s!r}" for s in task.decode(samples.cpu()))
+                        + "\n".join(f"    {text!r}" for text in texts)
                     )
                 if checkpoint:
-                    save_checkpoint(options.out, dict(
-                        kind="flm", smoke=options.smoke, step=done, config=asdict(config),
-                        tokenizer=task.tokenizer.state_dict(), model=backbone.state_dict(),
-                        ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                    ))  # fmt: skip
+                    state = dict(kind="flm", smoke=options.smoke, step=done, config=asdict(config))
+                    state |= dict(
+                        tokenizer=task.tokenizer.state_dict(), model=backbone.state_dict()
+                    )
+                    train.save_checkpoint(
+                        options.out,
+                        state | dict(ema=ema.state_dict(), optimizer=optimizer.state_dict()),
+                    )
             progress.close()
             seconds = time.perf_counter() - started
             if procs.is_main and config.steps > start:
                 print(f"trained steps {start + 1}..{config.steps} in {seconds:.1f} s")
-            result |= dict(train_steps=max(start, config.steps), train_seconds=seconds,
-                           train_loss=train_loss, validation=validation_losses)  # fmt: skip
+            result |= {"train_steps": max(start, config.steps), "train_seconds": seconds}
+            result |= {"train_loss": train_loss, "validation": validation}
         if procs.is_main:
             sampler = make_sampler(config.solver, fl.XPredictor(ema.module), interpolant)
             result["solver"] = config.solver
-            result["steps"] = sample_report(
-                sampler, f"FLM {config.solver}", task, config, procs.device
-            )
+            result["steps"] = sample_report(sampler, f"FLM {config.solver}", task, config, device)
             if options.json is not None:
-                atomic_write(options.json, json.dumps(result, indent=2).encode())
+                train.atomic_write(options.json, json.dumps(result, indent=2).encode())
         return procs.share(result)
 
 

@@ -25,40 +25,23 @@ The student's checkpoint stores the teacher's checksum: a teacher retrained at t
 is refused on --resume and --sample-only. Randomness and resumption work as in flm.py.
 """
 
-import argparse
 import json
 import math
-import sys
 import time
-from argparse import SUPPRESS, BooleanOptionalAction
-from dataclasses import asdict, dataclass, fields, replace
+from argparse import Namespace, RawDescriptionHelpFormatter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, get_origin
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 import flowlm as fl
-from flowlm import distill
+from flowlm import distill, train
 from flowlm.backbones import DiT
 from flowlm.data import CharTokenizer
 from flowlm.data.tasks import TASKS, Task, build_task
 from flowlm.metrics import token_entropy
-from flowlm.train import (
-    EMA,
-    Processes,
-    atomic_write,
-    checkpoint_digest,
-    derived_seed,
-    learning_rate,
-    load_checkpoint,
-    processes,
-    remove_partial_files,
-    require_memory,
-    save_checkpoint,
-    seeded_generator,
-    transformer_step_bytes,
-)
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
@@ -124,7 +107,9 @@ class Config:
         """Raise ValueError naming the flag of the first setting that cannot work."""
         for name in "steps batch_size samples log_every checkpoint_every teacher_steps".split():
             if getattr(self, name) < 1:
-                raise ValueError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if min(self.sample_steps) < 1:
             raise ValueError(f"--sample-steps must be at least 1, got {self.sample_steps}")
         if not 0 < self.lr <= 1:  # NaN fails too
@@ -142,24 +127,9 @@ class Config:
             raise ValueError(f"--batch-size {self.batch_size} does not split over {world_size}")
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def fail(message: str) -> NoReturn:
-    """A configuration error: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(message)
-
-
-def parse_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
     """The invocation's options, and the settings given on the command line (only those)."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, required=True, help="an FLM checkpoint")
     parser.add_argument("--out", type=Path, help="the student's checkpoint file")
     parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
@@ -167,85 +137,86 @@ def parse_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, dict
     parser.add_argument("--json", type=Path, help="write the final metrics here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
     parser.add_argument("--smoke", action="store_true", help="a few steps (CI)")
-    settings = parser.add_argument_group("settings (override the preset or the checkpoint)")
-    for field in fields(Config):  # absent unless given
-        kind = {str | None: str, float | None: float}.get(field.type, field.type)  # pyright: ignore
-        if kind is bool:
-            settings.add_argument(flag(field.name), action=BooleanOptionalAction, default=SUPPRESS)
-        else:
-            nargs = "+" if get_origin(kind) is tuple else None
-            kind, choices = int if nargs else kind, CHOICES.get(field.name)
-            settings.add_argument(
-                flag(field.name), type=kind, nargs=nargs, choices=choices, default=SUPPRESS
-            )
+    train.add_settings(parser, Config, CHOICES)  # --method, --steps, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = argparse.Namespace(**{key: given.pop(key) for key in INVOCATION})
+    options = Namespace(**{name: given.pop(name) for name in INVOCATION})
     if options.threads < 1:
-        fail(f"--threads must be at least 1, got {options.threads}")
+        train.fail(f"--threads must be at least 1, got {options.threads}")
     if (options.resume or options.sample_only) and options.out is None:
-        fail("--resume and --sample-only read the checkpoint at --out: give --out")
-    if "sample_steps" in given:
-        given["sample_steps"] = tuple(given["sample_steps"])
+        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
     return options, given
 
 
-def settle(options: argparse.Namespace, given: dict[str, Any], world_size: int):
-    """The settings, the teacher's checkpoint and digest, and the student's saved state."""
+def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
+    """The settings, task, teacher's checkpoint and digest, and the student's saved state."""
     if not options.teacher.is_file():
-        raise FileNotFoundError(f"--teacher: no FLM checkpoint at {options.teacher}; train one "
-                                f"with examples/flm.py --out {options.teacher}")  # fmt: skip
-    teacher = load_checkpoint(options.teacher)  # refuses empty, truncated, corrupted files
-    if teacher.get("kind") != "flm":
-        raise ValueError(f"--teacher: {options.teacher} is not an FLM checkpoint (flm.py --out)")
-    digest = checkpoint_digest(options.teacher)
+        raise FileNotFoundError(
+            f"--teacher: no FLM checkpoint at {options.teacher}; train one with "
+            f"examples/flm.py --out {options.teacher}"
+        )
+    teacher = train.load_checkpoint(options.teacher, kind="flm")  # refuses damaged files
+    digest = train.checkpoint_digest(options.teacher)
     for name in MODEL:
         if name in given and given[name] != teacher["config"][name]:
-            raise ValueError(f"{flag(name)} {given[name]} contradicts the teacher's "
-                             f"{teacher['config'][name]}: the student is the teacher's network")  # fmt: skip
+            raise ValueError(
+                f"--{name} {given[name]} contradicts the teacher's {teacher['config'][name]}: "
+                "the student is the teacher's network"
+            )
     saved = None
     if options.out is not None and options.out.exists() and (options.resume or options.sample_only):
-        saved = load_checkpoint(options.out)
-        if saved.get("kind") != "fmlm":
-            raise ValueError(f"{options.out} is not an FMLM checkpoint of fmlm.py --out")
+        saved = train.load_checkpoint(options.out, kind="fmlm")
         if saved["teacher_digest"] != digest:
-            raise ValueError(f"{options.out} was distilled from another teacher than the one now at "
-                             f"{options.teacher} (checksum {saved['teacher_digest'][:12]}, now "
-                             f"{digest[:12]}): retrained? give another --out or delete it")  # fmt: skip
+            raise ValueError(
+                f"{options.out} was distilled from another teacher than the one now at "
+                f"{options.teacher} (checksum {saved['teacher_digest'][:12]}, now {digest[:12]}): "
+                "retrained? give another --out or delete it"
+            )
         if options.resume and saved["smoke"] != options.smoke:
             kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
             raise ValueError(f"{options.out} holds {kind}: it is not resumed by this one")
         if given.get("method", saved["config"]["method"]) != saved["config"]["method"]:
-            raise ValueError(f"{options.out} holds a {saved['config']['method']} student, "
-                             f"not {given['method']}: give another --out")  # fmt: skip
+            raise ValueError(f"{options.out} holds a {saved['config']['method']} student")
     elif options.sample_only:
         raise FileNotFoundError(f"--sample-only: no student checkpoint at {options.out}")
     if saved is None:
-        teacher_settings = {name: teacher["config"][name] for name in MODEL}
-        preset = PRESETS[teacher_settings["task"]] | (SMOKE if options.smoke else {})
-        config = replace(Config(**teacher_settings | preset), **given)
+        base = {name: teacher["config"][name] for name in MODEL}
+        base |= PRESETS[base["task"]] | (SMOKE if options.smoke else {})
     else:
-        config = replace(Config(**saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}), **given)  # fmt: skip
-    config.check(world_size)
-    return config, teacher, digest, saved
+        base = saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
+    config = replace(Config(**base), **given)
+    config.check(procs.world_size)
+    task = build_task(config.task, config.length, config.text and Path(config.text), config.seed)
+    if CharTokenizer.from_state_dict(teacher["tokenizer"]) != task.tokenizer:
+        raise ValueError(f"{options.teacher} was trained on another vocabulary than its task's")
+    rows = max(config.batch_size // procs.world_size, config.samples)
+    needed = train.transformer_step_bytes(
+        rows, config.length, task.vocab_size, config.dim, 2 * config.depth, config.heads
+    )
+    train.require_memory(needed, procs.device, f"this configuration ({config})")
+    return config, task, teacher, digest, saved
 
 
 # ---------------------------------------------------------------------------- data and reports
-def draw_batch(task: Task, config: Config, stage: str, step: int, procs: Processes):
+def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.Processes):
     """This process's rows of a step's batch: sequences, noise (on the device), time pairs."""
     rows, device = config.batch_size // procs.world_size, procs.device
-    tokens = task.draw(rows, seeded_generator(config.seed, stage, step, procs.rank)).to(device)
-    noise_generator = seeded_generator(config.seed, "noise", step, procs.rank, device=device)
+    tokens = task.draw(rows, train.seeded_generator(config.seed, stage, step, procs.rank)).to(
+        device
+    )
+    noise_generator = train.seeded_generator(config.seed, "noise", step, procs.rank, device=device)
     shape = (rows, task.length, task.vocab_size)
     noise = torch.randn(shape, generator=noise_generator, device=device)
     pair = fl.time_pairs(
         rows,
-        boundary_prob=BOUNDARY_PROB.get(stage, 0.1) if config.boundary_prob is None else config.boundary_prob,
+        boundary_prob=BOUNDARY_PROB.get(stage, 0.1)
+        if config.boundary_prob is None
+        else config.boundary_prob,
         min_gap=MIN_GAP.get(stage, 1e-3),
         rank=procs.rank,
         world_size=procs.world_size,
-        generator=seeded_generator(config.seed, "times", step),  # strata of the global batch
+        generator=train.seeded_generator(config.seed, "times", step),  # strata of the global batch
         device=device,
-    )  # fmt: skip
+    )
     return tokens, noise, pair
 
 
@@ -254,7 +225,7 @@ def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
 
     v1's stage 1 also zeroes the output layer: its Taylor correction g starts at 0.
     """
-    torch.manual_seed(derived_seed(config.seed, f"init {stage}"))
+    torch.manual_seed(train.derived_seed(config.seed, f"init {stage}"))
     vocab, device = teacher.vocab_size, teacher.output.weight.device
     network = DiT(
         vocab, config.dim, config.depth, config.heads, two_time=True, dropout=config.dropout
@@ -273,7 +244,7 @@ def sample_report(
     flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
 ):
     """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
-    generator = seeded_generator(config.seed, "sample", device=device)
+    generator = train.seeded_generator(config.seed, "sample", device=device)
     noise = torch.randn(
         (config.samples, task.length, task.vocab_size), generator=generator, device=device
     )
@@ -289,7 +260,7 @@ def sample_report(
         texts = task.decode(tokens)
         print("\n".join(f"    {text!r}" for text in texts[:SHOWN_SAMPLES]))
         report[str(n_steps)] = metrics | {"samples": texts}
-    return report  # fmt: skip
+    return report
 
 
 # ---------------------------------------------------------------------------- the run
@@ -297,29 +268,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Distil (or resume, or only sample) and return (with --json also write) the metrics."""
     options, given = parse_command_line(argv)
     torch.set_num_threads(options.threads)
-    with processes() as procs:
+    with train.processes() as procs:
         try:
-            config, teacher_state, teacher_digest, saved = settle(options, given, procs.world_size)
-            task = build_task(
-                config.task, config.length, config.text and Path(config.text), config.seed
-            )
-            if CharTokenizer.from_state_dict(teacher_state["tokenizer"]) != task.tokenizer:
-                raise ValueError(
-                    f"{options.teacher} was trained on another vocabulary than its task's"
-                )
-            needed = transformer_step_bytes(
-                max(config.batch_size, config.samples),
-                config.length,
-                task.vocab_size,
-                config.dim,
-                2 * config.depth,
-                config.heads,
-            )
-            require_memory(needed, procs.device, f"this configuration ({config})")
+            config, task, teacher_state, teacher_digest, saved = settle(options, given, procs)
         except (ValueError, FileNotFoundError) as error:
-            fail(str(error))
+            train.fail(str(error))
         if procs.is_main and options.out is not None and not options.sample_only:
-            for stale in remove_partial_files(options.out):
+            for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         vocab, device = task.vocab_size, procs.device
         teacher_network = DiT(vocab, config.dim, config.depth, config.heads, dropout=0.0)
@@ -333,11 +288,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         velocity = fl.XPredVelocity(teacher, interpolant)
         many_step_teacher = fl.Substeps(fl.XPredMap(teacher, interpolant), config.teacher_steps)
         if procs.is_main:
-            print(f"flowlm FMLM ({config.method}): {task.description}\nteacher {options.teacher} "
-                  f"(step {teacher_state['step']}), device {device} x {procs.world_size}, {config}")  # fmt: skip
+            print(
+                f"flowlm FMLM ({config.method}): {task.description}\nteacher {options.teacher} "
+                f"(step {teacher_state['step']}), device {device} x {procs.world_size}, {config}"
+            )
 
         stages = ["v1-stage1", "v1-stage2"] if config.method == "v1" else [config.method]
-        checkpoint_state = saved or dict(kind="fmlm", smoke=options.smoke, config=asdict(config), teacher_digest=teacher_digest, tokenizer=task.tokenizer.state_dict(), stages={})  # fmt: skip
+        checkpoint_state = saved or dict(
+            kind="fmlm",
+            smoke=options.smoke,
+            config=asdict(config),
+            teacher_digest=teacher_digest,
+            tokenizer=task.tokenizer.state_dict(),
+            stages={},
+        )
         result: dict[str, Any] = {"task": config.task, "method": config.method, "train_steps": 0}
         networks: dict[str, DiT] = {}
         for stage in stages:
@@ -348,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 *(weighting.parameters() if stage == "v1-stage1" else ()),
             ]
             optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-            ema = EMA(network, config.ema_decay)
+            ema = train.EMA(network, config.ema_decay)
             start = 0
             if stage in checkpoint_state["stages"]:
                 stage_state = checkpoint_state["stages"][stage]
@@ -358,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 weighting.load_state_dict(stage_state["weighting"])
                 start = stage_state["step"]
             elif options.sample_only:
-                fail(f"--sample-only: {options.out} holds no {stage} student yet")
+                train.fail(f"--sample-only: {options.out} holds no {stage} student yet")
             wrapped = procs.wrap(network)  # DDP averages the gradients
             student = fl.XPredMap(fl.XPredictor(wrapped), interpolant, two_time=True)
             taylor = fl.TaylorMap(velocity, wrapped)  # v1 stage 1: x + d v + d² g / 2
@@ -371,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for step in tqdm(
                 todo, stage, initial=start, total=config.steps, disable=not procs.is_main
             ):
-                torch.manual_seed(derived_seed(config.seed, "dropout", step, procs.rank))
+                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
                 tokens, noise, (t, s) = draw_batch(task, config, stage, step, procs)
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
@@ -393,8 +357,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         token_loss = distill.map_regression_loss(student, frozen_taylor, x_t, t, s)
                     loss = fl.masked_mean(token_loss)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, peak=config.lr, warmup=config.warmup,
-                                                total=config.steps, schedule=config.schedule)  # fmt: skip
+                    group["lr"] = train.learning_rate(
+                        step,
+                        peak=config.lr,
+                        warmup=config.warmup,
+                        total=config.steps,
+                        schedule=config.schedule,
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
@@ -409,14 +378,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if done % config.log_every == 0 or checkpoint or done == config.steps:
                     train_loss[str(done)] = value = procs.mean(loss.detach()).item()
                     if not math.isfinite(value) or (checkpoint and not all_finite(network)):
-                        raise FloatingPointError(f"{stage} step {done}: the loss is {value}; stopped without "
-                                                 "saving (the last checkpoint is kept). Try a lower --lr.")  # fmt: skip
+                        raise FloatingPointError(
+                            f"{stage} step {done}: the loss is {value}; stopped without "
+                            "saving (the last checkpoint is kept). Try a lower --lr."
+                        )
                 if checkpoint and procs.is_main:
                     checkpoint_state["stages"][stage] = dict(
-                        step=done, model=network.state_dict(), ema=ema.state_dict(),
-                        optimizer=optimizer.state_dict(), weighting=weighting.state_dict(),
-                    )  # fmt: skip
-                    save_checkpoint(options.out, checkpoint_state)
+                        step=done,
+                        model=network.state_dict(),
+                        ema=ema.state_dict(),
+                        optimizer=optimizer.state_dict(),
+                        weighting=weighting.state_dict(),
+                    )
+                    train.save_checkpoint(options.out, checkpoint_state)
             network.load_state_dict(ema.module.state_dict())  # sample (and stage 2) from the EMA
             network.eval()
             seconds = time.perf_counter() - started
@@ -438,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             label = f"teacher FLM {config.solver}"
             result["teacher_steps"] = sample_report(sampler, label, task, teacher_config, device)
             if options.json is not None:
-                atomic_write(options.json, json.dumps(result, indent=2).encode())
+                train.atomic_write(options.json, json.dumps(result, indent=2).encode())
         return procs.share(result)
 
 

@@ -1,6 +1,6 @@
 """The main job: train a small FLM on the embedded corpus, distil it into a one-step FMLM.
 
-    python examples/main.py            # about 13 minutes on 2 CPU cores
+    python examples/main.py            # 13 minutes on 2 CPU cores (README: how measured)
     python examples/main.py --smoke    # seconds: tiny models, a few steps, in runs/smoke/
 
 Runs examples/flm.py (checkpoint ``runs/flm.pt``), then examples/fmlm.py with the v2
@@ -11,16 +11,16 @@ from their checkpoints. ``--smoke`` works in ``runs/smoke/``, so a smoke model i
 as the real one (and the examples refuse to resume a checkpoint across --smoke anyway).
 """
 
-import argparse
 from pathlib import Path
+from typing import Any
 
 import flm
 import fmlm
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Train, distil, and return the comparison rows."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = fmlm.Parser(description=__doc__)  # configuration errors: one line, exit code 2
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps (CI)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="checkpoints and JSON")
     parser.add_argument("--method", choices=fmlm.METHODS, default="v2")

@@ -11,23 +11,28 @@ The examples' scripts use these so that each reads as one loop; none of them kno
   rank)``, so that a resumed run replays its draws exactly and every process draws its own.
 - `Processes` and `processes`: one process, or the processes of a ``torchrun`` launch.
 - `learning_rate`: linear warm-up, then constant or cosine decay to 0.
+- `ArgumentParser`, `add_settings` and `fail`: command-line flags from a settings dataclass,
+  and configuration errors as one ``error: ...`` line with exit code 2.
 - `require_memory` and `transformer_step_bytes`: refuse a configuration that cannot fit
   before allocating it.
 """
 
+import argparse
 import copy
+import dataclasses
 import gc
 import hashlib
 import io
 import math
 import os
+import sys
 import tempfile
 import zlib
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, get_args, get_origin
 
 import numpy as np
 import torch
@@ -37,11 +42,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "EMA",
+    "ArgumentParser",
     "CheckpointError",
     "Processes",
+    "add_settings",
     "atomic_write",
     "checkpoint_digest",
     "derived_seed",
+    "fail",
     "learning_rate",
     "load_checkpoint",
     "processes",
@@ -163,18 +171,20 @@ def _read_verified(path: Path) -> tuple[bytes, bytes]:
     return digest, payload
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, kind: str | None = None) -> dict[str, Any]:
     """A checkpoint written by `save_checkpoint`, its tensors on the CPU.
 
     Args:
         path: the checkpoint file.
+        kind: if given, the value the state's ``"kind"`` entry must have (e.g. ``"flm"``).
 
     Returns:
         The saved state.
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
-        CheckpointError: the file is empty, text, truncated or corrupted (checksum mismatch).
+        CheckpointError: the file is empty, text, truncated or corrupted (checksum mismatch),
+            or holds another kind of state than ``kind``.
 
     Examples:
         >>> path = Path(tempfile.mkdtemp()) / "run.pt"
@@ -191,6 +201,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise _refusal(path, f"torch.load failed: {error}") from error
     if not isinstance(state, dict):
         raise _refusal(path, f"it holds a {type(state).__name__}, not a dict")
+    found = state.get("kind")  # pyright: ignore[reportUnknownMemberType]
+    if kind is not None and found != kind:
+        held = f"an {found!r} checkpoint" if found else "a checkpoint without a kind"
+        raise CheckpointError(f"{path} is not an {kind!r} checkpoint: it holds {held}")
     return {str(key): value for key, value in state.items()}  # pyright: ignore[reportUnknownVariableType]
 
 
@@ -470,3 +484,97 @@ def transformer_step_bytes(
     activations = depth * batch * length * (24 * dim + 2 * heads * length)
     weights = 16 * (12 * dim * dim * depth + 2 * vocab_size * dim)
     return 4 * (states + activations + weights)
+
+
+def fail(message: str) -> NoReturn:
+    """Stop a command-line program on a configuration error: one ``error: ...`` line, exit 2.
+
+    No traceback and no usage block: the line names the flag and the problem.
+
+    Args:
+        message: what is wrong and, where possible, what to do.
+
+    Examples:
+        >>> fail("--lr must lie in (0, 1], got 1e+30")
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors (unknown flag, bad value) go through `fail`.
+
+    Examples:
+        >>> parser = ArgumentParser()
+        >>> _ = parser.add_argument("--steps", type=int)
+        >>> parser.parse_args(["--steps", "ten"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Report ``message`` as one line and exit with code 2."""
+        fail(message)
+
+
+class _StoreTuple(argparse.Action):
+    """Store one or more values as a tuple (settings dataclasses are frozen and hashable)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, tuple(values))
+
+
+def add_settings(
+    parser: argparse.ArgumentParser,
+    settings: type[Any],
+    choices: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """Add a flag ``--field-name`` for every field of the dataclass ``settings``.
+
+    The type comes from the field's annotation (``int``, ``float``, ``str``, their ``| None``
+    forms, ``bool`` as ``--x/--no-x``, ``tuple[int, ...]`` as one or more values, given back
+    as a tuple). A flag that is not given is absent from the parsed namespace, so that the
+    given flags override the defaults, a preset or a checkpoint's settings, and nothing else.
+
+    Args:
+        parser: where to add the flags.
+        settings: a dataclass.
+        choices: the allowed values of some fields.
+
+    Examples:
+        >>> @dataclasses.dataclass
+        ... class Settings:
+        ...     steps: int = 10
+        ...     sizes: tuple[int, ...] = (1, 2)
+        ...     bf16: bool = False
+        >>> parser = ArgumentParser()
+        >>> add_settings(parser, Settings)
+        >>> vars(parser.parse_args(["--sizes", "4", "8", "--bf16"]))
+        {'sizes': (4, 8), 'bf16': True}
+    """
+    choices = choices or {}
+    for field in dataclasses.fields(settings):
+        flag = "--" + field.name.replace("_", "-")
+        kinds = [kind for kind in get_args(field.type) if kind is not type(None)]
+        kind = kinds[0] if get_origin(field.type) is not tuple and kinds else field.type
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=argparse.SUPPRESS)
+        elif get_origin(field.type) is tuple:
+            parser.add_argument(
+                flag, type=int, nargs="+", action=_StoreTuple, default=argparse.SUPPRESS
+            )
+        else:
+            parser.add_argument(
+                flag, type=kind, choices=choices.get(field.name), default=argparse.SUPPRESS
+            )

@@ -233,7 +233,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(
             raise OSError("simulated crash in the middle of a checkpoint write")
         return save_checkpoint(path, state)
 
-    monkeypatch.setattr(flm, "save_checkpoint", crash_on_second_save)
+    monkeypatch.setattr(flm.train, "save_checkpoint", crash_on_second_save)
     args = ["--smoke", "--task", "alpha-repeat", "--out", checkpoint, "--checkpoint-every", "4"]
     with pytest.raises(OSError, match="simulated crash"):
         run(flm, *args)
@@ -316,7 +316,7 @@ def test_an_fmlm_checkpoint_is_named_as_such(
     student = tmp_path / "fmlm.pt"
     save_checkpoint(student, {"kind": "fmlm", "stages": {}})
     message = refused(flm, capsys, "--sample-only", "--out", student)
-    assert "is an FMLM checkpoint (of examples/fmlm.py)" in message
+    assert "is not an 'flm' checkpoint: it holds an 'fmlm' checkpoint" in message
 
 
 def test_a_smoke_checkpoint_is_not_resumed_by_a_real_run(

@@ -177,7 +177,7 @@ def test_v1_resumes_exactly_after_a_crash_in_either_stage(
             raise SimulatedCrash
         return digest
 
-    monkeypatch.setattr(fmlm, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(fmlm.train, "save_checkpoint", save_then_crash)
     with pytest.raises(SimulatedCrash):
         run(fmlm, *flags, "--out", tmp_path / "resumed.pt")
     monkeypatch.undo()
@@ -278,9 +278,9 @@ def test_a_student_given_as_the_teacher_is_refused(
 ) -> None:
     student = tmp_path / "fmlm.pt"
     run(fmlm, "--smoke", "--teacher", teacher, "--out", student, "--steps", "1")
-    assert "is not an FLM checkpoint" in refused(fmlm, capsys, "--teacher", student)
+    assert "is not an 'flm' checkpoint" in refused(fmlm, capsys, "--teacher", student)
     message = refused(fmlm, capsys, "--teacher", teacher, "--out", teacher, "--resume")
-    assert "is not an FMLM checkpoint of fmlm.py --out" in message
+    assert "is not an 'fmlm' checkpoint: it holds an 'flm' checkpoint" in message
 
 
 def test_a_corrupted_teacher_is_refused(
