@@ -17,10 +17,12 @@ from typing import Any
 import flm
 import fmlm
 
+from flowlm.train import ArgumentParser
+
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Train, distil, and return the comparison rows."""
-    parser = fmlm.Parser(description=__doc__)  # configuration errors: one line, exit code 2
+    parser = ArgumentParser(description=__doc__)  # configuration errors: one line, exit code 2
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps (CI)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="checkpoints and JSON")
     parser.add_argument("--method", choices=fmlm.METHODS, default="v2")
