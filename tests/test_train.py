@@ -1,5 +1,6 @@
 """Tests of flowlm.train: checkpoints, the weight average, seeds, the schedule, the processes."""
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -14,11 +15,14 @@ from torch import nn
 from flowlm.train import (
     EMA,
     MAGIC,
+    ArgumentParser,
     CheckpointError,
     Processes,
+    add_settings,
     atomic_write,
     checkpoint_digest,
     derived_seed,
+    fail,
     learning_rate,
     load_checkpoint,
     remove_partial_files,
@@ -207,3 +211,78 @@ def test_memory_that_cannot_fit_is_refused_before_allocating() -> None:
         transformer_step_bytes(2, 8, 10, 16, 1, 2) / 4,
         16 * 2 * 8 * 10 + 2 * 8 * (24 * 16 + 2 * 2 * 8) + 16 * (12 * 16 * 16 + 2 * 10 * 16),
     )
+
+
+def test_a_checkpoint_of_another_kind_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "student.pt"
+    save_checkpoint(path, {"kind": "fmlm"})
+    assert load_checkpoint(path, kind="fmlm") == {"kind": "fmlm"}
+    with pytest.raises(CheckpointError, match="is not an 'flm' checkpoint: it holds an 'fmlm'"):
+        load_checkpoint(path, kind="flm")
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(CheckpointError, match="it holds a checkpoint without a kind"):
+        load_checkpoint(path, kind="flm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    task: str = "corpus"
+    text: str | None = None
+    lr: float = 3e-4
+    boundary_prob: float | None = None
+    steps: int = 10
+    sample_steps: tuple[int, ...] = (1, 2)
+    bf16: bool = False
+
+
+def settings_parser() -> ArgumentParser:
+    parser = ArgumentParser()
+    add_settings(parser, Settings, {"task": ("corpus", "markov")})
+    return parser
+
+
+def test_settings_flags_are_typed_and_absent_unless_given() -> None:
+    parser = settings_parser()
+    assert vars(parser.parse_args([])) == {}
+    given = vars(
+        parser.parse_args(
+            "--task markov --text a.txt --lr 0.1 --boundary-prob 0.5 --steps 3 "
+            "--sample-steps 4 8 --no-bf16".split()
+        )
+    )
+    assert given == {
+        "task": "markov",
+        "text": "a.txt",
+        "lr": 0.1,
+        "boundary_prob": 0.5,
+        "steps": 3,
+        "sample_steps": (4, 8),
+        "bf16": False,
+    }
+    assert dataclasses.replace(Settings(), **given).sample_steps == (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ("--steps ten", "error: argument --steps: invalid int value: 'ten'\n"),
+        ("--task poetry", "error: argument --task: invalid choice: 'poetry' (choose from "),
+        ("--sample-steps", "error: argument --sample-steps: expected at least one argument\n"),
+        ("--stpes 3", "error: unrecognized arguments: --stpes 3\n"),
+    ],
+)
+def test_parse_errors_are_one_line_with_exit_code_2(
+    capsys: pytest.CaptureFixture[str], argv: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        settings_parser().parse_args(argv.split())
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_fail_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        fail("--lr must lie in (0, 1], got 1e+30")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "error: --lr must lie in (0, 1], got 1e+30\n"
