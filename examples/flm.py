@@ -96,28 +96,11 @@ class Config:
 
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the flag of the first setting that cannot work."""
-        for name in "length dim depth heads steps batch_size samples log_every eval_every sample_every checkpoint_every".split():
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-                )
-        if min(self.sample_steps) < 1:
-            raise ValueError(f"--sample-steps must be at least 1, got {self.sample_steps}")
+        positive = "length dim depth heads steps batch_size samples log_every eval_every sample_every checkpoint_every"
+        train.check_settings(self, world_size, positive.split())
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(
                 f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
-            )
-        if not 0 < self.lr <= 1:  # NaN fails too
-            raise ValueError(f"--lr must lie in (0, 1], got {self.lr}")
-        if not 0 < self.grad_clip < math.inf:
-            raise ValueError(f"--grad-clip must be a positive gradient norm, got {self.grad_clip}")
-        if self.warmup < 0 or not 0 <= self.dropout < 1 or not 0 < self.ema_decay < 1:
-            raise ValueError(
-                f"need --warmup >= 0, 0 <= --dropout < 1 and 0 < --ema-decay < 1, got {self.warmup}, {self.dropout} and {self.ema_decay}"
-            )
-        if self.batch_size % world_size:
-            raise ValueError(
-                f"--batch-size {self.batch_size} does not split over {world_size} processes"
             )
 
 
@@ -313,15 +296,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
-                rate = train.learning_rate(
-                    step,
-                    peak=config.lr,
-                    warmup=config.warmup,
-                    total=config.steps,
-                    schedule=config.schedule,
+                lr = train.learning_rate(
+                    step, config.lr, config.warmup, config.steps, config.schedule
                 )
                 for group in optimizer.param_groups:
-                    group["lr"] = rate
+                    group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(backbone.parameters(), config.grad_clip)

@@ -105,26 +105,10 @@ class Config:
 
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the flag of the first setting that cannot work."""
-        for name in "steps batch_size samples log_every checkpoint_every teacher_steps".split():
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-                )
-        if min(self.sample_steps) < 1:
-            raise ValueError(f"--sample-steps must be at least 1, got {self.sample_steps}")
-        if not 0 < self.lr <= 1:  # NaN fails too
-            raise ValueError(f"--lr must lie in (0, 1], got {self.lr}")
-        if not 0 < self.grad_clip < math.inf:
-            raise ValueError(f"--grad-clip must be a positive gradient norm, got {self.grad_clip}")
+        positive = "steps batch_size samples log_every checkpoint_every teacher_steps"
+        train.check_settings(self, world_size, positive.split())
         if self.boundary_prob is not None and not 0 <= self.boundary_prob <= 1:
             raise ValueError(f"--boundary-prob must lie in [0, 1], got {self.boundary_prob}")
-        if self.warmup < 0 or not 0 <= self.dropout < 1 or not 0 < self.ema_decay < 1:
-            raise ValueError(
-                "need --warmup >= 0, 0 <= --dropout < 1 and 0 < --ema-decay < 1, "
-                f"got {self.warmup}, {self.dropout} and {self.ema_decay}"
-            )
-        if self.batch_size % world_size:
-            raise ValueError(f"--batch-size {self.batch_size} does not split over {world_size}")
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -236,10 +220,6 @@ def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
     return network
 
 
-def all_finite(module: torch.nn.Module) -> bool:
-    return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
-
-
 def sample_report(
     flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
 ):
@@ -281,12 +261,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         teacher_network.load_state_dict(teacher_state["ema"])  # the teacher's EMA weights
         teacher_network = teacher_network.to(device).eval().requires_grad_(False)
         teacher = fl.XPredictor(teacher_network)
-        identity = config.clock == "identity"
-        interpolant = fl.LinearInterpolant(
-            reparam=fl.Identity() if identity else fl.TokenAccuracy(vocab)
-        ).to(device)
+        clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
+        interpolant = fl.LinearInterpolant(reparam=clock).to(device)
         velocity = fl.XPredVelocity(teacher, interpolant)
-        many_step_teacher = fl.Substeps(fl.XPredMap(teacher, interpolant), config.teacher_steps)
+        many_steps = fl.Substeps(fl.XPredMap(teacher, interpolant), config.teacher_steps)
         if procs.is_main:
             print(
                 f"flowlm FMLM ({config.method}): {task.description}\nteacher {options.teacher} "
@@ -294,23 +272,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
 
         stages = ["v1-stage1", "v1-stage2"] if config.method == "v1" else [config.method]
-        checkpoint_state = saved or dict(
-            kind="fmlm",
-            smoke=options.smoke,
-            config=asdict(config),
-            teacher_digest=teacher_digest,
-            tokenizer=task.tokenizer.state_dict(),
-            stages={},
+        checkpoint_state = saved or dict(kind="fmlm", smoke=options.smoke, config=asdict(config))
+        checkpoint_state |= dict(
+            teacher_digest=teacher_digest, tokenizer=task.tokenizer.state_dict()
         )
+        checkpoint_state.setdefault("stages", {})
         result: dict[str, Any] = {"task": config.task, "method": config.method, "train_steps": 0}
         networks: dict[str, DiT] = {}
         for stage in stages:
             network = networks[stage] = student_network(teacher_network, config, stage)
-            weighting = fl.LearnedTimeWeighting().to(device)  # v1 stage 1 only
-            parameters = [
-                *network.parameters(),
-                *(weighting.parameters() if stage == "v1-stage1" else ()),
-            ]
+            weighting = fl.LearnedTimeWeighting().to(device)  # trained by v1's stage 1 only
+            parameters = [*network.parameters(), *weighting.parameters()]
             optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
             ema = train.EMA(network, config.ema_decay)
             start = 0
@@ -348,22 +320,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     elif stage == "self":
                         token_loss = distill.self_semigroup_loss(student, tokens, x_t, t, s)
                     elif stage == "regression":
-                        token_loss = distill.map_regression_kl_loss(
-                            student, many_step_teacher, x_t, t, s
-                        )
+                        token_loss = distill.map_regression_kl_loss(student, many_steps, x_t, t, s)
                     elif stage == "v1-stage1":
                         token_loss = weighting(distill.taylor_semigroup_loss(taylor, x_t, t, s), t)
                     else:
                         token_loss = distill.map_regression_loss(student, frozen_taylor, x_t, t, s)
                     loss = fl.masked_mean(token_loss)
+                lr = train.learning_rate(
+                    step, config.lr, config.warmup, config.steps, config.schedule
+                )
                 for group in optimizer.param_groups:
-                    group["lr"] = train.learning_rate(
-                        step,
-                        peak=config.lr,
-                        warmup=config.warmup,
-                        total=config.steps,
-                        schedule=config.schedule,
-                    )
+                    group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
@@ -372,24 +339,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
                 # Host reads only from here on, at log and checkpoint steps.
                 done = step + 1
+                last = done == config.steps
                 checkpoint = options.out is not None and (
-                    done % config.checkpoint_every == 0 or done == config.steps
+                    done % config.checkpoint_every == 0 or last
                 )
-                if done % config.log_every == 0 or checkpoint or done == config.steps:
+                if done % config.log_every == 0 or checkpoint or last:
                     train_loss[str(done)] = value = procs.mean(loss.detach()).item()
-                    if not math.isfinite(value) or (checkpoint and not all_finite(network)):
+                    weights = torch.stack([p.isfinite().all() for p in network.parameters()])
+                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
                         raise FloatingPointError(
                             f"{stage} step {done}: the loss is {value}; stopped without "
                             "saving (the last checkpoint is kept). Try a lower --lr."
                         )
                 if checkpoint and procs.is_main:
-                    checkpoint_state["stages"][stage] = dict(
-                        step=done,
-                        model=network.state_dict(),
-                        ema=ema.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        weighting=weighting.state_dict(),
+                    saved_stage = dict(step=done, model=network.state_dict(), ema=ema.state_dict())
+                    saved_stage |= dict(
+                        optimizer=optimizer.state_dict(), weighting=weighting.state_dict()
                     )
+                    checkpoint_state["stages"][stage] = saved_stage
                     train.save_checkpoint(options.out, checkpoint_state)
             network.load_state_dict(ema.module.state_dict())  # sample (and stage 2) from the EMA
             network.eval()
@@ -402,11 +369,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["steps"] = sample_report(student, f"FMLM {config.method}", task, config, device)
             if config.method == "v1":
                 taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
-                result["stage1_steps"] = sample_report(
-                    taylor, "v1 stage-1 Taylor map", task, config, device
-                )
+                label = "v1 stage-1 Taylor map"
+                result["stage1_steps"] = sample_report(taylor, label, task, config, device)
             sampler = (
-                fl.XPredMap(teacher, interpolant) if config.solver == "euler" else fl.Heun(velocity)
+                fl.Heun(velocity) if config.solver == "heun" else fl.XPredMap(teacher, interpolant)
             )
             teacher_config = replace(config, sample_steps=TEACHER_STEPS)
             label = f"teacher FLM {config.solver}"

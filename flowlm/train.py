@@ -11,8 +11,9 @@ The examples' scripts use these so that each reads as one loop; none of them kno
   rank)``, so that a resumed run replays its draws exactly and every process draws its own.
 - `Processes` and `processes`: one process, or the processes of a ``torchrun`` launch.
 - `learning_rate`: linear warm-up, then constant or cosine decay to 0.
-- `ArgumentParser`, `add_settings` and `fail`: command-line flags from a settings dataclass,
-  and configuration errors as one ``error: ...`` line with exit code 2.
+- `ArgumentParser`, `add_settings`, `check_settings` and `fail`: command-line flags from a
+  settings dataclass, its values checked, and configuration errors as one ``error: ...`` line
+  with exit code 2.
 - `require_memory` and `transformer_step_bytes`: refuse a configuration that cannot fit
   before allocating it.
 """
@@ -28,7 +29,7 @@ import os
 import sys
 import tempfile
 import zlib
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "Processes",
     "add_settings",
     "atomic_write",
+    "check_settings",
     "checkpoint_digest",
     "derived_seed",
     "fail",
@@ -317,7 +319,7 @@ def seeded_generator(
 
 
 def learning_rate(
-    step: int, *, peak: float, warmup: int, total: int, schedule: Literal["constant", "cosine"]
+    step: int, peak: float, warmup: int, total: int, schedule: Literal["constant", "cosine"]
 ) -> float:
     r"""The rate of (0-based) ``step``: linear warm-up to ``peak``, then constant or cosine.
 
@@ -578,3 +580,44 @@ def add_settings(
             parser.add_argument(
                 flag, type=kind, choices=choices.get(field.name), default=argparse.SUPPRESS
             )
+
+
+def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] = ()) -> None:
+    r"""Raise ``ValueError`` naming the flag of the first training setting that cannot work.
+
+    Checks those of these attributes that ``settings`` has: ``lr`` in $(0, 1]$ (``1e30``
+    overflows, a negative rate ascends), ``grad_clip`` a positive finite norm (a negative one
+    flips the gradient), ``warmup`` $\ge 0$, ``dropout`` in $[0, 1)$, ``ema_decay`` in
+    $(0, 1)$, every ``sample_steps`` $\ge 1$, ``batch_size`` a multiple of ``world_size``, and
+    every attribute named in ``positive`` $\ge 1$. NaN fails every range.
+
+    Args:
+        settings: e.g. a settings dataclass.
+        world_size: the processes the global ``batch_size`` is split over.
+        positive: attributes that must be at least 1.
+
+    Examples:
+        >>> @dataclasses.dataclass
+        ... class Settings:
+        ...     lr: float = 3e-4
+        ...     grad_clip: float = -1.0
+        >>> check_settings(Settings())
+        Traceback (most recent call last):
+        ...
+        ValueError: --grad-clip must be a positive finite gradient norm, got -1.0
+    """
+    ranges: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "lr": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+        "grad_clip": (lambda v: 0 < v < math.inf, "must be a positive finite gradient norm"),
+        "warmup": (lambda v: v >= 0, "must be at least 0"),
+        "dropout": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        "ema_decay": (lambda v: 0 < v < 1, "must lie in (0, 1)"),
+        "sample_steps": (lambda v: len(v) > 0 and min(v) >= 1, "must be step counts >= 1"),
+    }
+    ranges |= {name: (lambda v: v >= 1, "must be at least 1") for name in positive}
+    for name, (allowed, requirement) in ranges.items():
+        if hasattr(settings, name) and not allowed(value := getattr(settings, name)):
+            raise ValueError(f"--{name.replace('_', '-')} {requirement}, got {value}")
+    batch_size = getattr(settings, "batch_size", world_size)
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} does not split over {world_size} processes")

@@ -257,8 +257,8 @@ def test_a_killed_write_leaves_no_partial_file_after_the_next_start(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--grad-clip", "-1"], "--grad-clip must be a positive gradient norm, got -1.0"),
-        (["--grad-clip", "nan"], "--grad-clip must be a positive gradient norm, got nan"),
+        (["--grad-clip", "-1"], "--grad-clip must be a positive finite gradient norm, got -1.0"),
+        (["--grad-clip", "nan"], "--grad-clip must be a positive finite gradient norm, got nan"),
         (["--lr", "1e30"], r"--lr must lie in \(0, 1\], got 1e\+30"),
         (["--lr", "0"], r"--lr must lie in \(0, 1\], got 0.0"),
         (["--length", "100000"], r"needs about \d+\.\d GiB, more than the"),
@@ -267,9 +267,9 @@ def test_a_killed_write_leaves_no_partial_file_after_the_next_start(
         (["--length", "0"], "--length must be at least 1, got 0"),
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
-        (["--sample-steps", "4", "0"], r"--sample-steps must be at least 1, got \(4, 0\)"),
+        (["--sample-steps", "4", "0"], r"--sample-steps must be step counts >= 1, got \(4, 0\)"),
         (["--dim", "30", "--heads", "4"], "--dim / --heads must be an even number, got 30 / 4"),
-        (["--ema-decay", "1"], "0 < --ema-decay < 1"),
+        (["--ema-decay", "1"], r"--ema-decay must lie in \(0, 1\), got 1.0"),
         (["--threads", "0"], "--threads must be at least 1, got 0"),
         (["--task", "poetry"], "argument --task: invalid choice: 'poetry'"),
         (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
@@ -291,7 +291,7 @@ def test_the_command_line_prints_one_error_line_without_traceback(tmp_path: Path
         timeout=120,
     )
     assert launched.returncode == 2
-    assert launched.stderr == "error: --grad-clip must be a positive gradient norm, got -1.0\n"
+    assert launched.stderr == "error: --grad-clip must be a positive finite gradient norm, got -1.0\n"
 
 
 @pytest.mark.parametrize("damage", ["64 flipped bytes", "empty", "text", "truncated"])

@@ -236,7 +236,7 @@ def test_a_retrained_teacher_is_not_reused_silently_with_an_old_student(
         (["--heads", "4"], "--heads 4 contradicts the teacher's 2"),
         (["--length", "16"], "--length 16 contradicts the teacher's 8"),
         (["--task", "markov"], "--task markov contradicts the teacher's alpha-repeat"),
-        (["--grad-clip", "-1"], "--grad-clip must be a positive gradient norm, got -1.0"),
+        (["--grad-clip", "-1"], "--grad-clip must be a positive finite gradient norm, got -1.0"),
         (["--lr", "1e30"], r"--lr must lie in (0, 1], got 1e+30"),
         (["--samples", "100000000"], "GiB, more than the"),
         (["--boundary-prob", "2"], "--boundary-prob must lie in [0, 1], got 2.0"),
