@@ -4,7 +4,7 @@ Trains a DiT to predict the clean one-hot sequence from a point of the linear no
 path, with cross-entropy, on the decoding-accuracy clock (paper §3), then samples with the
 Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's measures.
 
-    python examples/flm.py                          # the King James Bible, ~8 min on 2 cores
+    python examples/flm.py                          # the King James Bible (main.py's FLM)
     python examples/flm.py --task alpha-repeat      # 26 letters repeated 8 times: valid rate
     python examples/flm.py --task markov            # a Markov chain: exact perplexity of samples
     python examples/flm.py --text my_books/         # your own .txt file or folder
@@ -42,7 +42,7 @@ from flowlm.metrics import token_entropy
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
-PRESETS: dict[str, dict[str, Any]] = {  # corpus: 2,500 steps, ~8 min at 5 steps/s (1 thread)
+PRESETS: dict[str, dict[str, Any]] = {
     "corpus": dict(length=64, dim=128, depth=4, heads=4, steps=2500),
     "alpha-repeat": dict(length=8, dim=64, depth=2, heads=2, steps=800, batch_size=64,
                          ema_decay=0.99, eval_every=200, samples=256),
@@ -148,7 +148,8 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
         for name in MODEL:
             if name in given and given[name] != getattr(config, name):
                 raise ValueError(
-                    f"--{name} {given[name]} contradicts the checkpoint's {getattr(config, name)}: drop it or give another --out"
+                    f"--{name} {given[name]} contradicts the checkpoint's "
+                    f"{getattr(config, name)}: drop it or give another --out"
                 )
         config = replace(config, **given)
     config.check(procs.world_size)
@@ -166,21 +167,14 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
 # ---------------------------------------------------------------------------- data and samples
 def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
     """This process's rows of step ``step``'s batch: sequences, noise (on the device), times."""
-    rows, device = config.batch_size // procs.world_size, procs.device
-    tokens = task.draw(rows, train.seeded_generator(config.seed, "data", step, procs.rank)).to(
-        device
-    )
-    noise_generator = train.seeded_generator(config.seed, "noise", step, procs.rank, device=device)
-    noise = torch.randn(
-        (rows, task.length, task.vocab_size), generator=noise_generator, device=device
-    )
-    times_generator = train.seeded_generator(
-        config.seed, "times", step
-    )  # the global batch's strata
-    t = fl.uniform_times(
-        rows, rank=procs.rank, world_size=procs.world_size, generator=times_generator, device=device
-    )
-    return tokens, noise, t
+    rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
+    tokens = task.draw(rows, train.seeded_generator(config.seed, "data", step, rank)).to(device)
+    noise_generator = train.seeded_generator(config.seed, "noise", step, rank, device=device)
+    shape = (rows, task.length, task.vocab_size)
+    noise = torch.randn(shape, generator=noise_generator, device=device)
+    strata = train.seeded_generator(config.seed, "times", step)  # one for the global batch
+    t = fl.uniform_times(rows, rank=rank, world_size=procs.world_size, generator=strata)
+    return tokens, noise, t.to(device)
 
 
 def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpolant) -> fl.FlowMap:
@@ -232,17 +226,11 @@ def validation_loss(
     x1 = fl.one_hot(tokens, task.vocab_size)
     losses = []
     for i, time_value in enumerate(VALIDATION_TIMES):
-        noise = torch.randn(
-            x1.shape,
-            generator=train.seeded_generator(config.seed, "validation", i, device=device),
-            device=device,
-        )
+        generator = train.seeded_generator(config.seed, "validation", i, device=device)
+        noise = torch.randn(x1.shape, generator=generator, device=device)
         t = torch.full((len(x1),), time_value, device=device)
-        losses.append(
-            fl.masked_mean(
-                fl.cross_entropy(predictor.logits(interpolant.sample(noise, x1, t), t), tokens)
-            )
-        )
+        logits = predictor.logits(interpolant.sample(noise, x1, t), t)
+        losses.append(fl.masked_mean(fl.cross_entropy(logits, tokens)))
     return torch.stack(losses).mean().item()
 
 

@@ -183,22 +183,24 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
 # ---------------------------------------------------------------------------- data and reports
 def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.Processes):
     """This process's rows of a step's batch: sequences, noise (on the device), time pairs."""
-    rows, device = config.batch_size // procs.world_size, procs.device
-    tokens = task.draw(rows, train.seeded_generator(config.seed, stage, step, procs.rank)).to(
-        device
+    rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
+    tokens = task.draw(rows, train.seeded_generator(config.seed, stage, step, rank)).to(device)
+    noise_generator = train.seeded_generator(
+        config.seed, f"noise {stage}", step, rank, device=device
     )
-    noise_generator = train.seeded_generator(config.seed, "noise", step, procs.rank, device=device)
     shape = (rows, task.length, task.vocab_size)
     noise = torch.randn(shape, generator=noise_generator, device=device)
+    boundary = (
+        BOUNDARY_PROB.get(stage, 0.1) if config.boundary_prob is None else config.boundary_prob
+    )
+    strata = train.seeded_generator(config.seed, f"times {stage}", step)  # for the global batch
     pair = fl.time_pairs(
         rows,
-        boundary_prob=BOUNDARY_PROB.get(stage, 0.1)
-        if config.boundary_prob is None
-        else config.boundary_prob,
+        boundary_prob=boundary,
         min_gap=MIN_GAP.get(stage, 1e-3),
-        rank=procs.rank,
+        rank=rank,
         world_size=procs.world_size,
-        generator=train.seeded_generator(config.seed, "times", step),  # strata of the global batch
+        generator=strata,
         device=device,
     )
     return tokens, noise, pair

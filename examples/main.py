@@ -1,6 +1,6 @@
 """The main job: train a small FLM on the embedded corpus, distil it into a one-step FMLM.
 
-    python examples/main.py            # 13 minutes on 2 CPU cores (README: how measured)
+    python examples/main.py            # 13.4 min on a 2-core CPU (README: how measured)
     python examples/main.py --smoke    # seconds: tiny models, a few steps, in runs/smoke/
 
 Runs examples/flm.py (checkpoint ``runs/flm.pt``), then examples/fmlm.py with the v2

@@ -20,6 +20,7 @@ from flowlm.train import (
     Processes,
     add_settings,
     atomic_write,
+    check_settings,
     checkpoint_digest,
     derived_seed,
     fail,
@@ -286,3 +287,40 @@ def test_fail_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) ->
         fail("--lr must lie in (0, 1], got 1e+30")
     assert stopped.value.code == 2
     assert capsys.readouterr().err == "error: --lr must lie in (0, 1], got 1e+30\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    lr: float = 3e-4
+    grad_clip: float = 1.0
+    warmup: int = 10
+    dropout: float = 0.0
+    ema_decay: float = 0.99
+    sample_steps: tuple[int, ...] = (1, 8)
+    batch_size: int = 8
+    steps: int = 100
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr": 1e30}, r"--lr must lie in \(0, 1\], got 1e\+30"),
+        ({"lr": -1e-3}, r"--lr must lie in \(0, 1\], got -0.001"),
+        ({"lr": math.nan}, r"--lr must lie in \(0, 1\], got nan"),
+        ({"grad_clip": -1.0}, "--grad-clip must be a positive finite gradient norm, got -1.0"),
+        ({"grad_clip": math.inf}, "--grad-clip must be a positive finite gradient norm, got inf"),
+        ({"warmup": -1}, "--warmup must be at least 0, got -1"),
+        ({"dropout": 1.0}, r"--dropout must lie in \[0, 1\), got 1.0"),
+        ({"ema_decay": 0.0}, r"--ema-decay must lie in \(0, 1\), got 0.0"),
+        ({"sample_steps": (4, 0)}, r"--sample-steps must be step counts >= 1, got \(4, 0\)"),
+        ({"sample_steps": ()}, r"--sample-steps must be step counts >= 1, got \(\)"),
+        ({"steps": 0}, "--steps must be at least 1, got 0"),
+        ({"batch_size": 9}, "--batch-size 9 does not split over 2 processes"),
+    ],
+)
+def test_check_settings_names_the_flag_that_cannot_work(
+    change: dict[str, object], message: str
+) -> None:
+    check_settings(Training(), world_size=2, positive=["steps"])
+    with pytest.raises(ValueError, match=message):
+        check_settings(dataclasses.replace(Training(), **change), 2, positive=["steps"])
