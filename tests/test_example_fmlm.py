@@ -323,3 +323,35 @@ def test_before_training_the_student_is_the_teachers_euler_step(
         else:
             student_map = fl.XPredMap(fl.XPredictor(student), interpolant, two_time=True)
             assert torch.equal(student_map(x, t, s), euler_step)
+
+
+@pytest.mark.parametrize("method", ["v2", "v1"])
+def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """3 and 9 steps per stage, logged and saved at the last one only: the same host reads."""
+    calls: list[str] = []
+    for name in ("item", "__bool__", "cpu", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if "torch/optim/" not in caller:  # AdamW's step counters live on the host
+                calls.append(caller)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    counts = []
+    for steps in ("3", "9"):
+        calls.clear()
+        flags = [
+            "--log-every",
+            "100",
+            "--checkpoint-every",
+            "100",
+            "--out",
+            tmp_path / f"{steps}.pt",
+        ]
+        run(fmlm, "--smoke", "--teacher", teacher, "--method", method, "--steps", steps, *flags)
+        counts.append(len(calls))
+    assert counts[0] > 0 and counts[0] == counts[1]
