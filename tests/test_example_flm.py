@@ -291,7 +291,9 @@ def test_the_command_line_prints_one_error_line_without_traceback(tmp_path: Path
         timeout=120,
     )
     assert launched.returncode == 2
-    assert launched.stderr == "error: --grad-clip must be a positive finite gradient norm, got -1.0\n"
+    assert (
+        launched.stderr == "error: --grad-clip must be a positive finite gradient norm, got -1.0\n"
+    )
 
 
 @pytest.mark.parametrize("damage", ["64 flipped bytes", "empty", "text", "truncated"])
