@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flowlm import FlowMap, State, Tokens, decode, rollout, time_grid
-from flowlm.data import TextCorpus, load_kjv, load_text
+from flowlm.data import TextCorpus, load_kjv
 
 # -- flags ------------------------------------------------------------------------------------
 
@@ -229,14 +229,15 @@ def describe_machine(machine: dict[str, Any]) -> str:
 # -- results ----------------------------------------------------------------------------------
 
 
-def write_results(out_dir: Path, name: str, report: object, table: str) -> None:
-    """Write ``<out_dir>/<name>.json`` and ``<name>.md``; print the table and the paths."""
+def write_results(out_dir: Path, name: str, report: object, table: str | None = None) -> None:
+    """Write ``<out_dir>/<name>.json`` and, given a table, ``<name>.md``; print what it wrote."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {path} and {path.with_suffix('.md')}", flush=True)
+    if table is not None:
+        path.with_suffix(".md").write_text(table + "\n")
+        print(table)
+    print(f"\nwrote {path}{'' if table is None else ' and ' + path.name[:-5] + '.md'}", flush=True)
 
 
 def verdict(passed: bool) -> str:
@@ -282,7 +283,6 @@ class TrainingSettings:
             clipping and an exponential moving average of the weights.
         seed: seeds the initialization and every batch.
         log_every: steps between printed losses (the only host reads of the loop).
-        text: a ``.txt`` file or folder to learn instead of the King James Bible.
     """
 
     length: int = 64
@@ -299,7 +299,6 @@ class TrainingSettings:
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 100
-    text: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("length", "dim", "depth", "heads", "steps", "batch_size", "log_every"):
@@ -327,9 +326,9 @@ TokenObjective = Callable[[Tokens, torch.Generator], Tensor]
 """A scalar training loss from a batch of tokens and the step's generator (noise, masks, times)."""
 
 
-def load_corpus(text: str | None = None) -> TextCorpus:
-    """The King James Bible (or the text at ``text``) with whole documents held out."""
-    return TextCorpus.split(load_kjv() if text is None else load_text(text))
+def load_corpus() -> TextCorpus:
+    """The King James Bible at the character level, with whole books held out."""
+    return TextCorpus.split(load_kjv())
 
 
 def seeded_generator(seed: int, purpose: str, *indices: int) -> torch.Generator:
