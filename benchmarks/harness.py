@@ -9,7 +9,8 @@ script run from it). It builds only on `flowlm` and torch:
   the medians and quartiles of wall-clock and thread CPU seconds); `timed` measures a `Phase`.
 - Machine: `machine_context` (load average, CPU model, cores, torch threads, versions).
 - Results: `write_results` (JSON and markdown), `verdict` and `print_verdicts` (PASS/FAIL).
-- Sampling: `flow_sampler`, a `Sampler` of FLM or FMLM from fixed noise.
+- Sampling: `flm_interpolant` (FLM's path) and `flow_sampler`, a `Sampler` of FLM or FMLM
+  from fixed noise.
 - Training: `TrainingSettings` and `train_on_tokens`, the recipe of every model a benchmark
   trains itself (seeded batches, AdamW, warm-up, clipping, EMA), cached in checkpoints named
   by `checkpoint_path`; `load_corpus` and `seeded_generator` give the data and the draws.
@@ -35,7 +36,16 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from flowlm import FlowMap, State, Tokens, decode, rollout, time_grid
+from flowlm import (
+    FlowMap,
+    LinearInterpolant,
+    State,
+    TokenAccuracy,
+    Tokens,
+    decode,
+    rollout,
+    time_grid,
+)
 from flowlm.data import TextCorpus, load_kjv
 
 # -- flags ------------------------------------------------------------------------------------
@@ -256,6 +266,11 @@ def print_verdicts(targets: list[dict[str, Any]]) -> None:
 
 Sampler = Callable[[int], tuple[Tokens, int]]
 """Samples at a number of steps: the tokens and the number of network calls made."""
+
+
+def flm_interpolant(vocab_size: int) -> LinearInterpolant:
+    """FLM's linear path on the decoding-accuracy clock, for a vocabulary of ``vocab_size``."""
+    return LinearInterpolant(reparam=TokenAccuracy(vocab_size))
 
 
 def flow_sampler(flow_map: FlowMap, noise: State) -> Sampler:

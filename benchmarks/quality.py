@@ -48,6 +48,7 @@ from harness import (
     TokenObjective,
     TrainingSettings,
     checkpoint_path,
+    flm_interpolant,
     flow_sampler,
     load_average,
     load_corpus,
@@ -248,11 +249,6 @@ def backbone(settings: TrainingSettings, vocab_size: int, two_time: bool = False
     )
 
 
-def interpolant(vocab_size: int) -> fl.LinearInterpolant:
-    """FLM's linear path on the decoding-accuracy clock."""
-    return fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab_size))
-
-
 def as_dit(network: nn.Module) -> DiT:
     if not isinstance(network, DiT):
         raise TypeError(f"expected a DiT, got {type(network).__name__}")
@@ -264,7 +260,7 @@ def train_flm(settings: TrainingSettings, corpus: TextCorpus, path: Path) -> DiT
     vocab_size = corpus.tokenizer.vocab_size
     torch.manual_seed(settings.seed)
     network = backbone(settings, vocab_size)
-    predictor, path_of_flm = fl.XPredictor(network), interpolant(vocab_size)
+    predictor, path_of_flm = fl.XPredictor(network), flm_interpolant(vocab_size)
 
     def objective(tokens: fl.Tokens, generator: torch.Generator) -> torch.Tensor:
         x1 = fl.one_hot(tokens, vocab_size)
@@ -278,7 +274,7 @@ def train_flm(settings: TrainingSettings, corpus: TextCorpus, path: Path) -> DiT
 
 def jump_objective(stage: str, loss: JumpLoss, vocab_size: int) -> TokenObjective:
     """``loss`` at time pairs (t, s) of the stage's distribution and x_t on FLM's path."""
-    path_of_flm = interpolant(vocab_size)
+    path_of_flm = flm_interpolant(vocab_size)
 
     def objective(tokens: fl.Tokens, generator: torch.Generator) -> torch.Tensor:
         pair = fl.time_pairs(
@@ -310,7 +306,7 @@ def distil(
     """
     vocab_size = corpus.tokenizer.vocab_size
     torch.manual_seed(settings.seed)
-    teacher_predictor, path_of_flm = fl.XPredictor(teacher), interpolant(vocab_size)
+    teacher_predictor, path_of_flm = fl.XPredictor(teacher), flm_interpolant(vocab_size)
 
     def student_network(zero_output: bool) -> DiT:
         network = backbone(settings, vocab_size, two_time=True)
@@ -567,7 +563,7 @@ def main() -> None:
     with timed("FLM: train", phases, cached=flm_path.exists()):
         teacher = train_flm(config, corpus, flm_path)
     with timed("FLM: sample and score", phases):
-        flm_map = fl.XPredMap(fl.XPredictor(teacher), interpolant(vocab_size))
+        flm_map = fl.XPredMap(fl.XPredictor(teacher), flm_interpolant(vocab_size))
         rows += sample_rows("FLM", flow_sampler(flm_map, noise), preset.sample_steps, score)
 
     distill_config = replace(
@@ -595,7 +591,7 @@ def main() -> None:
                 continue
         with timed(f"FMLM {method}: sample and score", phases):
             student_map = fl.XPredMap(
-                fl.XPredictor(student), interpolant(vocab_size), two_time=True
+                fl.XPredictor(student), flm_interpolant(vocab_size), two_time=True
             )
             rows += sample_rows(
                 f"FMLM {method}", flow_sampler(student_map, noise), preset.fmlm_steps, score

@@ -42,6 +42,7 @@ from harness import (
     Sampler,
     Timing,
     describe_machine,
+    flm_interpolant,
     flow_sampler,
     load_average,
     machine_context,
@@ -93,10 +94,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats")
 
 
-def interpolant() -> fl.LinearInterpolant:
-    return fl.LinearInterpolant(reparam=fl.TokenAccuracy(VOCAB_SIZE))
-
-
 def build_samplers(
     arguments: argparse.Namespace, generator: torch.Generator
 ) -> tuple[dict[str, Method], dict[str, Callable[[], object]], DiT]:
@@ -112,13 +109,14 @@ def build_samplers(
     mdlm = MaskedDiffusion(dit(VOCAB_SIZE + 1, False), VOCAB_SIZE).eval()
     ar = CausalTransformer(VOCAB_SIZE, dim, depth, heads, max_len=length, dropout=0.0).eval()
     noise = torch.randn(batch, length, VOCAB_SIZE, generator=generator)
-    flm = flow_sampler(fl.XPredMap(fl.XPredictor(one_time), interpolant()), noise)
-    fmlm = flow_sampler(fl.XPredMap(fl.XPredictor(two_time), interpolant(), two_time=True), noise)
+    path = flm_interpolant(VOCAB_SIZE)
+    flm = flow_sampler(fl.XPredMap(fl.XPredictor(one_time), path), noise)
+    fmlm = flow_sampler(fl.XPredMap(fl.XPredictor(two_time), path, two_time=True), noise)
 
     def zero_backbone(x_t: fl.State, t: fl.Time) -> fl.Logits:
         return torch.zeros_like(x_t)
 
-    library_only = flow_sampler(fl.XPredMap(fl.XPredictor(zero_backbone), interpolant()), noise)
+    library_only = flow_sampler(fl.XPredMap(fl.XPredictor(zero_backbone), path), noise)
 
     def autoregressive(steps: int) -> tuple[fl.Tokens, int]:
         return ar.generate(batch, steps, generator=generator, use_cache=True), steps
@@ -171,7 +169,7 @@ def training_candidates(
     distill.init_student(student, teacher)
     teacher.train()
     student.train()
-    path = interpolant()
+    path = flm_interpolant(VOCAB_SIZE)
     teacher_predictor = fl.XPredictor(teacher)
     student_map = fl.XPredMap(fl.XPredictor(student), path, two_time=True)
     tokens = torch.randint(VOCAB_SIZE, (batch, length), generator=generator)
@@ -303,19 +301,17 @@ def training_report(timings: dict[str, Timing]) -> list[dict[str, object]]:
     ]
 
 
-def row_for(rows: list[dict[str, object]], candidate: str, precision: str) -> dict[str, object]:
-    return next(r for r in rows if r["candidate"] == candidate and r["precision"] == precision)
-
-
-def cpu_per_sample(rows: list[dict[str, object]], candidate: str, precision: str) -> float:
-    value = row_for(rows, candidate, precision)["cpu_seconds_per_sample"]
-    if not isinstance(value, float):
-        raise TypeError(f"cpu_seconds_per_sample of {candidate} is {value!r}")
-    return value
+def cpu_per_sample(rows: list[dict[str, Any]], candidate: str, precision: str) -> float:
+    """Thread CPU seconds per sample of one candidate in one precision."""
+    return next(
+        float(r["cpu_seconds_per_sample"])
+        for r in rows
+        if r["candidate"] == candidate and r["precision"] == precision
+    )
 
 
 def evaluate_targets(
-    rows: list[dict[str, object]], ratios: list[dict[str, object]]
+    rows: list[dict[str, Any]], ratios: list[dict[str, Any]]
 ) -> list[dict[str, object]]:
     """The speed targets, per precision, on thread CPU seconds per sample."""
     targets: list[dict[str, object]] = []
@@ -339,7 +335,7 @@ def evaluate_targets(
             },
         ]
     for ratio in ratios:
-        value = float(str(ratio["cpu_overhead"]))
+        value = float(ratio["cpu_overhead"])
         targets.append(
             {
                 "target": f"{ratio['sampler']} sampler overhead over {ratio['baseline']} "
