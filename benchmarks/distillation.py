@@ -33,11 +33,11 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from harness import (
+    clock,
     describe_machine,
     load_average,
     machine_context,
@@ -110,7 +110,7 @@ def run_example(script: str, argv: list[str], json_path: Path) -> dict[str, Any]
     """
     command = [sys.executable, str(EXAMPLES / script), *argv, "--json", str(json_path)]
     before, usage_before = load_average(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = time.perf_counter()
+    started = clock()
     print(f"$ python examples/{script} {' '.join(argv)}", flush=True)
     completed = subprocess.run(command, stderr=subprocess.PIPE, text=True, check=False)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -122,7 +122,7 @@ def run_example(script: str, argv: list[str], json_path: Path) -> dict[str, Any]
         "result": json.loads(json_path.read_text()),
         "cpu_seconds": (usage.ru_utime + usage.ru_stime)
         - (usage_before.ru_utime + usage_before.ru_stime),
-        "wall_seconds": time.perf_counter() - wall,
+        "wall_seconds": (clock() - started).wall,
         "load_average_before": before,
         "load_average_after": load_average(),
         "argv": argv,

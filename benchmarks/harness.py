@@ -5,8 +5,9 @@ script run from it). It builds only on `flowlm` and torch:
 
 - Flags: `parse_flags` (``--out-dir``, ``--threads``, ``--seed``, ``--quick`` plus a
   benchmark's own), whose errors are one ``error: ...`` line and exit code 2.
-- Timing: `time_interleaved` times candidates in shuffled order over repeats (`Timing` holds
-  the medians and quartiles of wall-clock and thread CPU seconds); `timed` measures a `Phase`.
+- Timing: `stopwatch` (wall-clock and thread CPU seconds of a block) under
+  `time_interleaved`, which times candidates in shuffled order over repeats (`Timing` holds
+  the medians and quartiles), and `timed`, which records a `Phase` of a run.
 - Machine: `machine_context` (load average, CPU model, cores, torch threads, versions).
 - Results: `write_results` (JSON and markdown), `verdict` and `print_verdicts` (PASS/FAIL).
 - Sampling: `flm_interpolant` (FLM's path) and `flow_sampler`, a `Sampler` of FLM or FMLM
@@ -17,6 +18,7 @@ script run from it). It builds only on `flowlm` and torch:
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -104,6 +106,36 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return low, high
 
 
+@dataclass
+class Seconds:
+    """Wall-clock and thread CPU seconds: a reading of `clock`, or the difference of two.
+
+    Thread CPU time (`time.thread_time`) does not count time the thread spent descheduled on a
+    loaded machine: it is the work done when torch runs on one thread.
+    """
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def __sub__(self, start: "Seconds") -> "Seconds":
+        return Seconds(self.wall - start.wall, self.cpu - start.cpu)
+
+
+def clock() -> Seconds:
+    """The wall clock (`time.perf_counter`) and this thread's CPU clock, now."""
+    return Seconds(time.perf_counter(), time.thread_time())
+
+
+@contextmanager
+def stopwatch() -> Iterator[Seconds]:
+    """Measure the block: ``with stopwatch() as seconds: ...``, then read ``seconds.wall``."""
+    seconds, start = Seconds(), clock()
+    try:
+        yield seconds
+    finally:
+        seconds.wall, seconds.cpu = dataclasses.astuple(clock() - start)
+
+
 @dataclass(frozen=True)
 class Timing:
     """Seconds per call of one candidate, one sample per repeat.
@@ -154,11 +186,11 @@ def time_interleaved(
     for _ in range(repeats):
         for name in order.sample(names, len(names)):
             run = candidates[name]
-            wall_start, cpu_start = time.perf_counter(), time.thread_time()
-            for _ in range(calls):
-                run()
-            cpu[name].append((time.thread_time() - cpu_start) / calls)
-            wall[name].append((time.perf_counter() - wall_start) / calls)
+            with stopwatch() as seconds:
+                for _ in range(calls):
+                    run()
+            cpu[name].append(seconds.cpu / calls)
+            wall[name].append(seconds.wall / calls)
     return {name: Timing(wall[name], cpu[name]) for name in names}
 
 
@@ -176,17 +208,12 @@ class Phase:
 
 @contextmanager
 def timed(name: str, phases: list[Phase], cached: bool = False) -> Iterator[Phase]:
-    """Measure the block as a `Phase` appended to ``phases``, and print it when it ends.
-
-    CPU seconds are the calling thread's (`time.thread_time`): the work done when torch runs
-    on one thread, not inflated by other processes on a shared machine.
-    """
+    """Measure the block (`stopwatch`) as a `Phase` appended to ``phases``; print it at the end."""
     phase = Phase(name, load_before=os.getloadavg(), cached=cached)
     print(f"== {name}{' (cached checkpoint)' if cached else ''}", flush=True)
-    wall, cpu = time.perf_counter(), time.thread_time()
-    yield phase
-    phase.wall_seconds = time.perf_counter() - wall
-    phase.cpu_seconds = time.thread_time() - cpu
+    with stopwatch() as seconds:
+        yield phase
+    phase.wall_seconds, phase.cpu_seconds = seconds.wall, seconds.cpu
     phase.load_after = os.getloadavg()
     phases.append(phase)
     print(

@@ -31,10 +31,16 @@ Writes ``<out-dir>/mdlm_alpha_repeat.json`` and ``.md`` (the table, also printed
 
 import argparse
 import itertools
-import time
 
 import torch
-from harness import describe_machine, machine_context, parse_flags, positive_int, write_results
+from harness import (
+    describe_machine,
+    machine_context,
+    parse_flags,
+    positive_int,
+    stopwatch,
+    write_results,
+)
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -172,9 +178,9 @@ def main() -> None:
     task = AlphaRepeat(26, 8)
     backbone = DiT(task.vocab_size + 1, dim=128, depth=2, heads=4, dropout=0.0)
     model = MaskedDiffusion(backbone, task.vocab_size)
-    start = time.perf_counter()
-    losses = train(model, task, arguments.train_steps, arguments.batch, 1e-3, generator)
-    train_seconds = time.perf_counter() - start
+    with stopwatch() as seconds:
+        losses = train(model, task, arguments.train_steps, arguments.batch, 1e-3, generator)
+    train_seconds = seconds.wall
     model.eval()
     rows = []
     for steps in (1, 2, 4, 8, 16, 32, 64, 128):

@@ -31,7 +31,6 @@ cached at ``<results-dir>/judge_L{length}.pt``.
 
 import argparse
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +47,7 @@ from harness import (
     TokenObjective,
     TrainingSettings,
     checkpoint_path,
+    clock,
     flm_interpolant,
     flow_sampler,
     load_average,
@@ -56,6 +56,7 @@ from harness import (
     parse_flags,
     print_verdicts,
     seeded_generator,
+    stopwatch,
     timed,
     train_on_tokens,
     verdict,
@@ -219,14 +220,13 @@ def sample_rows(
     """Sample at each step count (timed: wall and thread CPU seconds) and score the samples."""
     rows = []
     for n_steps in steps:
-        wall, cpu = time.perf_counter(), time.thread_time()
-        tokens, nfe = sampler(n_steps)
-        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        with stopwatch() as seconds:
+            tokens, nfe = sampler(n_steps)
         row: dict[str, object] = {"method": method, "steps": n_steps, "nfe": nfe}
         row |= score(tokens)
         row |= {
-            "seconds_per_sample": wall / len(tokens),
-            "cpu_seconds_per_sample": cpu / len(tokens),
+            "seconds_per_sample": seconds.wall / len(tokens),
+            "cpu_seconds_per_sample": seconds.cpu / len(tokens),
         }
         print(
             f"   {method} {n_steps} step(s): judge PPL {row['judge_ppl']:.2f}, entropy "
@@ -508,7 +508,7 @@ def main() -> None:
     cache = results / "cache"
     use_peer = peer_flow_matching.available() and not arguments.no_peer
     phases: list[Phase] = []
-    started = time.perf_counter(), time.thread_time()
+    started = clock()
     load_start = load_average()
     print(f"quality preset {preset_name}: load average {load_start}", flush=True)
 
@@ -634,10 +634,7 @@ def main() -> None:
         "diverged": diverged,
         "targets": targets,
         "phases": [dataclasses.asdict(phase) for phase in phases],
-        "total_seconds": {
-            "wall": time.perf_counter() - started[0],
-            "cpu": time.thread_time() - started[1],
-        },
+        "total_seconds": dataclasses.asdict(clock() - started),
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "machine": machine_context(),
