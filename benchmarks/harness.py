@@ -18,7 +18,6 @@ script run from it). It builds only on `flowlm` and torch:
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -30,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -133,7 +132,7 @@ def stopwatch() -> Iterator[Seconds]:
     try:
         yield seconds
     finally:
-        seconds.wall, seconds.cpu = dataclasses.astuple(clock() - start)
+        seconds.wall, seconds.cpu = astuple(clock() - start)
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ SAMPLERS = {
 
 
 BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}
-"""Probability of the whole-path jump (0, 1) per example, for v1's stages (the paper's values)."""
+"""Probability of the whole-path jump (0, 1) per example in v1's stages (the reference code's)."""
 DEFAULT_BOUNDARY_PROB = 0.1
 """For the other methods: more one-step jumps than v1's 1/64 speed up one-step quality."""
 MIN_GAP = {"v1-stage1": 1e-6, "v1-stage2": 1e-5}
