@@ -69,7 +69,7 @@ class EmbeddedBackbone(Protocol):
         ...
 
 
-def noise_factor(tables: Sequence[Table]) -> Float[Tensor, "dims dims"]:
+def noise_factor(tables: Sequence[Float[Tensor, "vocab _"]]) -> Float[Tensor, "dims dims"]:
     r"""Upper-triangular $R$ with $R^\top R = E^\top E$ for $E = [E_1, \dots, E_k]$ side by side.
 
     Then $zR$ with $z \sim N(0, I)$ has the law of $\varepsilon E$, $\varepsilon \sim N(0, I_V)$:
@@ -102,7 +102,11 @@ def noise_factor(tables: Sequence[Table]) -> Float[Tensor, "dims dims"]:
 
 
 def embedded_noise(
-    tables: Sequence[Table], batch: int, seq: int, *, generator: torch.Generator | None = None
+    tables: Sequence[Float[Tensor, "vocab _"]],
+    batch: int,
+    seq: int,
+    *,
+    generator: torch.Generator | None = None,
 ) -> tuple[Float[Tensor, "batch seq _"], ...]:
     r"""Draw $\varepsilon E_i$ for every table, from one $\varepsilon \sim N(0, I_V)$ per position.
 
