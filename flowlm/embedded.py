@@ -73,10 +73,11 @@ def noise_factor(tables: Sequence[Float[Tensor, "vocab _"]]) -> Float[Tensor, "d
     r"""Upper-triangular $R$ with $R^\top R = E^\top E$ for $E = [E_1, \dots, E_k]$ side by side.
 
     Then $zR$ with $z \sim N(0, I)$ has the law of $\varepsilon E$, $\varepsilon \sim N(0, I_V)$:
-    the joint noise of several tables (a teacher's and a student's). The Gram matrix and its
-    Cholesky factor are computed in float64 (cost $V(\sum d_i)^2$ and $(\sum d_i)^3$) and
-    returned in the tables' dtype; gradients flow through both, which gives an unbiased
-    pathwise gradient of any expectation over the noise.
+    the joint noise of several tables (a teacher's and a student's). The Gram matrix is
+    accumulated in the tables' dtype (at least float32; cost $V(\sum d_i)^2$), its Cholesky
+    factor computed in float64 (cost $(\sum d_i)^3$) and returned in the tables' dtype;
+    gradients flow through both, which gives an unbiased pathwise gradient of any expectation
+    over the noise. Pass float64 tables for a float64 Gram.
 
     Raises:
         ValueError: if the tables have different vocabularies.
@@ -91,8 +92,8 @@ def noise_factor(tables: Sequence[Float[Tensor, "vocab _"]]) -> Float[Tensor, "d
         True
     """
     joint = _side_by_side(tables)
-    wide = joint.to(torch.float64)
-    lower, info = torch.linalg.cholesky_ex(wide.mT @ wide)
+    wide = joint.to(torch.promote_types(joint.dtype, torch.float32))
+    lower, info = torch.linalg.cholesky_ex((wide.mT @ wide).to(torch.float64))
     device_assert(
         info == 0,
         "the Gram matrix of the input tables is singular: their columns are linearly dependent "
