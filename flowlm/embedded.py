@@ -38,6 +38,7 @@ from flowlm.chunked import (
 )
 from flowlm.heads import XPredictor
 from flowlm.interpolants import Interpolant
+from flowlm.reparam import TimeReparam
 
 Embedded = Float[Tensor, "batch seq dim"]
 """An embedded state $h = xE$: one ``dim``-wide vector per position."""
@@ -319,12 +320,21 @@ class EmbeddedXPredMap(nn.Module):
         check_time(s, "s")
         check_same_batch(x, s, "s")
         x1_hat = self.predictor(x, t, s) if self.two_time else self.predictor(x, t)
-        at_data = int((self.interpolant.reparam(s) >= 1).sum())
-        if at_data == x.shape[0]:
+        if steps_onto_data(self.interpolant.reparam, x, s):
             return x1_hat
-        if at_data:
-            raise ValueError(
-                f"{at_data} of {x.shape[0]} examples step onto the data: the embedded path "
-                "needs every example of a batch to reach gamma = 1 on the same step"
-            )
         return self.interpolant.step(x, self.predictor.embed(x1_hat), t, s)
+
+
+def steps_onto_data(reparam: TimeReparam, h: Embedded, s: Time) -> bool:
+    r"""Whether every example steps onto the data ($\gamma_s = 1$): one host read.
+
+    Raises:
+        ValueError: if only some do (their states would change width mid-batch).
+    """
+    at_data = int((reparam(s) >= 1).sum())
+    if at_data and at_data != h.shape[0]:
+        raise ValueError(
+            f"{at_data} of {h.shape[0]} examples step onto the data: the embedded path "
+            "needs every example of a batch to reach gamma = 1 on the same step"
+        )
+    return at_data == h.shape[0]
