@@ -346,11 +346,9 @@ def _machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     s = results["settings"]
     lines = [
-        "# Vocabulary scale: dense vs embedded path",
-        "",
         f"DiT / CausalTransformer {s['dim']}x{s['depth']}, batch {s['batch']}, L = {s['seq']}, "
-        f"fp32 CPU, one thread; medians of {s['repeats']} shuffled repeats, each row in a fresh "
-        f"process. Load average before / after: {results['machine']['load_before']} / "
+        f"fp32 CPU, one thread; medians of {s['repeats']} shuffled repeat(s), each row in a fresh "
+        f"process (peak: live tensor bytes; RSS: resident growth; CPU: process seconds). Load average before / after: {results['machine']['load_before']} / "
         f"{results['machine']['load_after']}.",
         "",
         "| what | V | path | peak live tensors (MiB) | RSS growth (MiB) | CPU s |",
