@@ -99,9 +99,36 @@ class DiT(nn.Module):
             ValueError: on a wrong shape or vocabulary, a batch mismatch between ``x_t`` and the
                 times, or ``s`` passed to a one-time model or missing from a two-time model.
         """
-        h = self._embed(x_t)
+        return self.forward_embedded(self._embed(x_t), t, s)
+
+    @property
+    def input_table(self) -> Float[Tensor, "vocab dim"]:
+        r"""The input table $E$ ($V \times d$): a state $x$ enters the network as $h = xE$."""
+        return self.embedding.weight
+
+    def forward_embedded(
+        self, h: Float[Tensor, "batch seq dim"], t: Time, s: Time | None = None, /
+    ) -> Logits:
+        r"""Logits from an embedded state $h = x_t E$: ``forward(x_t, ...)`` without the table.
+
+        Examples:
+            >>> model = DiT(5, dim=16, depth=1, heads=2)
+            >>> x, t = torch.rand(2, 3, 5), torch.rand(2)
+            >>> torch.equal(model.forward_embedded(x @ model.input_table, t), model(x, t))
+            True
+        """
+        return self.output_head(self.embedded_features(h, t, s))
+
+    def embedded_features(
+        self, h: Float[Tensor, "batch seq dim"], t: Time, s: Time | None = None, /
+    ) -> Float[Tensor, "batch seq dim"]:
+        """The features `output_head` maps to logits, position by position, from $h = x_t E$.
+
+        Raises:
+            ValueError: as `forward`.
+        """
         check_time(t, "t")
-        check_same_batch(x_t, t, "t")
+        check_same_batch(h, t, "t")
         c = self.time_embedding(t)
         if self.target_time_embedding is None:
             if s is not None:
@@ -110,13 +137,17 @@ class DiT(nn.Module):
             if s is None:
                 raise ValueError("this DiT was built with two_time=True: pass the target time s")
             check_time(s, "s")
-            check_same_batch(x_t, s, "s")
+            check_same_batch(h, s, "s")
             c = c + self.target_time_embedding(s)
         c = F.silu(c)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.output_modulation(c)
-        return self.output(modulate(self.output_norm(h), shift, scale))
+        return modulate(self.output_norm(h), shift, scale)
+
+    def output_head(self, features: Float[Tensor, "batch seq dim"], /) -> Logits:
+        r"""The output map $d \to V$, applied to each position's features independently."""
+        return self.output(features)
 
     def _embed(self, x_t: State | Tokens) -> Float[Tensor, "batch seq dim"]:
         table = self.embedding.weight
