@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from jaxtyping import TypeCheckError
+from live_tensors import LiveTensorBytes
 from torch import Tensor, nn
 
 from flowlm import (
@@ -629,12 +630,9 @@ def test_rollout_keeps_a_low_precision_state(dtype: torch.dtype, path: type[Line
 
 
 def test_an_eight_step_rollout_holds_at_most_four_state_sized_tensors():
-    from live_tensors import LiveTensorBytes
-
-    b, l, v = 4, 8, 512
-    interp = LinearInterpolant(reparam=token_clock(v))
+    interp = LinearInterpolant(reparam=token_clock(512))
     flow_map = XPredMap(XPredictor(lambda x, t: 2 * x), interp)
-    x_init = torch.randn(b, l, v)
+    x_init = torch.randn(4, 8, 512)
     unit = x_init.nbytes
     with LiveTensorBytes() as tracker:
         trajectory = rollout(flow_map, x_init, time_grid(8))
