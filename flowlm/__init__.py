@@ -4,15 +4,36 @@ Noise at model time ``t = 0``, one-hot data at ``t = 1``; path time ``gamma = ka
 flow maps go from ``t`` to ``s``. See the documentation's home page for the conventions.
 """
 
-from flowlm._types import Grid, Logits, Probs, State, Time, Times, TokenLoss, TokenMask, Tokens
+from flowlm._types import (
+    ExampleTime,
+    Grid,
+    Logits,
+    Probs,
+    State,
+    Time,
+    Times,
+    TokenLoss,
+    TokenMask,
+    Tokens,
+    TokenTime,
+)
 from flowlm.embeddings import TimeEmbedding, sinusoidal_features
-from flowlm.heads import Backbone, LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
+from flowlm.heads import LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
 from flowlm.interpolants import (
     CosineInterpolant,
     Interpolant,
     LinearInterpolant,
     SqrtNoiseInterpolant,
     one_hot,
+)
+from flowlm.network_calls import NetworkCalls, count_network_calls, record_network_call
+from flowlm.protocols import (
+    Backbone,
+    FlowMap,
+    Predictor,
+    TwoTimeMap,
+    TwoTimePredictor,
+    VelocityField,
 )
 from flowlm.reparam import (
     Composed,
@@ -25,13 +46,11 @@ from flowlm.reparam import (
 )
 from flowlm.solvers import (
     Euler,
-    FlowMap,
     Heun,
     Midpoint,
     Substeps,
     TaylorMap,
     Trajectory,
-    VelocityField,
     XPredMap,
     XPredVelocity,
     decode,
@@ -45,6 +64,7 @@ __all__ = [
     "Composed",
     "CosineInterpolant",
     "Euler",
+    "ExampleTime",
     "FlowMap",
     "Grid",
     "Heun",
@@ -54,7 +74,9 @@ __all__ = [
     "LinearInterpolant",
     "Logits",
     "Midpoint",
+    "NetworkCalls",
     "Power",
+    "Predictor",
     "Probs",
     "SqrtNoiseInterpolant",
     "State",
@@ -68,18 +90,23 @@ __all__ = [
     "TokenAccuracy",
     "TokenLoss",
     "TokenMask",
+    "TokenTime",
     "Tokens",
     "Trajectory",
+    "TwoTimeMap",
+    "TwoTimePredictor",
     "VelocityField",
     "XPredMap",
     "XPredVelocity",
     "XPredictor",
+    "count_network_calls",
     "cross_entropy",
     "decode",
     "decoding_accuracy",
     "linear_snr",
     "masked_mean",
     "one_hot",
+    "record_network_call",
     "rollout",
     "sinusoidal_features",
     "time_grid",
