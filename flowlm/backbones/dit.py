@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flowlm._checks import check_state, check_time, check_tokens
-from flowlm._types import Logits, State, Time, Tokens
+from flowlm._types import Logits, Probs, State, Time, Tokens
 from flowlm.backbones.layers import MLP, AdaLNModulation, Attention, modulate
 from flowlm.embeddings import TimeEmbedding
 
@@ -56,6 +56,14 @@ class DiT(nn.Module):
     modulations and the output map start at zero, so the model predicts exactly uniform
     probabilities at init.
 
+    With ``self_conditioning=True`` the network also reads a previous estimate
+    $\hat x_1' \in \mathbb{R}^{L \times V}$ (self-conditioning, see
+    `flowlm.self_conditioning`): the input embedding becomes
+    $x_t E + \hat x_1' P$ with a bias-free $P \in \mathbb{R}^{V \times d}$ that starts at zero,
+    so a fresh model ignores the estimate, and no estimate (``previous=None``) means
+    $\hat x_1' = 0$. The map is created after every other weight, so the other weights of a
+    seeded model are the same with or without it.
+
     Args:
         vocab_size: $V$, entries per position.
         dim: model width $d$.
@@ -64,12 +72,17 @@ class DiT(nn.Module):
         two_time: also condition on a second time ``s`` (a flow map $X_{t \to s}$).
         dropout: dropout on the attention and MLP outputs.
         frequency_dim: sinusoidal features per time embedding.
+        self_conditioning: also read a previous estimate ``previous`` (zero-initialised map).
 
     Examples:
         >>> model = DiT(5, dim=16, depth=1, heads=2)
         >>> logits = model(torch.rand(2, 3, 5), torch.rand(2))
         >>> logits.shape, bool((logits == 0).all())
         (torch.Size([2, 3, 5]), True)
+        >>> conditioned = DiT(5, dim=16, depth=1, heads=2, self_conditioning=True)
+        >>> x, t, previous = torch.rand(2, 3, 5), torch.rand(2), torch.rand(2, 3, 5)
+        >>> torch.equal(conditioned(x, t, previous=previous), conditioned(x, t))  # P = 0 at init
+        True
     """
 
     def __init__(
@@ -81,6 +94,7 @@ class DiT(nn.Module):
         two_time: bool = False,
         dropout: float = 0.1,
         frequency_dim: int = 256,
+        self_conditioning: bool = False,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -96,15 +110,34 @@ class DiT(nn.Module):
         self.output = nn.Linear(dim, vocab_size)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+        self.previous_embedding = (
+            nn.Linear(vocab_size, dim, bias=False) if self_conditioning else None
+        )
+        if self.previous_embedding is not None:
+            nn.init.zeros_(self.previous_embedding.weight)
 
-    def forward(self, x_t: State | Tokens, t: Time, s: Time | None = None, /) -> Logits:
+    def forward(
+        self,
+        x_t: State | Tokens,
+        t: Time,
+        s: Time | None = None,
+        /,
+        previous: Probs | None = None,
+    ) -> Logits:
         """Logits of the data at every position, given the state ``x_t`` at time ``t`` (and ``s``).
+
+        ``previous`` is the self-conditioning estimate (models built with
+        ``self_conditioning=True`` only; ``None`` means zeros).
 
         Raises:
             ValueError: on a wrong shape or vocabulary, a batch mismatch between ``x_t`` and the
-                times, or ``s`` passed to a one-time model or missing from a two-time model.
+                times, ``s`` passed to a one-time model or missing from a two-time model, or
+                ``previous`` passed to a model without self-conditioning or of the wrong shape.
         """
-        return self.forward_embedded(self._embed(x_t), t, s)
+        h = self._embed(x_t)
+        if previous is not None:
+            h = h + self._embed_previous(previous, h)
+        return self.forward_embedded(h, t, s)
 
     @property
     def input_table(self) -> Float[Tensor, "vocab dim"]:
@@ -154,6 +187,24 @@ class DiT(nn.Module):
     def output_head(self, features: Float[Tensor, "batch seq dim"], /) -> Logits:
         r"""The output map $d \to V$, applied to each position's features independently."""
         return self.output(features)
+
+    def _embed_previous(
+        self, previous: Probs, h: Float[Tensor, "batch seq dim"]
+    ) -> Float[Tensor, "batch seq dim"]:
+        if self.previous_embedding is None:
+            raise ValueError(
+                "this DiT has no self-conditioning input: build it with self_conditioning=True "
+                "to pass previous"
+            )
+        check_state(previous, self.vocab_size, "previous")
+        if previous.shape[:2] != h.shape[:2]:
+            raise ValueError(
+                f"previous has shape {tuple(previous.shape)} but the state has "
+                f"(batch, seq) = {tuple(h.shape[:2])}"
+            )
+        weight = self.previous_embedding.weight
+        with torch.autocast(previous.device.type, enabled=False):
+            return previous.to(weight.dtype) @ weight.T
 
     def _embed(self, x_t: State | Tokens) -> Float[Tensor, "batch seq dim"]:
         table = self.embedding.weight
