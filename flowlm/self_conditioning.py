@@ -157,9 +157,7 @@ def self_conditioned_logits(
         >>> torch.equal(self_conditioned_logits(model, x, t), model(x, t))  # fresh: input ignored
         True
     """
-    previous = draw_previous(
-        backbone, x_t, t, s, probability=probability, generator=generator
-    )
+    previous = draw_previous(backbone, x_t, t, s, probability=probability, generator=generator)
     return XPredictor(WithPrevious(backbone, previous)).logits(x_t, t, s)
 
 
