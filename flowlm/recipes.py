@@ -76,7 +76,9 @@ def sample_time_pairs(
         True
     """
     if sampling not in get_args(PairSampling):
-        raise ValueError(f"unknown pair sampling {sampling!r}: choose one of {get_args(PairSampling)}")
+        raise ValueError(
+            f"unknown pair sampling {sampling!r}: choose one of {get_args(PairSampling)}"
+        )
     if sampling == "gap-then-start":
         return time_pairs(
             batch_size,
