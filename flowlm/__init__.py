@@ -18,6 +18,7 @@ from flowlm._types import (
     TokenTime,
 )
 from flowlm.embeddings import TimeEmbedding, sinusoidal_features
+from flowlm.gamma_sampling import GammaSampling
 from flowlm.heads import LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
 from flowlm.interpolants import (
     CosineInterpolant,
@@ -35,6 +36,7 @@ from flowlm.protocols import (
     TwoTimePredictor,
     VelocityField,
 )
+from flowlm.recipes import SoftCapped, diagonal_split, sample_time_pairs, soft_cap
 from flowlm.reparam import (
     Composed,
     Identity,
@@ -43,6 +45,14 @@ from flowlm.reparam import (
     TokenAccuracy,
     decoding_accuracy,
     linear_snr,
+)
+from flowlm.self_conditioning import (
+    SelfConditionedMap,
+    WithPrevious,
+    draw_previous,
+    lift_state,
+    self_conditioned_logits,
+    split_state,
 )
 from flowlm.solvers import (
     Euler,
@@ -66,6 +76,7 @@ __all__ = [
     "Euler",
     "ExampleTime",
     "FlowMap",
+    "GammaSampling",
     "Grid",
     "Heun",
     "Identity",
@@ -78,6 +89,8 @@ __all__ = [
     "Power",
     "Predictor",
     "Probs",
+    "SelfConditionedMap",
+    "SoftCapped",
     "SqrtNoiseInterpolant",
     "State",
     "Substeps",
@@ -96,6 +109,7 @@ __all__ = [
     "TwoTimeMap",
     "TwoTimePredictor",
     "VelocityField",
+    "WithPrevious",
     "XPredMap",
     "XPredVelocity",
     "XPredictor",
@@ -103,12 +117,19 @@ __all__ = [
     "cross_entropy",
     "decode",
     "decoding_accuracy",
+    "diagonal_split",
+    "draw_previous",
+    "lift_state",
     "linear_snr",
     "masked_mean",
     "one_hot",
     "record_network_call",
     "rollout",
+    "sample_time_pairs",
+    "self_conditioned_logits",
     "sinusoidal_features",
+    "soft_cap",
+    "split_state",
     "time_grid",
     "time_pairs",
     "uniform_times",
