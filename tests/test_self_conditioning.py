@@ -260,6 +260,22 @@ def test_a_self_conditioned_two_time_student_trains_with_the_distillation_losses
         grad = conditioned.previous_embedding.weight.grad
         assert grad is not None and grad.abs().max() > 0
     assert all(p.grad is None for p in teacher_net.parameters())
+    _, sc_teacher_net = _pair()  # a self-conditioned teacher, its estimate bound the same way
+    assert sc_teacher_net.previous_embedding is not None
+    with torch.no_grad():
+        sc_teacher_net.previous_embedding.weight.normal_()
+    teacher_previous = draw_previous(sc_teacher_net, x, pair.t, probability=1.0)
+    sc_teacher = fl.XPredictor(WithPrevious(sc_teacher_net, teacher_previous))
+    with torch.no_grad():
+        expected_diagonal = torch.softmax(sc_teacher_net(x, pair.t, previous=teacher_previous), -1)
+    conditioned.zero_grad()
+    token_loss = distill.semigroup_kl_loss(
+        student(conditioned, previous), sc_teacher, x, pair.t, pair.s
+    )
+    token_loss.mean().backward()
+    assert all(p.grad is None for p in sc_teacher_net.parameters())
+    diagonal = distill.diagonal_kl(student(conditioned, previous), expected_diagonal, x, pair.t)
+    assert bool((token_loss >= diagonal - 1e-6).all())  # the jump term is a KL: nonnegative
     self_loss = distill.self_semigroup_loss(
         student(conditioned, previous), tokens, x, pair.t, pair.s
     )
