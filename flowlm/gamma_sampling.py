@@ -39,7 +39,9 @@ class GammaSampling(nn.Module):
 
     See the module notes for the renoising rule and why it keeps the path's marginal. The
     noise is drawn on the state's device from ``generator``; the network calls are those of
-    ``flow_map`` (one jump per step).
+    ``flow_map`` (one jump per step). The whole state is renoised, so wrap a map on the
+    plain state $x$ (not a self-conditioned map on a lifted state, whose estimate half must
+    not get noise).
 
     Args:
         flow_map: the map that jumps, e.g. an FMLM two-time ``XPredMap``.
