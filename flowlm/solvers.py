@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from flowlm._checks import check_finite, check_state
 from flowlm._types import Grid, State, Time, Tokens
+from flowlm.context import Context
 from flowlm.heads import Backbone, XPredictor
 from flowlm.interpolants import Interpolant
 from flowlm.reparam import TimeReparam
@@ -337,6 +338,7 @@ def rollout(
     save_states: bool = False,
     grad: bool = False,
     networks: Sequence[nn.Module] | None = None,
+    context: Context | None = None,
 ) -> Trajectory:
     r"""Apply ``flow_map`` along ``grid``: $x \leftarrow X_{t_i \to t_{i+1}}(x)$ for each step.
 
@@ -348,6 +350,8 @@ def rollout(
         grad: record the autograd graph (e.g. to differentiate through sampling).
         networks: modules whose forward calls count as network evaluations; by default every
             `XPredictor` and `TaylorMap` correction inside ``flow_map``.
+        context: known tokens, held one-hot at time 1 through every step while the network
+            sees per-token times (1 on known positions); see `Context.hold`.
 
     Raises:
         RuntimeError: if the final state is not finite.
@@ -368,6 +372,8 @@ def rollout(
         calls[0] += 1
 
     handles: list[RemovableHandle] = [m.register_forward_hook(count) for m in counted]
+    if context is not None:
+        flow_map, x_init = context.hold(flow_map), context.impose(x_init)
     times = grid.to(x_init.device, x_init.dtype)
     batch = x_init.shape[0]
     x = x_init
