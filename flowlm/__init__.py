@@ -5,6 +5,14 @@ flow maps go from ``t`` to ``s``. See the documentation's home page for the conv
 """
 
 from flowlm._types import Grid, Logits, Probs, State, Time, Times, TokenLoss, TokenMask, Tokens
+from flowlm.conditioning import Guidance, Replacement, block_rollout
+from flowlm.context import (
+    ConditionalMap,
+    Context,
+    bernoulli_context,
+    prefix_context,
+    span_context,
+)
 from flowlm.embeddings import TimeEmbedding, sinusoidal_features
 from flowlm.heads import Backbone, LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
 from flowlm.interpolants import (
@@ -43,10 +51,13 @@ from flowlm.times import TimePair, time_pairs, uniform_times
 __all__ = [
     "Backbone",
     "Composed",
+    "ConditionalMap",
+    "Context",
     "CosineInterpolant",
     "Euler",
     "FlowMap",
     "Grid",
+    "Guidance",
     "Heun",
     "Identity",
     "Interpolant",
@@ -56,6 +67,7 @@ __all__ = [
     "Midpoint",
     "Power",
     "Probs",
+    "Replacement",
     "SqrtNoiseInterpolant",
     "State",
     "Substeps",
@@ -74,14 +86,18 @@ __all__ = [
     "XPredMap",
     "XPredVelocity",
     "XPredictor",
+    "bernoulli_context",
+    "block_rollout",
     "cross_entropy",
     "decode",
     "decoding_accuracy",
     "linear_snr",
     "masked_mean",
     "one_hot",
+    "prefix_context",
     "rollout",
     "sinusoidal_features",
+    "span_context",
     "time_grid",
     "time_pairs",
     "uniform_times",
