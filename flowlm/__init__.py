@@ -4,7 +4,19 @@ Noise at model time ``t = 0``, one-hot data at ``t = 1``; path time ``gamma = ka
 flow maps go from ``t`` to ``s``. See the documentation's home page for the conventions.
 """
 
-from flowlm._types import Grid, Logits, Probs, State, Time, Times, TokenLoss, TokenMask, Tokens
+from flowlm._types import (
+    ExampleTime,
+    Grid,
+    Logits,
+    Probs,
+    State,
+    Time,
+    Times,
+    TokenLoss,
+    TokenMask,
+    Tokens,
+    TokenTime,
+)
 from flowlm.conditioning import Guidance, Replacement, block_rollout
 from flowlm.context import (
     ConditionalMap,
@@ -14,13 +26,22 @@ from flowlm.context import (
     span_context,
 )
 from flowlm.embeddings import TimeEmbedding, sinusoidal_features
-from flowlm.heads import Backbone, LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
+from flowlm.heads import LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
 from flowlm.interpolants import (
     CosineInterpolant,
     Interpolant,
     LinearInterpolant,
     SqrtNoiseInterpolant,
     one_hot,
+)
+from flowlm.network_calls import NetworkCalls, count_network_calls, record_network_call
+from flowlm.protocols import (
+    Backbone,
+    FlowMap,
+    Predictor,
+    TwoTimeMap,
+    TwoTimePredictor,
+    VelocityField,
 )
 from flowlm.reparam import (
     Composed,
@@ -33,13 +54,11 @@ from flowlm.reparam import (
 )
 from flowlm.solvers import (
     Euler,
-    FlowMap,
     Heun,
     Midpoint,
     Substeps,
     TaylorMap,
     Trajectory,
-    VelocityField,
     XPredMap,
     XPredVelocity,
     decode,
@@ -55,6 +74,7 @@ __all__ = [
     "Context",
     "CosineInterpolant",
     "Euler",
+    "ExampleTime",
     "FlowMap",
     "Grid",
     "Guidance",
@@ -65,7 +85,9 @@ __all__ = [
     "LinearInterpolant",
     "Logits",
     "Midpoint",
+    "NetworkCalls",
     "Power",
+    "Predictor",
     "Probs",
     "Replacement",
     "SqrtNoiseInterpolant",
@@ -80,14 +102,18 @@ __all__ = [
     "TokenAccuracy",
     "TokenLoss",
     "TokenMask",
+    "TokenTime",
     "Tokens",
     "Trajectory",
+    "TwoTimeMap",
+    "TwoTimePredictor",
     "VelocityField",
     "XPredMap",
     "XPredVelocity",
     "XPredictor",
     "bernoulli_context",
     "block_rollout",
+    "count_network_calls",
     "cross_entropy",
     "decode",
     "decoding_accuracy",
@@ -95,6 +121,7 @@ __all__ = [
     "masked_mean",
     "one_hot",
     "prefix_context",
+    "record_network_call",
     "rollout",
     "sinusoidal_features",
     "span_context",

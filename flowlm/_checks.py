@@ -1,7 +1,9 @@
 """Input validation that names the problem and never leaves the device.
 
-Range checks use ``torch._assert_async``: synchronous on the CPU, asynchronous on CUDA, so no
-check forces a host round trip inside a training or sampling step.
+Entry points (``rollout``, ``Interpolant.sample``, ``XPredictor``, the losses) check their
+inputs once; the per-step internals do not repeat it. Range checks use
+``torch._assert_async``: synchronous on the CPU, asynchronous on CUDA, so no check forces a
+host round trip inside a training or sampling step.
 """
 
 import torch
@@ -13,21 +15,42 @@ def device_assert(condition: Tensor, message: str) -> None:
     torch._assert_async(condition, message)  # pyright: ignore[reportPrivateUsage]
 
 
-def check_time(t: object, name: str = "t") -> None:
-    """Raise if ``t`` is not a batched tensor of times in [0, 1]."""
-    if not isinstance(t, Tensor) or t.ndim != 1:
+def check_time(t: object, like: Tensor, name: str = "t") -> None:
+    """Raise if ``t`` is not a tensor of times in [0, 1] per example or per token of ``like``."""
+    if not isinstance(t, Tensor) or t.ndim not in (1, 2):
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(
-            f"{name} must be a 1-d tensor of model times (one per example), got {shape}; "
-            f"write torch.full((batch,), value) instead of a scalar"
+            f"{name} must be a tensor of model times, one per example (batch,) or per token "
+            f"(batch, seq), got {shape}; write torch.full((batch,), value) instead of a scalar"
         )
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.shape != like.shape[: t.ndim]:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but the state has shape {tuple(like.shape)}: "
+            f"give one time per example {tuple(like.shape[:1])} or per token "
+            f"{tuple(like.shape[:2])}; times are never broadcast"
+        )
     device_assert(((t >= 0) & (t <= 1)).all(), f"{name} has values outside [0, 1] (or NaN)")
 
 
-def check_state(x: Tensor, vocab_size: int | None = None, name: str = "x") -> None:
+def check_jump(t: Tensor, s: Tensor) -> None:
+    """Raise (on the device) unless every jump goes forward, ``s > t``, or stays clean at 1.
+
+    A position with ``t = s = 1`` is known data (a prompt) and is allowed.
+    """
+    forward = (s > t) | ((t == 1) & (s == 1))
+    device_assert(
+        forward.all(),
+        "jump losses need s > t at every example and token (t = s = 1 only on known, clean "
+        "positions); draw pairs with flowlm.time_pairs",
+    )
+
+
+def check_state(x: object, vocab_size: int | None = None, name: str = "x") -> None:
     """Raise if ``x`` is not a (batch, seq, vocab) float state of the given vocabulary."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor of shape (batch, seq, vocab), got {type(x)}")
     if x.ndim != 3:
         raise ValueError(f"{name} must have shape (batch, seq, vocab), got {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -36,15 +59,6 @@ def check_state(x: Tensor, vocab_size: int | None = None, name: str = "x") -> No
         raise ValueError(
             f"vocabulary mismatch: {name} has {x.shape[-1]} entries per position, "
             f"expected {vocab_size}"
-        )
-
-
-def check_same_batch(x: Tensor, t: Tensor, name: str = "t") -> None:
-    """Raise if the time tensor does not hold one value per example of ``x``."""
-    if t.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{name} has {t.shape[0]} entries but the state has batch size {x.shape[0]}; "
-            f"times are never broadcast"
         )
 
 

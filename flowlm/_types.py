@@ -15,8 +15,12 @@ Logits = Float[Tensor, "batch seq vocab"]
 """Unnormalized log-probabilities over the vocabulary."""
 Probs = Float[Tensor, "batch seq vocab"]
 """Probabilities over the vocabulary (points on the simplex)."""
-Time = Float[Tensor, " batch"]
-"""Model time, one value per example, in [0, 1]."""
+ExampleTime = Float[Tensor, " batch"]
+"""Model time in [0, 1], one value per example."""
+TokenTime = Float[Tensor, "batch seq"]
+"""Model time in [0, 1], one value per token (a token at time 1 is clean: a prompt)."""
+Time = ExampleTime | TokenTime
+"""Model time in [0, 1]: one value per example ``(batch,)`` or per token ``(batch, seq)``."""
 Times = Float[Tensor, "*times"]
 """Any tensor of times, handled elementwise (reparameterizations act on these)."""
 Grid = Float[Tensor, " knots"]

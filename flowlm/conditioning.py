@@ -17,10 +17,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flowlm._types import Grid, Logits, State, Time
-from flowlm.context import Context, StateMap, TokenTime
-from flowlm.heads import Backbone
+from flowlm._tensors import broadcast_time
+from flowlm._types import Grid, Logits, State, Time, TokenTime
+from flowlm.context import Context
 from flowlm.interpolants import Interpolant, one_hot
+from flowlm.protocols import Backbone, FlowMap
 from flowlm.solvers import Trajectory, decode, rollout
 
 
@@ -52,7 +53,7 @@ class Replacement(nn.Module):
 
     def __init__(
         self,
-        flow_map: StateMap,
+        flow_map: FlowMap,
         context: Context,
         interpolant: Interpolant,
         generator: torch.Generator | None = None,
@@ -115,12 +116,9 @@ class Guidance(nn.Module):
         self.weight = weight
         self.generator = generator
 
-    def forward(
-        self, x_t: State, t: Time | TokenTime, s: Time | TokenTime | None = None, /
-    ) -> Logits:
+    def forward(self, x_t: State, t: Time, s: Time | None = None, /) -> Logits:
         """Guided logits."""
-        per_token = Context.none(x_t.new_zeros(x_t.shape[:2], dtype=torch.long)).times
-        t = per_token(t)
+        t = _per_token(t, x_t)
         clean = t >= 1
         noise = torch.randn(x_t.shape, generator=self.generator, device=x_t.device, dtype=x_t.dtype)
         x_both = torch.cat([x_t, torch.where(clean[..., None], noise, x_t)])
@@ -128,10 +126,14 @@ class Guidance(nn.Module):
         if s is None:
             logits = self.backbone(x_both, t_both)
         else:
-            s = per_token(s)
+            s = _per_token(s, x_t)
             logits = self.backbone(x_both, t_both, torch.cat([s, _forget(s, clean)]))
         conditional, unconditional = logits.chunk(2)
         return conditional + self.weight * (conditional - unconditional)
+
+
+def _per_token(times: Time, x: State) -> TokenTime:
+    return broadcast_time(times, x[..., 0]).expand(x.shape[:2])
 
 
 def _forget(times: Tensor, clean: Tensor) -> Tensor:
@@ -139,7 +141,7 @@ def _forget(times: Tensor, clean: Tensor) -> Tensor:
 
 
 def block_rollout(
-    flow_map: StateMap,
+    flow_map: FlowMap,
     x_init: State,
     grid: Grid,
     block_size: int,

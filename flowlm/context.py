@@ -16,20 +16,16 @@ on the tokens' device; each drops the whole context of a row with probability ``
 so the same network also stays unconditional (needed by `flowlm.Guidance`).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from flowlm._types import State, Time, TokenMask, Tokens
+from flowlm._tensors import broadcast_time
+from flowlm._types import State, Time, TokenMask, Tokens, TokenTime
 from flowlm.interpolants import one_hot
-
-TokenTime = Float[Tensor, "batch seq"]
-"""Model time per token."""
-StateMap = Callable[[State, Tensor, Tensor], State]
-"""A flow map called as ``flow_map(x, t, s)``."""
+from flowlm.protocols import FlowMap
 
 
 @dataclass(frozen=True)
@@ -101,22 +97,13 @@ class Context:
         """The positions to generate (and to train on): ``~known``."""
         return ~self.known
 
-    def times(self, t: Time | TokenTime) -> TokenTime:
+    def times(self, t: Time) -> TokenTime:
         r"""Per-token times: 1 on known positions, ``t`` elsewhere.
 
         ``t`` is one time per example ``(batch,)`` or per token ``(batch, seq)``.
         """
-        batch, seq = self.known.shape
-        if t.ndim == 1 and t.shape[0] == batch:
-            per_token = t[:, None]
-        elif t.shape == (batch, seq):
-            per_token = t
-        else:
-            raise ValueError(
-                f"times of shape {tuple(t.shape)} fit neither ({batch},) nor ({batch}, {seq}) "
-                "of the context"
-            )
-        return torch.where(self.known, torch.ones((), dtype=t.dtype, device=t.device), per_token)
+        one = torch.ones((), dtype=t.dtype, device=t.device)
+        return torch.where(self.known, one, broadcast_time(t, self.known))
 
     def impose(self, x: State) -> State:
         """``x`` with every known position replaced by the exact one-hot vector of its token."""
@@ -128,7 +115,7 @@ class Context:
         clean = one_hot(self.tokens, x.shape[-1], dtype=x.dtype)
         return torch.where(self.known[..., None], clean, x)
 
-    def hold(self, flow_map: StateMap) -> "ConditionalMap":
+    def hold(self, flow_map: FlowMap) -> "ConditionalMap":
         """``flow_map`` run with this context held at time 1 (what ``rollout(context=...)`` uses)."""
         return ConditionalMap(flow_map, self)
 
@@ -149,12 +136,12 @@ class ConditionalMap(nn.Module):
                  [0.5000, 0.5000]]])
     """
 
-    def __init__(self, flow_map: StateMap, context: Context) -> None:
+    def __init__(self, flow_map: FlowMap, context: Context) -> None:
         super().__init__()
         self.flow_map = flow_map
         self.context = context
 
-    def forward(self, x: State, t: Time | TokenTime, s: Time | TokenTime) -> State:
+    def forward(self, x: State, t: Time, s: Time) -> State:
         r"""$X_{t\to s}$ with the known positions at time 1."""
         context = self.context
         moved = self.flow_map(context.impose(x), context.times(t), context.times(s))

@@ -1,9 +1,14 @@
 r"""Flow-map distillation losses: teach a network to jump along the flow in one call.
 
-Maps go from model time ``t`` to ``s`` ($X_{t\to s}$, ``t <= s``); METHOD-style papers write
-$X_{s,t}$. Every loss returns a per-token loss ``(batch, seq)`` (reduce it with
+Maps go from model time ``t`` to ``s`` ($X_{t\to s}$, ``t < s``); much of the literature
+writes $X_{s,t}$. Every loss returns a per-token loss ``(batch, seq)`` (reduce it with
 `flowlm.masked_mean`, optionally after `flowlm.LearnedTimeWeighting`); every target and every
 teacher runs under ``torch.no_grad()``, so only the student is trained.
+
+Times are per example ``(batch,)`` or per token ``(batch, seq)``. Each loss checks its
+inputs once: a state, times in [0, 1] and jumps that go forward, ``s > t``, except at known
+(clean) positions where ``t = s = 1`` (a device-side check, no host sync). Students are typed
+on the `flowlm.TwoTimeMap` protocol and teachers on `flowlm.Predictor`.
 
 The two-time denoiser map used by FMLM is
 $X_{t\to s}(x) = x + \frac{\gamma_s - \gamma_t}{1 - \gamma_t}(\delta_{t,s}(x) - x)$
@@ -13,21 +18,44 @@ $X_{t\to s}(x) = x + \frac{\gamma_s - \gamma_t}{1 - \gamma_t}(\delta_{t,s}(x) - 
 from collections.abc import Callable, Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
+from flowlm._checks import check_jump, check_state, check_time
+from flowlm._tensors import at_least_float32, broadcast_time
 from flowlm._types import Logits, Probs, State, Time, TokenLoss, Tokens
-from flowlm.heads import XPredictor, cross_entropy
+from flowlm.heads import cross_entropy
 from flowlm.interpolants import NOISE_FLOOR
+from flowlm.protocols import FlowMap, Predictor, TwoTimeMap
 from flowlm.reparam import TimeReparam
-from flowlm.solvers import FlowMap, TaylorMap, XPredMap
+from flowlm.solvers import TaylorMap
+
+__all__ = [
+    "LOG_ARGUMENT_FLOOR",
+    "diagonal_kl",
+    "eulerian_kl_loss",
+    "init_student",
+    "kl_divergence",
+    "lagrangian_kl_loss",
+    "map_regression_kl_loss",
+    "map_regression_loss",
+    "self_semigroup_loss",
+    "semigroup_kl_loss",
+    "semigroup_target",
+    "semigroup_weight",
+    "squared_distance",
+    "taylor_semigroup_loss",
+]
 
 LOG_ARGUMENT_FLOOR = 0.05
 """Smallest argument of the logarithm in the logit-space Lagrangian and Eulerian targets."""
 
 
-def _per_example(values: Tensor) -> Tensor:
-    return rearrange(values, "batch -> batch 1 1")
+def _check_jump_inputs(x_t: Tensor, t: Tensor, s: Tensor) -> None:
+    """The checks every loss makes once: a state, two times that fit it, forward jumps."""
+    check_state(x_t, name="x_t")
+    check_time(t, x_t)
+    check_time(s, x_t, "s")
+    check_jump(t, s)
 
 
 def squared_distance(a: State, b: State) -> TokenLoss:
@@ -43,7 +71,7 @@ def kl_divergence(target: Probs, logits: Logits) -> TokenLoss:
         >>> kl_divergence(p, torch.zeros(1, 1, 2))
         tensor([[0.]])
     """
-    log_q = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    log_q = torch.log_softmax(at_least_float32(logits), -1)
     return (torch.special.xlogy(target, target) - target * log_q).sum(-1)
 
 
@@ -57,6 +85,12 @@ def taylor_semigroup_loss(student: TaylorMap, x_t: State, t: Time, s: Time) -> T
 
     Only the correction network of ``student`` learns (the `TaylorMap` field is a frozen teacher).
 
+    Args:
+        student: the Taylor map being trained.
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
+
     Examples:
         >>> from flowlm import Identity
         >>> class Drift(nn.Module):  # dx/dγ = 1: the Taylor map with g = 0 is exact
@@ -66,13 +100,15 @@ def taylor_semigroup_loss(student: TaylorMap, x_t: State, t: Time, s: Time) -> T
         >>> taylor_semigroup_loss(exact, torch.zeros(1, 2, 3), torch.zeros(1), torch.ones(1))
         tensor([[0., 0.]])
     """
+    _check_jump_inputs(x_t, t, s)
     kappa = student.field.reparam
     u = 0.5 * (t + s)
     with torch.no_grad():
         target = student(student(x_t, t, u), u, s)
     gamma_t, gamma_s = kappa(t), kappa(s)
     weight = ((1.0 - gamma_t) / (gamma_s - gamma_t).clamp_min(1e-12)) ** 2  # finite in float32
-    return weight[:, None] * squared_distance(student(x_t, t, s), target)
+    distance = squared_distance(student(x_t, t, s), target)
+    return broadcast_time(weight, distance) * distance
 
 
 def map_regression_loss(
@@ -81,6 +117,13 @@ def map_regression_loss(
     r"""v1 stage 2: regress a student map onto a frozen one, $\lVert X^{T}_{t\to s}(x_t) - X^{\phi}_{t\to s}(x_t)\rVert^2$.
 
     The teacher can be the stage-1 `TaylorMap` or any other flow map (e.g. a many-step rollout).
+
+    Args:
+        student: the flow map being trained.
+        teacher: the frozen flow map it learns to match.
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
 
     Examples:
         >>> from flowlm import Identity, Euler
@@ -92,13 +135,14 @@ def map_regression_loss(
         tensor([[0., 0., 0.],
                 [0., 0., 0.]])
     """
+    _check_jump_inputs(x_t, t, s)
     with torch.no_grad():
         target = teacher(x_t, t, s)
     return squared_distance(student(x_t, t, s), target)
 
 
 def map_regression_kl_loss(
-    student: XPredMap, teacher: FlowMap, x_t: State, t: Time, s: Time
+    student: TwoTimeMap, teacher: FlowMap, x_t: State, t: Time, s: Time
 ) -> TokenLoss:
     r"""Regress a two-time denoiser onto any frozen flow map, in KL on the simplex.
 
@@ -109,8 +153,15 @@ def map_regression_kl_loss(
     $\mathrm{KL}(\delta^*\,\Vert\,\hat\delta_{t,s}(x_t))$: v1 stage 2 in the simplex form of v2.
     Needs $\gamma_s > \gamma_t$.
 
+    Args:
+        student: the two-time map being trained.
+        teacher: the frozen flow map (e.g. `Substeps` of the FLM Euler map).
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
+
     Examples:
-        >>> from flowlm import LinearInterpolant, XPredictor
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
         >>> path = LinearInterpolant()
         >>> student = XPredMap(XPredictor(lambda x, t, s: x), path, two_time=True)
         >>> teacher = XPredMap(XPredictor(lambda x, t: x), path)
@@ -118,6 +169,7 @@ def map_regression_kl_loss(
         >>> bool(map_regression_kl_loss(student, teacher, x, t, s).abs().max() < 1e-6)
         True
     """
+    _check_jump_inputs(x_t, t, s)
     with torch.no_grad():
         implied = student.interpolant.implied_prediction(x_t, teacher(x_t, t, s), t, s)
         clipped = implied.clamp_min(0.0)
@@ -144,7 +196,7 @@ def semigroup_weight(reparam: TimeReparam, t: Time, u: Time, s: Time) -> Time:
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), 1.0).clamp(0, 1)
 
 
-def semigroup_target(student: XPredMap, x_t: State, t: Time, u: Time, s: Time) -> Probs:
+def semigroup_target(student: TwoTimeMap, x_t: State, t: Time, u: Time, s: Time) -> Probs:
     r"""$\bar\delta_{t,s} = w\,\hat\delta_{t,u}(x_t) + (1-w)\,\hat\delta_{u,s}(\hat X_{t\to u}(x_t))$, without gradient.
 
     Two forward passes of the (two-time) student; the result stays on the simplex.
@@ -153,11 +205,11 @@ def semigroup_target(student: XPredMap, x_t: State, t: Time, u: Time, s: Time) -
         first = student.predictor(x_t, t, u)
         x_u = student.interpolant.step(x_t, first, t, u)
         second = student.predictor(x_u, u, s)
-        w = _per_example(semigroup_weight(student.interpolant.reparam, t, u, s))
+        w = broadcast_time(semigroup_weight(student.interpolant.reparam, t, u, s), x_t)
         return w * first + (1.0 - w) * second
 
 
-def diagonal_kl(student: XPredMap, teacher_probs: Probs, x_t: State, t: Time) -> TokenLoss:
+def diagonal_kl(student: TwoTimeMap, teacher_probs: Probs, x_t: State, t: Time) -> TokenLoss:
     r"""Tie the student's diagonal to the FLM denoiser: $\mathrm{KL}(D_t(x_t)\,\Vert\,\hat\delta_{t,t}(x_t))$.
 
     ``teacher_probs`` is $D_t(x_t)$, computed without gradient by the caller.
@@ -165,33 +217,72 @@ def diagonal_kl(student: XPredMap, teacher_probs: Probs, x_t: State, t: Time) ->
     return kl_divergence(teacher_probs, student.predictor.logits(x_t, t, t))
 
 
-def _teacher_probs(teacher: XPredictor, x_t: State, t: Time) -> Probs:
+def _teacher_probs(teacher: Predictor, x_t: State, t: Time) -> Probs:
     with torch.no_grad():
         return teacher(x_t, t)
 
 
 def semigroup_kl_loss(
-    student: XPredMap, teacher: XPredictor, x_t: State, t: Time, s: Time, u: Time | None = None
+    student: TwoTimeMap, teacher: Predictor, x_t: State, t: Time, s: Time, u: Time | None = None
 ) -> TokenLoss:
     r"""v2: $\mathrm{KL}(\bar\delta_{t,s}\,\Vert\,\hat\delta_{t,s}(x_t)) + \mathrm{KL}(D_t(x_t)\,\Vert\,\hat\delta_{t,t}(x_t))$.
 
     $\bar\delta$ is `semigroup_target` at ``u`` (default: the midpoint of ``t`` and ``s``).
+
+    Args:
+        student: the two-time map being trained.
+        teacher: the frozen FLM denoiser $D_t$ (ties the diagonal).
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
+        u: intermediate times in $[t, s]$.
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
+        >>> def fixed(x, t, s=None):  # one distribution everywhere: jumps compose exactly
+        ...     return torch.tensor([1.0, 2.0, 3.0]).expand_as(x)
+        >>> student = XPredMap(XPredictor(fixed), LinearInterpolant(), two_time=True)
+        >>> x, t, s = torch.randn(2, 4, 3), torch.rand(2), torch.ones(2)
+        >>> loss = semigroup_kl_loss(student, XPredictor(fixed), x, t, s)
+        >>> loss.shape, bool(loss.abs().max() < 1e-6)
+        (torch.Size([2, 4]), True)
     """
+    _check_jump_inputs(x_t, t, s)
     u = 0.5 * (t + s) if u is None else u
+    check_time(u, x_t, "u")
     target = semigroup_target(student, x_t, t, u, s)
     jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
     return jump + diagonal_kl(student, _teacher_probs(teacher, x_t, t), x_t, t)
 
 
 def self_semigroup_loss(
-    student: XPredMap, tokens: Tokens, x_t: State, t: Time, s: Time, u: Time | None = None
+    student: TwoTimeMap, tokens: Tokens, x_t: State, t: Time, s: Time, u: Time | None = None
 ) -> TokenLoss:
     r"""Self-distillation (no pretrained teacher): the semigroup KL plus cross-entropy of the diagonal.
 
     $\ell = \mathrm{KL}(\bar\delta_{t,s}\,\Vert\,\hat\delta_{t,s}(x_t)) - \log\hat\delta_{t,t}(x_t)[x]$:
     the diagonal learns the denoiser from data while the off-diagonal learns to jump.
+
+    Args:
+        student: the two-time map being trained.
+        tokens: the data tokens behind ``x_t``.
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
+        u: intermediate times in $[t, s]$.
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
+        >>> student = XPredMap(XPredictor(lambda x, t, s: 50 * x), LinearInterpolant(), two_time=True)
+        >>> tokens = torch.tensor([[0, 2]])
+        >>> x = torch.eye(3)[tokens]  # the data itself: the diagonal is confident and right
+        >>> loss = self_semigroup_loss(student, tokens, x, torch.zeros(1), torch.ones(1))
+        >>> bool(loss.abs().max() < 1e-6)
+        True
     """
+    _check_jump_inputs(x_t, t, s)
     u = 0.5 * (t + s) if u is None else u
+    check_time(u, x_t, "u")
     target = semigroup_target(student, x_t, t, u, s)
     jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
     return jump + cross_entropy(student.predictor.logits(x_t, t, t), tokens)
@@ -212,7 +303,7 @@ def _centered(tangent: Logits, logits: Logits) -> Logits:
 
 
 def lagrangian_kl_loss(
-    student: XPredMap, teacher: XPredictor, x_t: State, t: Time, s: Time
+    student: TwoTimeMap, teacher: Predictor, x_t: State, t: Time, s: Time
 ) -> TokenLoss:
     r"""Lagrangian distillation (one JVP in the end time), in the simplex-preserving logit form.
 
@@ -223,7 +314,25 @@ def lagrangian_kl_loss(
 
     a first-order form of $D_s(\hat X_{t\to s}) - c_L\,\partial_{\gamma_s}\hat\delta_{t,s}$; plus the
     diagonal tie `diagonal_kl`.
+
+    Args:
+        student: the two-time map being trained.
+        teacher: the frozen FLM denoiser $D_t$.
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
+        >>> def fixed(x, t, s=None):  # one distribution everywhere: the flow is exact
+        ...     return torch.tensor([1.0, 2.0, 3.0]).expand_as(x)
+        >>> student = XPredMap(XPredictor(fixed), LinearInterpolant(), two_time=True)
+        >>> x, t, s = torch.randn(2, 4, 3), torch.zeros(2), torch.full((2,), 0.5)
+        >>> loss = lagrangian_kl_loss(student, XPredictor(fixed), x, t, s)
+        >>> bool(loss.abs().max() < 1e-6)
+        True
     """
+    _check_jump_inputs(x_t, t, s)
     reparam = student.interpolant.reparam
     gamma_t, gamma_s = reparam(t), reparam(s)
     with torch.no_grad():
@@ -233,8 +342,8 @@ def lagrangian_kl_loss(
 
         logits, d_logits = _jvp(logits_at, (s,), (1.0 / reparam.derivative(s),))
         x_s = student.interpolant.step(x_t, torch.softmax(logits, -1), t, s)
-        c = _per_example(
-            (gamma_s - gamma_t) * (1.0 - gamma_s) / (1.0 - gamma_t).clamp_min(NOISE_FLOOR)
+        c = broadcast_time(
+            (gamma_s - gamma_t) * (1.0 - gamma_s) / (1.0 - gamma_t).clamp_min(NOISE_FLOOR), x_t
         )
         correction = (1.0 + c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
         target = torch.softmax(teacher.logits(x_s, s) - torch.log(correction), -1)
@@ -243,7 +352,7 @@ def lagrangian_kl_loss(
 
 
 def eulerian_kl_loss(
-    student: XPredMap, teacher: XPredictor, x_t: State, t: Time, s: Time
+    student: TwoTimeMap, teacher: Predictor, x_t: State, t: Time, s: Time
 ) -> TokenLoss:
     r"""Eulerian distillation (one JVP in the state and start time), in the logit form.
 
@@ -254,7 +363,25 @@ def eulerian_kl_loss(
 
     a first-order form of $D_t + \frac{\gamma_s-\gamma_t}{1-\gamma_s}
     [(1-\gamma_t)\partial_{\gamma_t}\hat\delta + \nabla\hat\delta\,(D_t - x_t)]$; plus `diagonal_kl`.
+
+    Args:
+        student: the two-time map being trained.
+        teacher: the frozen FLM denoiser $D_t$.
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
+        >>> def blind(x, t, s=None):  # constant logits: no derivative, student equals teacher
+        ...     return torch.zeros_like(x)
+        >>> student = XPredMap(XPredictor(blind), LinearInterpolant(), two_time=True)
+        >>> x = torch.randn(2, 3, 4)
+        >>> loss = eulerian_kl_loss(student, XPredictor(blind), x, torch.zeros(2), torch.ones(2))
+        >>> bool(loss.abs().max() < 1e-6)
+        True
     """
+    _check_jump_inputs(x_t, t, s)
     reparam = student.interpolant.reparam
     gamma_t, gamma_s = reparam(t), reparam(s)
     with torch.no_grad():
@@ -266,8 +393,8 @@ def eulerian_kl_loss(
             return student.predictor.logits(x, start, s)
 
         logits, d_logits = _jvp(logits_from, (x_t, t), (velocity, 1.0 / reparam.derivative(t)))
-        c = _per_example(
-            (gamma_s - gamma_t) * (1.0 - gamma_t) / (1.0 - gamma_s).clamp_min(NOISE_FLOOR)
+        c = broadcast_time(
+            (gamma_s - gamma_t) * (1.0 - gamma_t) / (1.0 - gamma_s).clamp_min(NOISE_FLOOR), x_t
         )
         correction = (1.0 - c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
         target = torch.softmax(teacher_logits - torch.log(correction), -1)

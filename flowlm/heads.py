@@ -5,33 +5,27 @@ $-\log \hat x_1[x]$; the optimum is $\hat x_1 = \mathbb{E}[e_x \mid x_t]$, the q
 sampler and flow map needs.
 """
 
-from typing import Protocol, runtime_checkable
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flowlm._checks import check_same_batch, check_state, check_time, check_tokens
+from flowlm._checks import check_state, check_time, check_tokens
+from flowlm._tensors import at_least_float32, broadcast_time
 from flowlm._types import Logits, Probs, State, Time, TokenLoss, TokenMask, Tokens
 from flowlm.embeddings import TimeEmbedding
-
-
-@runtime_checkable
-class Backbone(Protocol):
-    """Any network mapping a state and one or two model times to logits of the same shape."""
-
-    def __call__(self, x_t: State, t: Time, s: Time | None = None, /) -> Logits:
-        """Logits of the clean token at every position."""
-        ...
+from flowlm.network_calls import record_network_call
+from flowlm.protocols import Backbone
 
 
 class XPredictor(nn.Module):
     r"""Wrap any backbone as an x-predictor $\hat x_1 = \mathrm{softmax}(f(x_t, t[, s]))$.
 
     The backbone is called as ``backbone(x_t, t)`` or, with a second time, ``backbone(x_t, t, s)``.
-    Inputs are validated (batched times in [0, 1], matching batch sizes) and the logits must
-    have the state's shape; the softmax runs in at least float32, also under autocast.
+    Inputs are validated (times per example ``(batch,)`` or per token ``(batch, seq)`` in
+    [0, 1]); the backbone must return a tensor of logits of the state's shape; the softmax
+    runs in at least float32, also under autocast. Every backbone call is recorded with
+    `record_network_call`, which is how `rollout` counts NFE.
 
     Args:
         backbone: the network; an ``nn.Module`` is registered as a submodule.
@@ -47,16 +41,21 @@ class XPredictor(nn.Module):
         self.backbone = backbone
 
     def logits(self, x_t: State, t: Time, s: Time | None = None) -> Logits:
-        """The backbone's logits, after checking the inputs and the output's shape."""
+        """The backbone's logits, after checking the inputs and the output's type and shape."""
         check_state(x_t, name="x_t")
-        check_time(t)
-        check_same_batch(x_t, t)
+        check_time(t, x_t)
         if s is None:
             logits = self.backbone(x_t, t)
         else:
-            check_time(s, "s")
-            check_same_batch(x_t, s, "s")
+            check_time(s, x_t, "s")
             logits = self.backbone(x_t, t, s)
+        record_network_call()
+        if not isinstance(logits, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(
+                f"the backbone returned a {type(logits).__name__}, not a tensor of logits; "
+                "a Hugging Face style model returns a tuple or ModelOutput: wrap it, e.g. "
+                "lambda x, t: model(...).logits"
+            )
         if logits.shape != x_t.shape:
             raise ValueError(
                 f"vocabulary mismatch: the backbone returned logits of shape {tuple(logits.shape)} "
@@ -66,8 +65,7 @@ class XPredictor(nn.Module):
 
     def forward(self, x_t: State, t: Time, s: Time | None = None) -> Probs:
         r"""Predicted data $\hat x_1$: probabilities over the vocabulary at every position."""
-        logits = self.logits(x_t, t, s)
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        return torch.softmax(at_least_float32(self.logits(x_t, t, s)), dim=-1)
 
 
 def cross_entropy(logits: Logits, tokens: Tokens) -> TokenLoss:
@@ -83,7 +81,7 @@ def cross_entropy(logits: Logits, tokens: Tokens) -> TokenLoss:
             "disagree on (batch, seq)"
         )
     check_tokens(tokens, logits.shape[-1])
-    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    wide = at_least_float32(logits)
     return F.cross_entropy(rearrange(wide, "b l v -> b v l"), tokens.long(), reduction="none")
 
 
@@ -124,11 +122,11 @@ class LearnedTimeWeighting(nn.Module):
         self.head = nn.Sequential(nn.SiLU(), last)
 
     def log_weight(self, t: Time) -> Tensor:
-        """$w(t)$, one value per example."""
-        check_time(t)
+        """$w(t)$, shaped like ``t`` (per example or per token)."""
         return self.head(self.embedding(t)).squeeze(-1)
 
     def forward(self, loss: TokenLoss, t: Time) -> TokenLoss:
         r"""$e^{-w(t)}\ell + w(t)$, per token."""
-        w = rearrange(self.log_weight(t), "batch -> batch 1").to(loss.dtype)
+        check_time(t, loss)
+        w = broadcast_time(self.log_weight(t), loss)
         return torch.exp(-w) * loss + w

@@ -13,11 +13,10 @@ $\hat x_0 = (x_t - \alpha\hat x_1)/\sigma$.
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from flowlm._checks import check_same_batch, check_state, check_time, check_tokens
+from flowlm._checks import check_state, check_time, check_tokens
+from flowlm._tensors import broadcast_time
 from flowlm._types import Probs, State, Time, Tokens
 from flowlm.reparam import Identity, TimeReparam
 
@@ -26,7 +25,9 @@ NOISE_FLOOR = 1e-5
 
 
 def one_hot(tokens: Tokens, vocab_size: int, dtype: torch.dtype = torch.float32) -> State:
-    """One-hot vectors $e_x$ of integer token ids.
+    """One-hot vectors $e_x$ of integer token ids, scattered straight into ``dtype``.
+
+    The only (batch, seq, vocab) tensor made is the result (no int64 one-hot on the way).
 
     Examples:
         >>> one_hot(torch.tensor([[0, 2]]), 3)
@@ -34,17 +35,17 @@ def one_hot(tokens: Tokens, vocab_size: int, dtype: torch.dtype = torch.float32)
                  [0., 0., 1.]]])
     """
     check_tokens(tokens, vocab_size)
-    return F.one_hot(tokens.long(), vocab_size).to(dtype)
-
-
-def _per_example(coefficient: Tensor) -> Tensor:
-    return rearrange(coefficient, "batch -> batch 1 1")
+    out = torch.zeros(*tokens.shape, vocab_size, dtype=dtype, device=tokens.device)
+    return out.scatter_(-1, tokens.long().unsqueeze(-1), 1)
 
 
 class Interpolant(nn.Module, ABC):
     r"""A path $x_t = \sigma(\gamma)x_0 + \alpha(\gamma)x_1$ run on the clock $\gamma = \kappa(t)$.
 
-    Subclasses give $\alpha$, $\sigma$ and their $\gamma$-derivatives.
+    Subclasses give $\alpha$, $\sigma$ and their $\gamma$-derivatives. Times are per example
+    ``(batch,)`` or per token ``(batch, seq)``. `sample` is the entry point that checks its
+    inputs (and the vocabulary, when the clock names one, e.g. `TokenAccuracy`); the
+    per-step methods (`step`, `velocity`, ...) trust theirs. Results keep the state's dtype.
 
     Args:
         reparam: the clock $\kappa$ (default: identity).
@@ -52,7 +53,17 @@ class Interpolant(nn.Module, ABC):
 
     def __init__(self, reparam: TimeReparam | None = None) -> None:
         super().__init__()
+        if reparam is not None and not isinstance(reparam, TimeReparam):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(
+                f"reparam must be a TimeReparam such as TokenAccuracy(vocab_size), got "
+                f"{reparam!r} ({type(reparam).__name__})"
+            )
         self.reparam = reparam if reparam is not None else Identity()
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary of the clock (e.g. `TokenAccuracy`'s), checked against states."""
+        return self.reparam.vocab_size
 
     @staticmethod
     @abstractmethod
@@ -79,28 +90,63 @@ class Interpolant(nn.Module, ABC):
         r"""$m(\gamma) = \alpha/\sigma$: feed it to `TokenAccuracy` for this path's clock."""
         return cls.alpha(gamma) / cls.sigma(gamma)
 
+    def check_state(self, x: State, name: str = "x") -> None:
+        """Raise unless ``x`` is a (batch, seq, vocab) float state of this path's vocabulary."""
+        check_state(x, self.vocab_size, name)
+
     def sample(self, x0: State, x1: State, t: Time) -> State:
-        r"""The point $x_t = \sigma x_0 + \alpha x_1$ of the path at model time ``t``."""
-        self._check(x1, t)
-        if x0.shape != x1.shape:
-            raise ValueError(f"noise shape {tuple(x0.shape)} != data shape {tuple(x1.shape)}")
-        gamma = _per_example(self.reparam(t))
-        return self.sigma(gamma) * x0 + self.alpha(gamma) * x1
+        r"""The point $x_t = \sigma x_0 + \alpha x_1$ of the path at model time ``t``.
+
+        One (batch, seq, vocab) tensor is allocated (the result; the inputs are not modified),
+        in the inputs' dtype (bfloat16 stays bfloat16). Positions at $\gamma = 1$ are exactly
+        ``x1``.
+        """
+        self.check_state(x1, "x1")
+        if not isinstance(x0, Tensor) or x0.shape != x1.shape:  # pyright: ignore[reportUnnecessaryIsInstance]
+            shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"noise shape {shape} != data shape {tuple(x1.shape)}")
+        check_time(t, x1)
+        dtype = torch.promote_types(x0.dtype, x1.dtype)
+        gamma = self.reparam(t)
+        out = torch.mul(x0, broadcast_time(self.sigma(gamma), x0).to(dtype))
+        return out.addcmul_(x1, broadcast_time(self.alpha(gamma), out))
 
     def predicted_noise(self, x_t: State, x1_hat: Probs, t: Time) -> State:
         r"""The noise $\hat x_0 = (x_t - \alpha\hat x_1)/\sigma$ implied by a data prediction."""
-        self._check(x_t, t)
-        gamma = _per_example(self.reparam(t))
-        return (x_t - self.alpha(gamma) * x1_hat) / self.sigma(gamma).clamp_min(NOISE_FLOOR)
+        gamma = self.reparam(t)
+        alpha = broadcast_time(self.alpha(gamma), x_t)
+        sigma = broadcast_time(self.sigma(gamma).clamp_min(NOISE_FLOOR), x_t)
+        return (x_t - alpha * x1_hat.to(x_t.dtype)) / sigma
 
     def velocity(self, x_t: State, x1_hat: Probs, t: Time) -> State:
         r"""Marginal velocity per unit $\gamma$: $\sigma'\hat x_0 + \alpha'\hat x_1$.
 
         For the linear path this is $(\hat x_1 - x_t)/(1 - \gamma)$.
         """
-        gamma = _per_example(self.reparam(t))
+        gamma = self.reparam(t)
         x0_hat = self.predicted_noise(x_t, x1_hat, t)
-        return self.sigma_rate(gamma) * x0_hat + self.alpha_rate(gamma) * x1_hat
+        sigma_rate = broadcast_time(self.sigma_rate(gamma), x_t)
+        return x0_hat.mul_(sigma_rate).addcmul_(x1_hat, broadcast_time(self.alpha_rate(gamma), x_t))
+
+    def step_weights(self, t: Time, s: Time) -> tuple[Tensor, Tensor]:
+        r"""The weights $(a, b)$ of `step`: $X_{t\to s}(x) = a\,x + b\,\hat x_1$.
+
+        $a = \sigma_s/\sigma_t$ and $b = \alpha_s - a\,\alpha_t$, except exactly $(0, 1)$
+        where $\gamma_s = 1$ (the step lands on the prediction) and exactly $(1, 0)$ where
+        $\gamma_s = \gamma_t$ (no move: a known position at $t = s = 1$ stays as it is).
+        Shaped like the times.
+
+        Examples:
+            >>> LinearInterpolant().step_weights(torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]))
+            (tensor([0., 1.]), tensor([1., 0.]))
+        """
+        gamma_t, gamma_s = self.reparam(t), self.reparam(s)
+        keep = self.sigma(gamma_s) / self.sigma(gamma_t).clamp_min(NOISE_FLOOR)
+        keep = torch.where(gamma_s >= 1, 0.0, keep)
+        move = self.alpha(gamma_s) - keep * self.alpha(gamma_t)
+        move = torch.where(gamma_s >= 1, 1.0, move)
+        still = gamma_s == gamma_t
+        return torch.where(still, 1.0, keep), torch.where(still, 0.0, move)
 
     def step(self, x_t: State, x1_hat: Probs, t: Time, s: Time) -> State:
         r"""Move from ``t`` to ``s`` holding $\hat x_1$ fixed.
@@ -109,14 +155,14 @@ class Interpolant(nn.Module, ABC):
         solution of the ODE when $\hat x_1$ is constant on the step (DDIM); for the linear
         path it equals the Euler step
 
-        $x_t + (\gamma_s - \gamma_t)(\hat x_1 - x_t)/(1 - \gamma_t)$, and it returns
-        ``x1_hat`` exactly when $\gamma_s = 1$. Works in either direction.
+        $x_t + (\gamma_s - \gamma_t)(\hat x_1 - x_t)/(1 - \gamma_t)$. It returns ``x1_hat``
+        exactly where $\gamma_s = 1$ and ``x_t`` exactly where $\gamma_s = \gamma_t$ (so
+        positions at $t = s = 1$ stay exactly one-hot); see `step_weights`. Works in either
+        direction; the result has ``x_t``'s dtype.
         """
-        check_time(s, "s")
-        check_same_batch(x_t, s, "s")
-        gamma_s = _per_example(self.reparam(s))
-        x0_hat = self.predicted_noise(x_t, x1_hat, t)
-        return self.sigma(gamma_s) * x0_hat + self.alpha(gamma_s) * x1_hat
+        keep, move = self.step_weights(t, s)
+        out = torch.mul(x_t, broadcast_time(keep, x_t))
+        return out.addcmul_(x1_hat, broadcast_time(move, x_t))
 
     def implied_prediction(self, x_t: State, x_s: State, t: Time, s: Time) -> State:
         r"""The data prediction $\hat x_1$ with which `step` moves ``x_t`` at ``t`` to ``x_s`` at ``s``.
@@ -137,18 +183,13 @@ class Interpolant(nn.Module, ABC):
             >>> torch.allclose(implied, x1_hat, atol=1e-6)
             True
         """
-        self._check(x_t, t)
-        self._check(x_s, s)
-        gamma_t, gamma_s = _per_example(self.reparam(t)), _per_example(self.reparam(s))
+        gamma_t, gamma_s = self.reparam(t), self.reparam(s)
         sigma_t = self.sigma(gamma_t).clamp_min(NOISE_FLOOR)  # as in `predicted_noise`
         alpha_s, sigma_s = self.alpha(gamma_s), self.sigma(gamma_s)
-        return (sigma_t * x_s - sigma_s * x_t) / (alpha_s * sigma_t - sigma_s * self.alpha(gamma_t))
-
-    @staticmethod
-    def _check(x: Tensor, t: Tensor) -> None:
-        check_state(x)
-        check_time(t)
-        check_same_batch(x, t)
+        denominator = alpha_s * sigma_t - sigma_s * self.alpha(gamma_t)
+        return (
+            broadcast_time(sigma_t, x_t) * x_s - broadcast_time(sigma_s, x_t) * x_t
+        ) / broadcast_time(denominator, x_t)
 
 
 class LinearInterpolant(Interpolant):
@@ -182,11 +223,20 @@ class LinearInterpolant(Interpolant):
         """-1."""
         return -torch.ones_like(gamma)
 
+    def step(self, x_t: State, x1_hat: Probs, t: Time, s: Time) -> State:
+        r"""The linear `Interpolant.step` as one fused update: ``torch.lerp(x_t, x1_hat, b)``.
 
-class SqrtNoiseInterpolant(LinearInterpolant):
+        $b = (\gamma_s - \gamma_t)/(1 - \gamma_t)$ (see `step_weights`); one
+        (batch, seq, vocab) tensor is allocated, in ``x_t``'s dtype.
+        """
+        _, move = self.step_weights(t, s)
+        return torch.lerp(x_t, x1_hat.to(x_t.dtype), broadcast_time(move, x_t))
+
+
+class SqrtNoiseInterpolant(Interpolant):
     r"""The reference code's variance-preserving variant: $x_t = \sqrt{1-\gamma}x_0 + \gamma x_1$.
 
-    It keeps the linear path's data coefficient $\alpha = \gamma$ and shrinks the noise more
+    It has the linear path's data coefficient $\alpha = \gamma$ and shrinks the noise more
     slowly. Its matching clock is ``TokenAccuracy(V, snr=SqrtNoiseInterpolant.signal_to_noise)``
     with $m(\gamma) = \gamma/\sqrt{1 - \gamma}$.
 
@@ -197,9 +247,19 @@ class SqrtNoiseInterpolant(LinearInterpolant):
     """
 
     @staticmethod
+    def alpha(gamma: Tensor) -> Tensor:
+        r"""$\gamma$."""
+        return gamma
+
+    @staticmethod
     def sigma(gamma: Tensor) -> Tensor:
         r"""$\sqrt{1 - \gamma}$."""
         return (1.0 - gamma).clamp_min(0.0).sqrt()
+
+    @staticmethod
+    def alpha_rate(gamma: Tensor) -> Tensor:
+        """1."""
+        return torch.ones_like(gamma)
 
     @staticmethod
     def sigma_rate(gamma: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ acts elementwise on any tensor of times, and composes with ``>>``:
 ``(a >> b)(t) = b(a(t))``.
 """
 
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -41,6 +42,11 @@ class TimeReparam(nn.Module, ABC):
     def derivative(self, t: Times) -> Times:
         r"""The rate $d\gamma/dt = \kappa'(t)$."""
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary this clock was built for, if any (interpolants check states on it)."""
+        return None
+
     def __rshift__(self, then: "TimeReparam") -> "Composed":
         return Composed(self, then)
 
@@ -60,6 +66,11 @@ class Composed(TimeReparam):
         super().__init__()
         self.first = first
         self.then = then
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary of either part (the first one that names one)."""
+        return self.first.vocab_size if self.first.vocab_size is not None else self.then.vocab_size
 
     def forward(self, t: Times) -> Times:
         """Path time of the composition."""
@@ -176,11 +187,18 @@ class TokenAccuracy(TimeReparam):
         logit_knots: int = 16_385,
     ) -> None:
         super().__init__()
-        if vocab_size < 2:
-            raise ValueError(f"TokenAccuracy needs a vocabulary of at least 2, got {vocab_size}")
-        self.vocab_size = vocab_size
+        try:
+            size = operator.index(vocab_size)
+        except TypeError:
+            raise TypeError(
+                f"TokenAccuracy needs an integer vocabulary size, got {vocab_size!r} "
+                f"({type(vocab_size).__name__})"
+            ) from None
+        if size < 2:
+            raise ValueError(f"TokenAccuracy needs a vocabulary of at least 2, got {size}")
+        self._vocab_size = size
         gamma = torch.linspace(0.0, 1.0, gamma_knots, dtype=torch.float64)
-        tau = decoding_accuracy(gamma, vocab_size, snr)
+        tau = decoding_accuracy(gamma, size, snr)
         keep = _strictly_increasing_interior(tau)
         tau_at_knots = np.interp(gamma.numpy(), gamma[keep], tau[keep])
         logits = torch.linspace(-LOGIT_RANGE, LOGIT_RANGE, logit_knots, dtype=torch.float64)
@@ -190,6 +208,11 @@ class TokenAccuracy(TimeReparam):
         r"""$\tau$ on the uniform $\gamma$ grid."""
         self.kappa_table = GridTable(torch.from_numpy(kappa_at_knots), -LOGIT_RANGE, LOGIT_RANGE)
         r"""$\kappa$ on the uniform $\operatorname{logit}(t)$ grid."""
+
+    @property
+    def vocab_size(self) -> int:
+        """$V$, the vocabulary of the states this clock times."""
+        return self._vocab_size
 
     def forward(self, t: Times) -> Times:
         r"""$\gamma = \kappa(t)$ by linear interpolation on the logit grid."""

@@ -13,46 +13,20 @@ same map. Every sampler is a flow map applied along a grid by `rollout`:
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from flowlm._checks import check_finite, check_state
+from flowlm._checks import check_state, device_assert
+from flowlm._tensors import broadcast_time
 from flowlm._types import Grid, State, Time, Tokens
 from flowlm.context import Context
-from flowlm.heads import Backbone, XPredictor
+from flowlm.heads import XPredictor
 from flowlm.interpolants import Interpolant
+from flowlm.network_calls import count_network_calls, record_network_call
+from flowlm.protocols import Backbone, FlowMap, VelocityField
 from flowlm.reparam import TimeReparam
-
-
-@runtime_checkable
-class FlowMap(Protocol):
-    """Anything that moves a state from model time ``t`` to model time ``s``."""
-
-    def __call__(self, x: State, t: Time, s: Time, /) -> State:
-        r"""$X_{t \to s}(x)$."""
-        ...
-
-
-@runtime_checkable
-class VelocityField(Protocol):
-    r"""A velocity per unit of path time $\gamma$ = ``reparam(t)``, called at model time ``t``."""
-
-    @property
-    def reparam(self) -> TimeReparam:
-        """The clock that turns the field's model time into path time."""
-        ...
-
-    def __call__(self, x: State, t: Time, /) -> State:
-        r"""$dx/d\gamma$ at $(x, t)$."""
-        ...
-
-
-def _per_example(values: Tensor) -> Tensor:
-    return rearrange(values, "batch -> batch 1 1")
 
 
 class XPredVelocity(nn.Module):
@@ -79,6 +53,7 @@ class XPredVelocity(nn.Module):
 
     def forward(self, x: State, t: Time) -> State:
         r"""$dx/d\gamma$."""
+        self.interpolant.check_state(x)
         return self.interpolant.velocity(x, self.predictor(x, t), t)
 
 
@@ -108,6 +83,7 @@ class XPredMap(nn.Module):
 
     def forward(self, x: State, t: Time, s: Time) -> State:
         r"""$X_{t \to s}(x)$: one network call."""
+        self.interpolant.check_state(x)
         x1_hat = self.predictor(x, t, s) if self.two_time else self.predictor(x, t)
         return self.interpolant.step(x, x1_hat, t, s)
 
@@ -130,7 +106,7 @@ class Euler(nn.Module):
     def forward(self, x: State, t: Time, s: Time) -> State:
         """One Euler step."""
         kappa = self.field.reparam
-        return x + _per_example(kappa(s) - kappa(t)) * self.field(x, t)
+        return x + broadcast_time(kappa(s) - kappa(t), x) * self.field(x, t)
 
 
 class Midpoint(nn.Module):
@@ -158,18 +134,27 @@ class Midpoint(nn.Module):
         kappa = self.field.reparam
         gamma_t, gamma_s = kappa(t), kappa(s)
         gamma_mid = 0.5 * (gamma_t + gamma_s)
-        x_mid = x + _per_example(gamma_mid - gamma_t) * self.field(x, t)
-        return x + _per_example(gamma_s - gamma_t) * self.field(x_mid, kappa.inverse(gamma_mid))
+        x_mid = x + broadcast_time(gamma_mid - gamma_t, x) * self.field(x, t)
+        return x + broadcast_time(gamma_s - gamma_t, x) * self.field(
+            x_mid, kappa.inverse(gamma_mid)
+        )
 
 
 class Heun(nn.Module):
     r"""Heun's method (explicit trapezoid) in path time. Order 2, 2 calls.
 
     $\tilde x = x + \Delta v(x, t)$, $X_{t\to s}(x) = x + \frac{\Delta}{2}(v(x,t) + v(\tilde x,s))$.
-    Where $\gamma_s = 1$ the x-prediction velocity is singular, so those examples take the
-    Euler step instead (as is usual for the last step). When every example does, the second
-    call is skipped: $n$ steps onto the data cost $2n - 1$ calls. Deciding that reads one
-    boolean on the host, a device sync per step.
+    Where $\gamma_s = 1$ the x-prediction velocity is singular, so those examples (or tokens)
+    take the Euler step instead (as is usual for the last step). By default both calls are
+    always made and the corrector is discarded there: $n$ steps cost $2n$ calls and no host
+    sync. With ``skip_at_data=True`` the step reads one boolean on the host (a device sync
+    per step) and skips the corrector when every position ends at $\gamma = 1$: $n$ steps
+    onto the data then cost $2n - 1$ calls.
+
+    Args:
+        field: the velocity field.
+        skip_at_data: skip the wasted corrector call on a step onto the data, at the price
+            of one host read per step.
 
     Examples:
         >>> from flowlm import Identity
@@ -180,30 +165,38 @@ class Heun(nn.Module):
         0.625
     """
 
-    def __init__(self, field: VelocityField) -> None:
+    def __init__(self, field: VelocityField, *, skip_at_data: bool = False) -> None:
         super().__init__()
         self.field = field
+        self.skip_at_data = skip_at_data
 
     def forward(self, x: State, t: Time, s: Time) -> State:
         """One Heun step."""
         kappa = self.field.reparam
         gamma_s = kappa(s)
-        delta = _per_example(gamma_s - kappa(t))
+        delta = broadcast_time(gamma_s - kappa(t), x)
         v_start = self.field(x, t)
         x_euler = x + delta * v_start
         at_data = gamma_s >= 1
-        if bool(at_data.all()):
+        if self.skip_at_data and bool(at_data.all()):
             return x_euler
         x_heun = x + 0.5 * delta * (v_start + self.field(x_euler, s))
-        return torch.where(_per_example(at_data), x_euler, x_heun)
+        return torch.where(broadcast_time(at_data, x), x_euler, x_heun)
 
 
 class TaylorMap(nn.Module):
     r"""Second-order map $X_{t\to s}(x) = x + \Delta v(x, t) + \tfrac12\Delta^2 g(x, t, s)$.
 
     $\Delta = \gamma_s - \gamma_t$, $v$ a (frozen teacher's) velocity field and $g$ a correction
-    network with two time inputs. With $g \equiv 0$ it is the teacher's Euler step. 2 calls.
-    The field is a frozen teacher: it runs without gradient, so only $g$ can learn.
+    network with two time inputs. With $g \equiv 0$ it is the teacher's Euler step. 2 calls
+    (the correction's call is recorded here with `record_network_call`; the field's by its
+    own predictor).
+
+    Args:
+        field: the velocity field $v$.
+        correction: the network $g$, called as ``correction(x, t, s)``.
+        freeze_field: run the field without gradient (a frozen teacher, so only $g$ learns);
+            ``False`` lets gradients flow through $v$ too.
 
     Examples:
         >>> from flowlm import Identity
@@ -215,18 +208,23 @@ class TaylorMap(nn.Module):
         0.5
     """
 
-    def __init__(self, field: VelocityField, correction: Backbone) -> None:
+    def __init__(
+        self, field: VelocityField, correction: Backbone, *, freeze_field: bool = True
+    ) -> None:
         super().__init__()
         self.field = field
         self.correction = correction
+        self.freeze_field = freeze_field
 
     def forward(self, x: State, t: Time, s: Time) -> State:
         """One Taylor step."""
         kappa = self.field.reparam
-        delta = _per_example(kappa(s) - kappa(t))
-        with torch.no_grad():
+        delta = broadcast_time(kappa(s) - kappa(t), x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_field):
             velocity = self.field(x, t)
-        return x + delta * velocity + 0.5 * delta**2 * self.correction(x, t, s)
+        correction = self.correction(x, t, s)
+        record_network_call()
+        return x + delta * velocity + 0.5 * delta**2 * correction
 
 
 class Substeps(nn.Module):
@@ -282,6 +280,8 @@ def time_grid(
         >>> time_grid(4)
         tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
     """
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise TypeError(f"n_steps must be an integer, got {n_steps!r} ({type(n_steps).__name__})")
     if n_steps < 1:
         raise ValueError(f"a grid needs at least one step, got n_steps={n_steps}")
     grid = torch.linspace(0.0, 1.0, n_steps + 1, dtype=dtype, device=device)
@@ -297,7 +297,7 @@ class Trajectory:
 
     Attributes:
         x: the final state.
-        nfe: network calls made, counted with forward hooks.
+        nfe: network calls made, as recorded by the networks' callers (see `rollout`).
         grid: the model times visited.
         states: the state at every grid time (including the start), if saved.
     """
@@ -308,26 +308,24 @@ class Trajectory:
     states: tuple[State, ...] | None = None
 
 
-def _default_networks(flow_map: object) -> list[nn.Module]:
-    if not isinstance(flow_map, nn.Module):
-        return []
-    predictors: list[nn.Module] = [m for m in flow_map.modules() if isinstance(m, XPredictor)]
-    corrections = [
-        m.correction
-        for m in flow_map.modules()
-        if isinstance(m, TaylorMap) and isinstance(m.correction, nn.Module)
-    ]
-    return predictors + corrections
-
-
-def _check_grid(grid: Tensor) -> None:
-    if grid.ndim != 1 or grid.numel() < 2:
-        raise ValueError(f"a grid is a 1-d tensor of at least 2 times, got {tuple(grid.shape)}")
-    steps = grid.diff()
-    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+def _grid_times(grid: object) -> list[float]:
+    """The grid's times on the host (read once per rollout), after checking it."""
+    if not isinstance(grid, Tensor):
+        raise TypeError(
+            f"grid must be a 1-d tensor of model times (e.g. flowlm.time_grid(8)), got "
+            f"{type(grid).__name__}; write torch.tensor([...]) for a custom grid"
+        )
+    if grid.ndim != 1 or grid.numel() < 2 or not grid.is_floating_point():
+        raise ValueError(
+            f"a grid is a 1-d float tensor of at least 2 times, got {tuple(grid.shape)} {grid.dtype}"
+        )
+    times: list[float] = grid.tolist()
+    steps = [b - a for a, b in itertools.pairwise(times)]
+    if not (all(d > 0 for d in steps) or all(d < 0 for d in steps)):
         raise ValueError("grid times must be strictly monotone (all increasing or all decreasing)")
-    if bool((grid < 0).any()) or bool((grid > 1).any()):
-        raise ValueError("grid times must lie in [0, 1]")
+    if not all(0.0 <= v <= 1.0 for v in times):
+        raise ValueError(f"grid times must lie in [0, 1], got {times}")
+    return times
 
 
 def rollout(
@@ -342,19 +340,30 @@ def rollout(
 ) -> Trajectory:
     r"""Apply ``flow_map`` along ``grid``: $x \leftarrow X_{t_i \to t_{i+1}}(x)$ for each step.
 
+    The inputs are checked once, here; the grid is read on the host once. After every step a
+    device-side check (no host sync on an accelerator) raises if the state is not finite,
+    naming the step and its times. The state keeps ``x_init``'s dtype (bfloat16 stays
+    bfloat16); times are passed per example in at least float32.
+
+    NFE is what the networks' callers record (`XPredictor` and `TaylorMap` do, through
+    `record_network_call`) while the rollout runs. A flow map that records nothing is an
+    error: pass ``networks=`` (modules whose forward calls count instead), or call
+    `record_network_call` in it.
+
     Args:
         flow_map: any `FlowMap`.
         x_init: the starting state at time ``grid[0]`` (noise for a forward grid).
-        grid: strictly monotone model times (forward or backward).
+        grid: strictly monotone model times (forward or backward), a 1-d tensor.
         save_states: keep the state at every grid time.
         grad: record the autograd graph (e.g. to differentiate through sampling).
-        networks: modules whose forward calls count as network evaluations; by default every
-            `XPredictor` and `TaylorMap` correction inside ``flow_map``.
+        networks: count the forward calls of these modules instead of the recorded calls.
         context: known tokens, held one-hot at time 1 through every step while the network
             sees per-token times (1 on known positions); see `Context.hold`.
 
     Raises:
-        RuntimeError: if the final state is not finite.
+        TypeError: if ``grid`` is not a tensor.
+        ValueError: on a malformed grid or state.
+        RuntimeError: if a step produces NaN or infinity, or no network call was counted.
 
     Examples:
         >>> from flowlm import LinearInterpolant, XPredictor
@@ -364,32 +373,45 @@ def rollout(
         (4, torch.Size([2, 5, 3]))
     """
     check_state(x_init, name="x_init")
-    _check_grid(grid)
-    counted = _default_networks(flow_map) if networks is None else list(networks)
-    calls = [0]
+    host_times = _grid_times(grid)
+    hooked = [0]
 
     def count(*_: object) -> None:
-        calls[0] += 1
+        hooked[0] += 1
 
-    handles: list[RemovableHandle] = [m.register_forward_hook(count) for m in counted]
+    handles: list[RemovableHandle] = (
+        [] if networks is None else [m.register_forward_hook(count) for m in networks]
+    )
     if context is not None:
         flow_map, x_init = context.hold(flow_map), context.impose(x_init)
-    times = grid.to(x_init.device, x_init.dtype)
+    time_dtype = torch.promote_types(x_init.dtype, torch.float32)
+    times = grid.to(x_init.device, time_dtype)
     batch = x_init.shape[0]
     x = x_init
     states = [x] if save_states else None
     try:
-        with torch.set_grad_enabled(grad):
-            for start, end in itertools.pairwise(times):
+        with torch.set_grad_enabled(grad), count_network_calls() as recorded:
+            for index, (start, end) in enumerate(itertools.pairwise(times)):
                 x = flow_map(x, start.expand(batch), end.expand(batch))
+                device_assert(
+                    torch.isfinite(x).all(),
+                    f"rollout step {index} (t = {host_times[index]:.6g} -> s = "
+                    f"{host_times[index + 1]:.6g}) produced NaN or infinite values",
+                )
                 if states is not None:
                     states.append(x)
     finally:
         for handle in handles:
             handle.remove()
-    check_finite(x, "the sampled state")
+    nfe = recorded.count if networks is None else hooked[0]
+    if nfe == 0:
+        raise RuntimeError(
+            "rollout counted no network call: the flow map records none (XPredictor and "
+            "TaylorMap record theirs); pass networks=[...] with the modules it calls, or call "
+            "flowlm.record_network_call() where it evaluates a network"
+        )
     return Trajectory(
-        x=x, nfe=calls[0], grid=times, states=tuple(states) if states is not None else None
+        x=x, nfe=nfe, grid=times, states=tuple(states) if states is not None else None
     )
 
 

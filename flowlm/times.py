@@ -1,14 +1,31 @@
-r"""Time samplers for training.
+r"""Time samplers for training, drawn on the device and only for this process's rows.
 
 Training draws model times $t \sim U[0, 1]$. Stratifying over the *global* batch (all ranks
 together) gives every step an even spread of noise levels and lowers the variance of the loss.
+
+**What "N processes train like one" means.** Rank $r$ of $N$ draws only its own $B$ rows,
+on its own device, from its own generator: it gets the strata $rB, \dots, (r+1)B - 1$ of
+the global batch of $G = NB$. So the global batch is, in distribution, exactly the
+stratified draw one process would make for $G$ examples (every stratum holds one time,
+uniform within it, all independent), but not the same numbers: the guarantee is
+statistical equivalence, not bit-for-bit equality with a one-process run. Seed each rank's
+generator differently (e.g. ``seed + rank``); seeding them alike still gives valid strata,
+with the jitter inside them shared.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from flowlm._types import Time
+from flowlm._types import ExampleTime
+
+
+def _check_ranks(batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= rank < world_size, "
+            f"got batch_size={batch_size}, rank={rank}, world_size={world_size}"
+        )
 
 
 def uniform_times(
@@ -20,47 +37,44 @@ def uniform_times(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> Time:
-    r"""Uniform model times for this rank's slice of a global batch.
+) -> ExampleTime:
+    r"""Uniform model times for this rank's rows of a global batch, drawn on ``device``.
 
     With ``stratified=True`` the global batch of $G$ = ``batch_size * world_size`` examples
-    gets $t_i = (i + u_i)/G$, $u_i \sim U[0, 1)$ independent: exactly one time per stratum
-    $[i/G, (i+1)/G)$, each marginally uniform. Rank ``r`` returns strata
-    $rB, \dots, (r+1)B - 1$. With a generator seeded alike on every rank, the global draw is
-    identical everywhere, so 1 process and $N$ processes see the same times.
+    has $t_i = (i + u_i)/G$, $u_i \sim U[0, 1)$ independent: exactly one time per stratum
+    $[i/G, (i+1)/G)$, each marginally uniform. Rank ``r`` draws only its rows
+    $i = rB, \dots, (r+1)B - 1$ (see the module notes for what that means across processes).
 
     Args:
         batch_size: examples on this rank.
         rank: this process's index.
         world_size: number of processes.
         stratified: one time per stratum instead of i.i.d. uniform.
-        generator: random source (CPU).
-        device: output device.
-        dtype: output dtype.
+        generator: random source, on ``device``.
+        device: where the times are drawn and returned.
+        dtype: output dtype (the strata are computed in float64 when it is).
 
     Examples:
         >>> t = uniform_times(4, generator=torch.Generator().manual_seed(0))
         >>> [int(4 * v) for v in t]  # one time in each quarter
         [0, 1, 2, 3]
     """
-    if batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"need batch_size >= 1 and 0 <= rank < world_size, "
-            f"got batch_size={batch_size}, rank={rank}, world_size={world_size}"
-        )
-    global_size = batch_size * world_size
-    jitter = torch.rand(global_size, generator=generator, dtype=torch.float64)
-    if stratified:
-        jitter = (torch.arange(global_size, dtype=torch.float64) + jitter) / global_size
-    mine = jitter[rank * batch_size : (rank + 1) * batch_size]
-    return mine.to(device=device, dtype=dtype)
+    _check_ranks(batch_size, rank, world_size)
+    jitter = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
+    if not stratified:
+        return jitter
+    first = rank * batch_size
+    strata = torch.arange(first, first + batch_size, device=device, dtype=dtype)
+    times = (strata + jitter) / (batch_size * world_size)
+    upper = torch.nextafter((strata + 1) / (batch_size * world_size), strata.new_zeros(()))
+    return torch.minimum(times, upper)  # round-off never lifts a time into the next stratum
 
 
 class TimePair(NamedTuple):
-    """Start and end model times of flow-map jumps, ``t <= s`` elementwise."""
+    """Start and end model times of flow-map jumps, ``t < s`` elementwise."""
 
-    t: Time
-    s: Time
+    t: ExampleTime
+    s: ExampleTime
 
 
 def time_pairs(
@@ -74,28 +88,44 @@ def time_pairs(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> TimePair:
-    r"""Jumps $t \to s$ for flow-map distillation.
+    r"""Jumps $t \to s$ for flow-map distillation, drawn on ``device`` for this rank's rows.
 
-    The gap $d = s - t$ is stratified uniform over the global batch and clamped to
-    ``min_gap``; the start is $t \sim U[0, 1 - d]$; with probability ``boundary_prob`` the pair
-    is the whole path $(0, 1)$, the one-step jump.
+    The gap $d = s - t$ is stratified uniform over the global batch (`uniform_times`) and
+    clamped to ``min_gap``; the start is $t \sim U[0, 1 - d]$; with probability
+    ``boundary_prob`` the pair is the whole path $(0, 1)$, the one-step jump. In the output
+    dtype $s > t$ always holds (a start that rounds onto its end moves one step below it).
+
+    Args:
+        batch_size: pairs on this rank.
+        boundary_prob: probability of the pair $(0, 1)$.
+        min_gap: smallest gap, in (0, 1].
+        rank: this process's index.
+        world_size: number of processes.
+        generator: random source, on ``device``.
+        device: where the times are drawn and returned.
+        dtype: output dtype.
 
     Examples:
         >>> pair = time_pairs(8, generator=torch.Generator().manual_seed(0))
-        >>> bool((pair.t <= pair.s).all() and (pair.s <= 1).all())
+        >>> bool((pair.t < pair.s).all() and (pair.s <= 1).all())
         True
     """
     if not 0.0 <= boundary_prob <= 1.0:
         raise ValueError(f"boundary_prob must lie in [0, 1], got {boundary_prob}")
+    if not 0.0 < min_gap <= 1.0:
+        raise ValueError(f"min_gap must lie in (0, 1], got {min_gap}")
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
     gap = uniform_times(
-        batch_size, rank=rank, world_size=world_size, generator=generator, dtype=torch.float64
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        generator=generator,
+        device=device,
+        dtype=wide,
     ).clamp(min_gap, 1.0)
-    mine = slice(rank * batch_size, (rank + 1) * batch_size)
-    global_size = batch_size * world_size
-    start = torch.rand(global_size, generator=generator, dtype=torch.float64)[mine] * (1.0 - gap)
-    boundary = (
-        torch.rand(global_size, generator=generator, dtype=torch.float64)[mine] < boundary_prob
-    )
-    start = torch.where(boundary, 0.0, start)
-    end = torch.where(boundary, 1.0, (start + gap).clamp(max=1.0))
-    return TimePair(start.to(device=device, dtype=dtype), end.to(device=device, dtype=dtype))
+    draws = torch.rand(2, batch_size, generator=generator, device=device, dtype=wide)
+    boundary = draws[1] < boundary_prob
+    start = torch.where(boundary, 0.0, draws[0] * (1.0 - gap)).to(dtype)
+    end = torch.where(boundary, 1.0, (start + gap).clamp(max=1.0)).to(dtype)
+    start = torch.minimum(start, torch.nextafter(end, torch.zeros_like(end)))
+    return TimePair(start, end)

@@ -5,7 +5,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flowlm._checks import check_same_batch, check_state, check_time, check_tokens
+from flowlm._checks import check_state, check_time, check_tokens
 from flowlm._types import Logits, State, Time, Tokens
 from flowlm.backbones.layers import MLP, AdaLNModulation, Attention, modulate
 from flowlm.embeddings import TimeEmbedding
@@ -24,7 +24,9 @@ class _DiTBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, h: Float[Tensor, "batch seq dim"], c: Float[Tensor, "batch dim"]
+        self,
+        h: Float[Tensor, "batch seq dim"],
+        c: Float[Tensor, "batch dim"] | Float[Tensor, "batch seq dim"],
     ) -> Float[Tensor, "batch seq dim"]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
         h = h + gate1 * self.dropout(
@@ -44,7 +46,10 @@ class DiT(nn.Module):
     $$c = \mathrm{SiLU}\big(e_t(t) + e_s(s)\big),$$
 
     with $e_s$ present only when ``two_time=True`` and zero at init (so a fresh two-time model
-    equals the one-time model with the same other weights). Each block is pre-LayerNorm with
+    equals the one-time model with the same other weights). Times are per example
+    ``(batch,)``, giving one $c$ per example, or per token ``(batch, seq)``, giving one $c$ per
+    position (per-position adaLN; a prompt is its tokens at time 1); the per-example path
+    keeps its ``(batch, dim)`` cost. Each block is pre-LayerNorm with
     adaLN-Zero (shift, scale, gate for attention and for the MLP), rotary positions,
     bidirectional attention with logits soft-capped at 50, and a tanh-GELU MLP of width $4d$.
     The output layer is LayerNorm, adaLN (shift, scale) and a linear map $d \to V$; the
@@ -100,8 +105,7 @@ class DiT(nn.Module):
                 times, or ``s`` passed to a one-time model or missing from a two-time model.
         """
         h = self._embed(x_t)
-        check_time(t, "t")
-        check_same_batch(x_t, t, "t")
+        check_time(t, x_t, "t")
         c = self.time_embedding(t)
         if self.target_time_embedding is None:
             if s is not None:
@@ -109,9 +113,11 @@ class DiT(nn.Module):
         else:
             if s is None:
                 raise ValueError("this DiT was built with two_time=True: pass the target time s")
-            check_time(s, "s")
-            check_same_batch(x_t, s, "s")
-            c = c + self.target_time_embedding(s)
+            check_time(s, x_t, "s")
+            c_s = self.target_time_embedding(s)
+            if c.ndim != c_s.ndim:  # one time per example, the other per token
+                c, c_s = (c[:, None], c_s) if c.ndim == 2 else (c, c_s[:, None])
+            c = c + c_s
         c = F.silu(c)
         for block in self.blocks:
             h = block(h, c)

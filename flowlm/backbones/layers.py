@@ -166,7 +166,9 @@ class AdaLNModulation(nn.Module):
     """Zero-initialised linear map from a conditioning vector to ``count`` modulation vectors.
 
     The outputs (shifts, scales, gates) are exactly 0 at init, so a modulated block starts as
-    the identity (adaLN-Zero). Use them with `modulate`.
+    the identity (adaLN-Zero). Use them with `modulate`. The conditioning is one vector per
+    example ``(batch, dim)`` (the outputs broadcast over positions, ``(batch, 1, dim)``) or
+    one per position ``(batch, seq, dim)`` (per-token times).
 
     Args:
         dim: width of the conditioning vector and of each output.
@@ -176,6 +178,8 @@ class AdaLNModulation(nn.Module):
         >>> shift, scale = AdaLNModulation(8, count=2)(torch.randn(3, 8))
         >>> shift.shape, bool((scale == 0).all())
         (torch.Size([3, 1, 8]), True)
+        >>> AdaLNModulation(8, count=2)(torch.randn(3, 5, 8)).shape
+        torch.Size([2, 3, 5, 8])
     """
 
     def __init__(self, dim: int, count: int) -> None:
@@ -185,15 +189,20 @@ class AdaLNModulation(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, c: Float[Tensor, "batch dim"]) -> Float[Tensor, "count batch 1 dim"]:
+    def forward(
+        self, c: Float[Tensor, "batch dim"] | Float[Tensor, "batch seq dim"]
+    ) -> Float[Tensor, "count batch 1 dim"] | Float[Tensor, "count batch seq dim"]:
         """Return the modulation vectors, stacked on the first axis (unpack them)."""
-        return rearrange(self.linear(c), "b (count d) -> count b 1 d", count=self.count)
+        per_position = c if c.ndim == 3 else c[:, None]
+        return rearrange(
+            self.linear(per_position), "b n (count d) -> count b n d", count=self.count
+        )
 
 
 def modulate(
     x: Float[Tensor, "batch seq dim"],
-    shift: Float[Tensor, "batch 1 dim"],
-    scale: Float[Tensor, "batch 1 dim"],
+    shift: Float[Tensor, "batch 1 dim"] | Float[Tensor, "batch seq dim"],
+    scale: Float[Tensor, "batch 1 dim"] | Float[Tensor, "batch seq dim"],
 ) -> Float[Tensor, "batch seq dim"]:
     r"""Adaptive layer-norm modulation: $x \odot (1 + \text{scale}) + \text{shift}$.
 
