@@ -1,7 +1,8 @@
 r"""Conditioning as clean data: a context is a set of positions already at time 1.
 
 A position at model time $t_i = 1$ is clean (one-hot), so a prompt, the two sides of an
-infill or an already written block need no new mechanism (paper, section on per-token time):
+infill or an already written block need no new mechanism (the documentation's guide
+*Prompts, infilling and guidance*; FMLM's posterior-refinement follow-up, arXiv 2606.24773):
 
 - training: draw a context mask $m$, set $t_i = 1$ where $m_i$ (`Context.times`), build
   $x_t$ with the interpolant as usual (it returns $e_{x_i}$ exactly at $\gamma_i = 1$) and
