@@ -169,9 +169,10 @@ class Interpolant(nn.Module, ABC):
 
         Solving $x_s = \sigma_s\hat x_0 + \alpha_s\hat x_1$, $\hat x_0 = (x_t - \alpha_t\hat x_1)/\sigma_t$:
 
-        $$\hat x_1 = \frac{\sigma_t x_s - \sigma_s x_t}{\alpha_s\sigma_t - \sigma_s\alpha_t},$$
+        $$\hat x_1 = \frac{\sigma_t x_s - \sigma_s x_t}{\alpha_s\sigma_t - \sigma_s\alpha_t}
+          = \frac{x_s - a\,x_t}{b}$$
 
-        defined for $\gamma_s \neq \gamma_t$. Several `step`s in a row imply a convex
+        with the weights $(a, b)$ of `step_weights`, defined for $\gamma_s \neq \gamma_t$. Several `step`s in a row imply a convex
         combination of their predictions (the weights telescope), so a many-step rollout of
         simplex predictions implies a point of the simplex.
 
@@ -183,13 +184,8 @@ class Interpolant(nn.Module, ABC):
             >>> torch.allclose(implied, x1_hat, atol=1e-6)
             True
         """
-        gamma_t, gamma_s = self.reparam(t), self.reparam(s)
-        sigma_t = self.sigma(gamma_t).clamp_min(NOISE_FLOOR)  # as in `predicted_noise`
-        alpha_s, sigma_s = self.alpha(gamma_s), self.sigma(gamma_s)
-        denominator = alpha_s * sigma_t - sigma_s * self.alpha(gamma_t)
-        return (
-            broadcast_time(sigma_t, x_t) * x_s - broadcast_time(sigma_s, x_t) * x_t
-        ) / broadcast_time(denominator, x_t)
+        keep, move = self.step_weights(t, s)
+        return (x_s - broadcast_time(keep, x_t) * x_t) / broadcast_time(move, x_t)
 
 
 class LinearInterpolant(Interpolant):
@@ -223,11 +219,25 @@ class LinearInterpolant(Interpolant):
         """-1."""
         return -torch.ones_like(gamma)
 
+    def step_weights(self, t: Time, s: Time) -> tuple[Tensor, Tensor]:
+        r"""$(1 - b, b)$ with $b = (\gamma_s - \gamma_t)/(1 - \gamma_t)$.
+
+        Exactly $b = 1$ where $\gamma_s = 1$ and $b = 0$ where $\gamma_s = \gamma_t$.
+
+        Examples:
+            >>> LinearInterpolant().step_weights(torch.tensor([0.5]), torch.tensor([0.75]))
+            (tensor([0.5000]), tensor([0.5000]))
+        """
+        gamma_t, gamma_s = self.reparam(t), self.reparam(s)
+        move = (gamma_s - gamma_t) / (1.0 - gamma_t).clamp_min(NOISE_FLOOR)
+        move = torch.where(gamma_s == gamma_t, 0.0, torch.where(gamma_s >= 1, 1.0, move))
+        return 1.0 - move, move
+
     def step(self, x_t: State, x1_hat: Probs, t: Time, s: Time) -> State:
         r"""The linear `Interpolant.step` as one fused update: ``torch.lerp(x_t, x1_hat, b)``.
 
-        $b = (\gamma_s - \gamma_t)/(1 - \gamma_t)$ (see `step_weights`); one
-        (batch, seq, vocab) tensor is allocated, in ``x_t``'s dtype.
+        $b$ is `step_weights`' second weight; one (batch, seq, vocab) tensor is allocated,
+        in ``x_t``'s dtype.
         """
         _, move = self.step_weights(t, s)
         return torch.lerp(x_t, x1_hat.to(x_t.dtype), broadcast_time(move, x_t))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from flowlm._checks import check_state, device_assert
+from flowlm._checks import check_finite, check_state
 from flowlm._tensors import broadcast_time
 from flowlm._types import Grid, State, Time, Tokens
 from flowlm.context import Context
@@ -393,8 +393,8 @@ def rollout(
         with torch.set_grad_enabled(grad), count_network_calls() as recorded:
             for index, (start, end) in enumerate(itertools.pairwise(times)):
                 x = flow_map(x, start.expand(batch), end.expand(batch))
-                device_assert(
-                    torch.isfinite(x).all(),
+                check_finite(
+                    x,
                     f"rollout step {index} (t = {host_times[index]:.6g} -> s = "
                     f"{host_times[index + 1]:.6g}) produced NaN or infinite values",
                 )

@@ -7,7 +7,13 @@ import torch
 from jaxtyping import TypeCheckError
 from torch import Tensor, nn
 
-from flowlm import LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
+from flowlm import (
+    LearnedTimeWeighting,
+    XPredictor,
+    count_network_calls,
+    cross_entropy,
+    masked_mean,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,9 +103,57 @@ def test_predictor_validates_times(checks: str):
     x = torch.randn(B, L, V)
     with pytest.raises(RuntimeError, match=r"outside \[0, 1\]"):
         predictor(x, torch.full((B,), 1.5))
-    match = "parameter 't'" if checks == "jaxtyping" else "batch size"
+    match = "parameter 't'" if checks == "jaxtyping" else r"t has shape \(4,\) but the state"
     with pytest.raises((TypeCheckError, ValueError), match=match):
         predictor(x, torch.rand(B + 1))
+    with pytest.raises(RuntimeError, match=r"s has values outside \[0, 1\]"):
+        XPredictor(TwoTimeNet())(x, torch.rand(B), torch.full((B, L), -0.5))
+
+
+class TokenTimeNet(nn.Module):
+    """A backbone that takes per-token times: time features added at every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(V, V, dtype=F64)
+        self.time = nn.Linear(1, V, dtype=F64)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        per_token = t[:, None].expand(x.shape[:2]) if t.ndim == 1 else t
+        return 3.0 * self.mix(x) + self.time(per_token[..., None])
+
+
+def test_predictor_takes_per_token_times():
+    torch.manual_seed(0)
+    predictor = XPredictor(TokenTimeNet())
+    x, t = torch.randn(B, L, V, dtype=F64), torch.rand(B, dtype=F64)
+    per_token = predictor(x, t[:, None].expand(B, L).contiguous())
+    # the network's own matmuls round differently for (batch,) and (batch, seq) inputs
+    assert torch.allclose(per_token, predictor(x, t), rtol=0, atol=1e-12)
+    mixed = t[:, None].expand(B, L).contiguous()
+    mixed[:, 0] = 1.0  # a known first token
+    assert not torch.allclose(predictor(x, mixed)[:, 0], per_token[:, 0])
+    assert torch.allclose(predictor(x, mixed)[:, 1:], per_token[:, 1:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("output", ["tuple", "dict", "list"])
+def test_a_backbone_returning_a_tuple_is_a_clear_type_error(output: str):
+    def hugging_face_style(x: Tensor, t: Tensor) -> object:
+        logits = torch.zeros_like(x)
+        return {"tuple": (logits,), "dict": {"logits": logits}, "list": [logits]}[output]
+
+    predictor = XPredictor(hugging_face_style)  # type: ignore[arg-type]
+    kind = {"tuple": "tuple", "dict": "dict", "list": "list"}[output]
+    with pytest.raises(TypeError, match=rf"the backbone returned a {kind}, not a tensor of logits"):
+        predictor(torch.randn(B, L, V), torch.rand(B))
+
+
+def test_the_predictor_records_each_backbone_call():
+    predictor = XPredictor(OneTimeNet())
+    with count_network_calls() as calls:
+        for _ in range(3):
+            predictor(torch.randn(B, L, V), torch.rand(B))
+    assert calls.count == 3
 
 
 # ---------------------------------------------------------------- cross_entropy
@@ -194,6 +248,18 @@ def test_time_weighting_formula():
     assert w.abs().max() > 1e-3
     expected = torch.exp(-w)[:, None] * loss + w[:, None]
     assert torch.allclose(weighting(loss, t), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_time_weighting_takes_per_token_times():
+    torch.manual_seed(0)
+    weighting = LearnedTimeWeighting(dim=16)
+    with torch.no_grad():
+        for parameter in weighting.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    loss, t = torch.rand(5, 7), torch.rand(5)
+    per_token = weighting(loss, t[:, None].expand(5, 7))
+    assert torch.allclose(per_token, weighting(loss, t), rtol=0, atol=1e-6)
+    assert weighting.log_weight(t[:, None].expand(5, 7)).shape == (5, 7)
 
 
 def log_c(t: Tensor) -> Tensor:

@@ -100,8 +100,48 @@ def test_predicted_noise_with_oracle_is_the_noise(interp: Interpolant):
 def test_step_to_data_returns_prediction_exactly(interp: Interpolant):
     x_t, _ = data()
     x1_hat = prediction()
-    t = torch.tensor([0.0, 0.3, 0.9, 1.0], dtype=F64)
+    t = torch.tensor([0.0, 0.3, 0.9, 0.999], dtype=F64)
     assert torch.equal(interp.step(x_t, x1_hat, t, torch.ones(B, dtype=F64)), x1_hat)
+
+
+def test_step_from_one_to_one_keeps_the_state_exactly(interp: Interpolant):
+    # A known (clean) position has t = s = 1: the step leaves it as it is, with no 0/0.
+    x0, x1 = data()
+    x1_hat = prediction()
+    t = torch.tensor([[1.0, 0.2, 1.0, 0.5, 1.0]] * B, dtype=F64)
+    s = torch.where(t == 1, 1.0, 0.9)
+    x_t = interp.sample(x0, x1, t)
+    out = interp.step(x_t, x1_hat, t, s)
+    known = t == 1
+    assert torch.equal(x_t[known], x1[known])
+    assert torch.equal(out[known], x1[known])
+    for j in (1, 3):  # the other positions move as with their per-example time
+        alone = interp.step(x_t, x1_hat, t[:, j], s[:, j])
+        assert torch.allclose(out[:, j], alone[:, j], rtol=0, atol=1e-12)
+    assert torch.isfinite(interp.velocity(x_t, x1_hat, t)).all()
+
+
+@pytest.mark.parametrize("method", ["sample", "step", "velocity", "implied_prediction"])
+def test_per_token_times_equal_to_per_example_give_the_same_result(
+    interp: Interpolant, method: str
+):
+    x0, x1 = data()
+    x1_hat = prediction()
+    t = torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=F64)
+    s = torch.tensor([0.2, 0.5, 1.0, 0.95], dtype=F64)
+    x_t = interp.sample(x0, x1, t)
+
+    def run(start: Tensor, end: Tensor) -> Tensor:
+        if method == "sample":
+            return interp.sample(x0, x1, start)
+        if method == "step":
+            return interp.step(x_t, x1_hat, start, end)
+        if method == "velocity":
+            return interp.velocity(x_t, x1_hat, start)
+        return interp.implied_prediction(x_t, interp.step(x_t, x1_hat, t, s), start, end)
+
+    per_token = run(t[:, None].expand(B, L), s[:, None].expand(B, L))
+    assert torch.equal(per_token, run(t, s))
 
 
 def test_oracle_step_lands_on_data(interp: Interpolant):
@@ -253,19 +293,22 @@ def test_shape_mismatch(checks: str):
 
 def test_zero_dim_time(checks: str):
     x = torch.randn(2, 3, 4)
-    match = "parameter 't'" if checks == "jaxtyping" else "1-d tensor of model times"
+    match = "parameter 't'" if checks == "jaxtyping" else "tensor of model times, one per example"
     with pytest.raises((TypeCheckError, ValueError), match=match):
         LinearInterpolant().sample(x, x, torch.tensor(0.5))
 
 
 def test_batch_mismatch(checks: str):
     x = torch.randn(2, 3, 4)
-    match = "parameter 't'" if checks == "jaxtyping" else "3 entries but the state has batch size 2"
+    match = "parameter 't'" if checks == "jaxtyping" else r"t has shape \(3,\) but the state"
     with pytest.raises((TypeCheckError, ValueError), match=match):
         LinearInterpolant().sample(x, x, torch.rand(3))
-    match = "parameter 's'" if checks == "jaxtyping" else "3 entries but the state has batch size 2"
+    match = "parameter 't'" if checks == "jaxtyping" else r"t has shape \(2, 4\) but the state"
     with pytest.raises((TypeCheckError, ValueError), match=match):
-        LinearInterpolant().step(x, x.softmax(-1), torch.rand(2), torch.rand(3))
+        LinearInterpolant().sample(x, x, torch.rand(2, 4))  # per token, but 4 != seq 3
+    match = "parameter 't'" if checks == "jaxtyping" else r"times of shape \(3,\) do not fit"
+    with pytest.raises((TypeCheckError, ValueError), match=match):  # per-step: a shape check only
+        LinearInterpolant().velocity(x, x.softmax(-1), torch.rand(3))
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, float("nan"), float("inf")])
@@ -273,8 +316,8 @@ def test_time_outside_unit_interval(checks: str, value: float):
     x = torch.randn(2, 3, 4)
     with pytest.raises(RuntimeError, match=r"outside \[0, 1\] \(or NaN\)"):
         LinearInterpolant().sample(x, x, torch.tensor([0.5, value]))
-    with pytest.raises(RuntimeError, match=r"s has values outside \[0, 1\]"):
-        LinearInterpolant().step(x, x.softmax(-1), torch.rand(2), torch.tensor([value, 0.5]))
+    with pytest.raises(RuntimeError, match=r"outside \[0, 1\] \(or NaN\)"):
+        LinearInterpolant().sample(x, x, torch.tensor([[0.5, value, 0.1], [0.2, 0.3, 0.4]]))
 
 
 def test_state_must_be_three_dimensional(checks: str):

@@ -2,7 +2,8 @@
 
 import importlib
 import inspect
-from types import ModuleType
+import types
+import typing
 
 import pytest
 import torch
@@ -20,11 +21,16 @@ CORE_MODULES = [
     "flowlm.solvers",
     "flowlm.times",
     "flowlm.embeddings",
+    "flowlm.protocols",
+    "flowlm.network_calls",
     "flowlm",
 ]
 
 
 def is_shape_alias(obj: object) -> bool:
+    """A jaxtyping array type, or a union of them (``Time`` is per example or per token)."""
+    if isinstance(obj, types.UnionType):
+        return all(is_shape_alias(member) for member in typing.get_args(obj))
     return isinstance(obj, type) and issubclass(obj, AbstractArray)
 
 
@@ -52,7 +58,7 @@ def test_every_export_exists_and_is_documented(name: str):
     assert not doc.startswith(f"{name}("), f"{name} has only an auto-generated docstring"
 
 
-def public_definitions(module: ModuleType) -> set[str]:
+def public_definitions(module: types.ModuleType) -> set[str]:
     names = set()
     for name, obj in vars(module).items():
         if name.startswith("_"):
@@ -79,7 +85,29 @@ def test_exports_are_the_objects_of_their_modules():
 def test_shape_alias_check_detects_aliases():
     assert is_shape_alias(flowlm.State)
     assert is_shape_alias(flowlm.Time)
+    assert is_shape_alias(flowlm.TokenTime)
     assert not is_shape_alias(flowlm.TokenAccuracy)
+    assert not is_shape_alias(int | str)
+
+
+@pytest.mark.parametrize("times", [torch.rand(2), torch.rand(2, 3)])
+def test_time_alias_accepts_per_example_and_per_token_times(times: torch.Tensor):
+    x = torch.randn(2, 3, 4)
+    assert flowlm.LinearInterpolant().sample(x, x, times).shape == x.shape
+
+
+def test_distill_has_a_complete_all():
+    import flowlm.distill as distill
+
+    defined = {
+        name
+        for name, obj in vars(distill).items()
+        if not name.startswith("_")
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+        and obj.__module__ == distill.__name__
+    }
+    assert defined <= set(distill.__all__)
+    assert all(hasattr(distill, name) for name in distill.__all__)
 
 
 def test_runtime_shape_checks_are_on():

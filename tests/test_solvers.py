@@ -6,9 +6,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from jaxtyping import TypeCheckError
+from live_tensors import LiveTensorBytes
 from torch import Tensor, nn
 
 from flowlm import (
+    CosineInterpolant,
     Euler,
     FlowMap,
     Heun,
@@ -19,11 +22,13 @@ from flowlm import (
     TaylorMap,
     TimeReparam,
     TokenAccuracy,
-    VelocityField,
     XPredictor,
     XPredMap,
     XPredVelocity,
+    count_network_calls,
     decode,
+    one_hot,
+    record_network_call,
     rollout,
     time_grid,
 )
@@ -99,15 +104,14 @@ X_START = torch.linspace(-1.0, 0.5, B * L * V, dtype=F64).reshape(B, L, V)
 STEPS = [8, 16, 32, 64]
 
 
+def solve(flow_map: FlowMap, field: nn.Module, x: Tensor, grid: Tensor) -> Tensor:
+    """Roll out a step rule on an analytic field, counting the field's calls as NFE."""
+    return rollout(flow_map, x, grid, networks=[field]).x
+
+
 def observed_order(steps: list[int], errors: list[float]) -> float:
     """Slope of log(error) against log(step size)."""
     return float(np.polyfit(np.log(1.0 / np.array(steps)), np.log(errors), 1)[0])
-
-
-def test_analytic_fields_are_velocity_fields():
-    assert isinstance(Forced(Identity()), VelocityField)
-    assert isinstance(Riccati(Identity()), VelocityField)
-    assert isinstance(Euler(Forced(Identity())), FlowMap)
 
 
 @pytest.mark.parametrize("field_name", sorted(FIELDS))
@@ -127,11 +131,11 @@ def test_convergence_order(
     errors = []
     for n in steps:
         if direction == "forward":
-            x = rollout(method(field), X_START, time_grid(n, dtype=F64)).x
+            x = solve(method(field), field, X_START, time_grid(n, dtype=F64))
             errors.append(float((x - field.exact(X_START, 1.0)).abs().max()))
         else:
             x_data = field.exact(X_START, 1.0)
-            x = rollout(method(field), x_data, time_grid(n, reverse=True, dtype=F64)).x
+            x = solve(method(field), field, x_data, time_grid(n, reverse=True, dtype=F64))
             errors.append(float((x - X_START).abs().max()))
     assert errors[-1] < errors[0]
     assert abs(observed_order(steps, errors) - order) <= 0.25, errors
@@ -148,8 +152,8 @@ def test_round_trip_forward_then_backward(
     field = FIELDS[field_name](CLOCKS[clock]())
     errors = []
     for n in STEPS:
-        there = rollout(method(field), X_START, time_grid(n, dtype=F64)).x
-        back = rollout(method(field), there, time_grid(n, reverse=True, dtype=F64)).x
+        there = solve(method(field), field, X_START, time_grid(n, dtype=F64))
+        back = solve(method(field), field, there, time_grid(n, reverse=True, dtype=F64))
         errors.append(float((back - X_START).abs().max()))
     # Back at the start within the method's error: O(h^order) (the midpoint rule even cancels
     # its leading term on the way back).
@@ -163,7 +167,7 @@ def test_taylor_map_with_exact_second_derivative_is_second_order(field_name: str
     field = FIELDS[field_name](CLOCKS[clock]())
     errors = []
     for n in STEPS:
-        x = rollout(TaylorMap(field, field.second), X_START, time_grid(n, dtype=F64)).x
+        x = solve(TaylorMap(field, field.second), field, X_START, time_grid(n, dtype=F64))
         errors.append(float((x - field.exact(X_START, 1.0)).abs().max()))
     assert abs(observed_order(STEPS, errors) - 2) <= 0.25, errors
 
@@ -172,8 +176,9 @@ def test_taylor_map_with_zero_correction_equals_euler():
     field = Forced(Power(2.0))
     grid = time_grid(8, dtype=F64)
     taylor = rollout(TaylorMap(field, lambda x, t, s: torch.zeros_like(x)), X_START, grid)
-    euler = rollout(Euler(field), X_START, grid)
+    euler = rollout(Euler(field), X_START, grid, networks=[field])
     assert torch.equal(taylor.x, euler.x)
+    assert taylor.nfe == euler.nfe == 8  # the correction's calls, recorded by the Taylor map
 
 
 @pytest.mark.parametrize("method", [Euler, Midpoint, Heun])
@@ -217,7 +222,8 @@ class Net(nn.Module):
         self.calls += 1
         self.times.append((t.clone(),) if s is None else (t.clone(), s.clone()))
         time = t if s is None else t + 2 * s
-        logits = 2.0 * x @ self.weight + time[:, None, None] * self.time_bias
+        time = time.reshape(*time.shape, *[1] * (3 - time.ndim))  # per example or per token
+        logits = 2.0 * x @ self.weight + time * self.time_bias
         return logits * np.nan if self.poison else logits
 
 
@@ -231,7 +237,8 @@ class Correction(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         self.calls += 1
-        return self.scale * x * (s - t)[:, None, None]
+        gap = s - t
+        return self.scale * x * gap.reshape(*gap.shape, *[1] * (3 - gap.ndim))
 
 
 @functools.cache
@@ -252,6 +259,7 @@ def build(kind: str, net: Net, correction: Correction) -> nn.Module:
         "euler": lambda: Euler(field),
         "midpoint": lambda: Midpoint(field),
         "heun": lambda: Heun(field),
+        "heun_skip": lambda: Heun(field, skip_at_data=True),
         "taylor": lambda: TaylorMap(field, correction),
     }
     return maps[kind]()
@@ -259,14 +267,22 @@ def build(kind: str, net: Net, correction: Correction) -> nn.Module:
 
 @pytest.mark.parametrize(
     ("kind", "per_step", "saved_on_the_last_step"),
-    [("xpred", 1, 0), ("euler", 1, 0), ("midpoint", 2, 0), ("heun", 2, 1), ("taylor", 2, 0)],
+    [
+        ("xpred", 1, 0),
+        ("euler", 1, 0),
+        ("midpoint", 2, 0),
+        ("heun", 2, 0),
+        ("heun_skip", 2, 1),
+        ("taylor", 2, 0),
+    ],
 )
 @pytest.mark.parametrize("n_steps", [1, 3, 8])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_nfe_counts_real_network_calls(
     kind: str, per_step: int, saved_on_the_last_step: int, n_steps: int, reverse: bool
 ):
-    # Heun skips its corrector on a step onto the data (gamma = 1), not on one onto the noise.
+    # Heun(skip_at_data=True) skips its corrector on a step onto the data (gamma = 1), not on
+    # one onto the noise; by default it always makes both calls (no host read).
     net, correction = Net(), Correction()
     grid = time_grid(n_steps, reverse=reverse, dtype=F64)
     trajectory = rollout(build(kind, net, correction), noise(), grid)
@@ -289,7 +305,16 @@ def test_heun_onto_the_data_is_the_euler_step_per_example():
     assert torch.equal(Heun(field)(x[:1], t[:1], s[:1]), Euler(field)(x[:1], t[:1], s[:1]))
 
 
-def test_nfe_with_explicit_networks_for_a_plain_function():
+def test_heun_skip_at_data_changes_the_calls_not_the_result():
+    field = XPredVelocity(XPredictor(Net()), LinearInterpolant(reparam=token_clock()))
+    grid = time_grid(3, dtype=F64)
+    default = rollout(Heun(field), noise(), grid)
+    skipping = rollout(Heun(field, skip_at_data=True), noise(), grid)
+    assert torch.equal(default.x, skipping.x)
+    assert (default.nfe, skipping.nfe) == (6, 5)
+
+
+def test_nfe_of_a_plain_function_is_counted_by_the_predictor_it_calls():
     net = Net()
     predictor = XPredictor(net)
     interp = LinearInterpolant(reparam=token_clock())
@@ -298,9 +323,38 @@ def test_nfe_with_explicit_networks_for_a_plain_function():
         return interp.step(x, predictor(x, t), t, s)
 
     grid = time_grid(4, dtype=F64)
-    assert rollout(flow_map, noise(), grid).nfe == 0  # nothing to hook on a plain function
-    assert rollout(flow_map, noise(), grid, networks=[net]).nfe == 4
+    assert rollout(flow_map, noise(), grid).nfe == 4
+    assert net.calls == 4
+
+
+def test_a_flow_map_that_counts_nothing_is_an_error_unless_networks_are_named():
+    net = Net()
+    interp = LinearInterpolant(reparam=token_clock())
+
+    def raw(x: Tensor, t: Tensor, s: Tensor) -> Tensor:  # calls the network directly
+        return interp.step(x, torch.softmax(net(x, t), -1), t, s)
+
+    grid = time_grid(4, dtype=F64)
+    with pytest.raises(RuntimeError, match="counted no network call"):
+        rollout(raw, noise(), grid)
+    assert rollout(raw, noise(), grid, networks=[net]).nfe == 4
     assert net.calls == 8
+    with pytest.raises(RuntimeError, match="counted no network call"):
+        rollout(Euler(Forced(Identity())), X_START, grid)  # an analytic field counts nothing
+
+
+def test_record_network_call_counts_in_a_custom_map():
+    net = Net()
+    interp = LinearInterpolant(reparam=token_clock())
+
+    def raw(x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        record_network_call()
+        return interp.step(x, torch.softmax(net(x, t), -1), t, s)
+
+    assert rollout(raw, noise(), time_grid(3, dtype=F64)).nfe == 3
+    with count_network_calls() as outer:  # nested counters all see the calls
+        assert rollout(raw, noise(), time_grid(2, dtype=F64)).nfe == 2
+    assert outer.count == 2
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -308,7 +362,7 @@ def test_save_states(reverse: bool):
     field = Forced(Identity())
     grid = time_grid(10, reverse=reverse, dtype=F64)
     x_init = X_START if not reverse else field.exact(X_START, 1.0)
-    trajectory = rollout(Midpoint(field), x_init, grid, save_states=True)
+    trajectory = rollout(Midpoint(field), x_init, grid, save_states=True, networks=[field])
     assert trajectory.states is not None
     assert len(trajectory.states) == len(grid) == 11
     assert torch.equal(trajectory.states[0], x_init)
@@ -316,7 +370,7 @@ def test_save_states(reverse: bool):
     assert torch.equal(trajectory.grid, grid)
     for state, t in zip(trajectory.states, grid.tolist(), strict=True):
         assert torch.allclose(state, field.exact(X_START, t), rtol=0.0, atol=1e-2)
-    assert rollout(Midpoint(field), x_init, grid).states is None
+    assert rollout(Midpoint(field), x_init, grid, networks=[field]).states is None
 
 
 def test_grad_true_reaches_backbone_parameters():
@@ -386,7 +440,6 @@ def test_xpred_map_is_the_flm_euler_sampler(n_steps: int):
         assert torch.allclose(trajectory.states[i + 1], z, rtol=0.0, atol=1e-12)
     assert torch.allclose(trajectory.x, z, rtol=0.0, atol=1e-12)
     assert torch.allclose(trajectory.x.sum(-1), torch.ones(B, L, dtype=F64))
-    assert torch.equal(decode(trajectory.x), z.argmax(-1))
 
 
 def test_euler_on_xpred_velocity_equals_xpred_map_on_the_linear_path():
@@ -447,21 +500,143 @@ def test_time_grid_needs_a_step(n_steps: int):
 def test_rollout_rejects_bad_grids(grid: list[float], match: str):
     field = Forced(Identity())
     with pytest.raises(ValueError, match=match):
-        rollout(Euler(field), X_START, torch.tensor(grid, dtype=F64))
+        rollout(Euler(field), X_START, torch.tensor(grid, dtype=F64), networks=[field])
 
 
-def test_rollout_raises_on_nan():
-    net = Net()
-    net.poison = True
-    flow_map = XPredMap(XPredictor(net), LinearInterpolant(reparam=token_clock()))
-    with pytest.raises(RuntimeError, match="NaN"):
-        rollout(flow_map, noise(), time_grid(2, dtype=F64))
+def test_rollout_rejects_a_grid_given_as_a_list(checks: str):
+    field = Forced(Identity())
+    expected = (TypeCheckError, "grid") if checks == "jaxtyping" else (TypeError, "grid must be a")
+    with pytest.raises(expected[0], match=expected[1]):
+        rollout(Euler(field), X_START, [0.0, 0.5, 1.0], networks=[field])  # type: ignore[arg-type]
 
 
-def test_decode_is_argmax():
-    x = torch.randn(B, L, V, generator=torch.Generator().manual_seed(0))
-    tokens = decode(x)
-    assert tokens.shape == (B, L)
-    assert not tokens.is_floating_point()
-    assert torch.equal(tokens, x.argmax(-1))
+@pytest.mark.parametrize("n_steps", [2.5, "4", True])
+def test_time_grid_needs_an_integer(checks: str, n_steps: object):
+    integer = "n_steps must be an integer"
+    expected = (TypeCheckError, "n_steps") if checks == "jaxtyping" else (TypeError, integer)
+    if n_steps is True:  # a bool is an int to beartype: only flowlm's own check refuses it
+        expected = (TypeError, integer)
+    with pytest.raises(expected[0], match=expected[1]):
+        time_grid(n_steps)  # type: ignore[arg-type]
+
+
+class PoisonAfter(nn.Module):
+    """A backbone that returns NaN from its ``calls``-th call on (0-based)."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.remaining = calls
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        self.remaining -= 1
+        return x * np.nan if self.remaining < 0 else x
+
+
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_rollout_names_the_step_that_made_nan(bad_step: int):
+    flow_map = XPredMap(XPredictor(PoisonAfter(bad_step)), LinearInterpolant(reparam=token_clock()))
+    grid = time_grid(4, dtype=F64)
+    t, s = grid[bad_step].item(), grid[bad_step + 1].item()
+    with pytest.raises(RuntimeError, match=rf"step {bad_step} \(t = {t:g} -> s = {s:g}\)"):
+        rollout(flow_map, noise(), grid)
+
+
+def test_decode_returns_the_largest_entry():
+    # Each position's largest entry is planted: one-hot of known tokens plus noise below 1/2.
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, V, (B, L), generator=generator)
+    x = torch.eye(V)[tokens] + 0.49 * torch.rand(B, L, V, generator=generator)
+    decoded = decode(x)
+    assert not decoded.is_floating_point()
+    assert torch.equal(decoded, tokens)
     assert torch.equal(decode(torch.eye(V)[None].expand(2, V, V)), torch.arange(V).expand(2, V))
+
+
+# ---------------------------------------------------------------- per-token times
+
+
+KINDS = ["xpred", "two_time", "euler", "midpoint", "heun", "heun_skip", "taylor"]
+
+
+def build_any(kind: str) -> nn.Module:
+    if kind == "two_time":
+        predictor = XPredictor(Net(two_time=True))
+        return XPredMap(predictor, LinearInterpolant(reparam=token_clock()), two_time=True)
+    return build(kind, Net(), Correction())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("end", [0.75, 1.0])
+def test_per_token_times_equal_to_per_example_give_the_same_step(kind: str, end: float):
+    flow_map = build_any(kind)
+    x = noise(seed=4)
+    t, s = torch.tensor([0.25, 0.5], dtype=F64), torch.tensor([end, 0.9], dtype=F64)
+    per_example = flow_map(x, t, s)
+    per_token = flow_map(x, t[:, None].expand(B, L), s[:, None].expand(B, L))
+    assert torch.equal(per_token, per_example)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_known_positions_at_time_one_are_returned_bit_for_bit(kind: str):
+    flow_map = build_any(kind)
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, V, (B, L), generator=generator)
+    known = torch.tensor([[True, False, True], [False, False, True]])
+    x = torch.where(known[..., None], one_hot(tokens, V, F64), noise(seed=6))
+    t = torch.where(known, 1.0, torch.tensor([[0.2], [0.6]], dtype=F64))
+    s = torch.where(known, 1.0, torch.tensor([[0.5], [0.8]], dtype=F64))
+    out = flow_map(x, t, s)
+    assert torch.equal(out[known], x[known])
+    assert torch.isfinite(out).all()
+    moved = ~known
+    assert not torch.equal(out[moved], x[moved])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rollout_with_per_token_times_keeps_a_prompt_exactly(kind: str):
+    # A flow map bound to a prompt: known positions get t = s = 1 at every step.
+    inner = build_any(kind)
+    tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(7))
+    known = torch.tensor([[True, True, False], [True, False, False]])
+    prompt = one_hot(tokens, V, F64)
+
+    def conditioned(x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        per_token = (t[:, None].expand(B, L), s[:, None].expand(B, L))
+        return inner(x, *(torch.where(known, 1.0, time) for time in per_token))
+
+    x_init = torch.where(known[..., None], prompt, noise(seed=8))
+    trajectory = rollout(conditioned, x_init, time_grid(4, dtype=F64), save_states=True)
+    assert trajectory.states is not None
+    for state in trajectory.states:
+        assert torch.equal(state[known], prompt[known])
+
+
+def test_a_state_of_the_wrong_vocabulary_is_refused_by_the_flow_map():
+    flow_map = XPredMap(XPredictor(Net(vocab=11)), LinearInterpolant(reparam=token_clock(8)))
+    x = torch.randn(B, L, 11, dtype=F64)
+    with pytest.raises(
+        ValueError, match="vocabulary mismatch: x has 11 entries per position, expected 8"
+    ):
+        rollout(flow_map, x, time_grid(2, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", [LinearInterpolant, CosineInterpolant])
+def test_rollout_keeps_a_low_precision_state(dtype: torch.dtype, path: type[LinearInterpolant]):
+    flow_map = XPredMap(XPredictor(lambda x, t: 3 * x), path(reparam=token_clock()))
+    trajectory = rollout(flow_map, noise(dtype=torch.float32).to(dtype), time_grid(4))
+    assert trajectory.x.dtype == dtype
+    assert trajectory.grid.dtype == torch.float32  # times stay float32 for a half state
+
+
+def test_an_eight_step_rollout_holds_at_most_four_state_sized_tensors():
+    interp = LinearInterpolant(reparam=token_clock(512))
+    flow_map = XPredMap(XPredictor(lambda x, t: 2 * x), interp)
+    x_init = torch.randn(4, 8, 512)
+    unit = x_init.nbytes
+    with LiveTensorBytes() as tracker:
+        trajectory = rollout(flow_map, x_init, time_grid(8))
+    del trajectory
+    assert tracker.peak <= 4.05 * unit, tracker.peak / unit
+    # per step: the logits, the probabilities and the fused step's output; nothing else big
+    assert len(tracker.big(unit // 2)) == 3 * 8

@@ -50,21 +50,45 @@ def test_iid_mode_is_uniform_and_not_stratified():
     assert (draws[:, 0] >= 1 / 8).float().mean() > 0.8
 
 
-@pytest.mark.parametrize("stratified", [True, False])
-def test_rank_slices_union_equals_global_draw(stratified: bool):
+def test_a_rank_draws_only_its_own_rows():
+    # Rank r's times are (rB + i + u_i)/G with u the first B uniforms of its own generator:
+    # no global-batch draw is made anywhere.
     world, batch, seed = 4, 6, 123
-    slices = [
-        uniform_times(
-            batch, rank=r, world_size=world, stratified=stratified, generator=generator(seed)
+    for rank in range(world):
+        u = torch.rand(batch, generator=generator(seed + rank), dtype=F64)
+        expected = (rank * batch + torch.arange(batch, dtype=F64) + u) / (world * batch)
+        t = uniform_times(
+            batch, rank=rank, world_size=world, generator=generator(seed + rank), dtype=F64
         )
-        for r in range(world)
-    ]
-    whole = uniform_times(world * batch, stratified=stratified, generator=generator(seed))
-    assert torch.equal(torch.cat(slices), whole)
-    if stratified:
-        # Rank r holds global strata r*B ... (r+1)*B - 1.
-        strata = torch.floor(torch.cat(slices).double() * world * batch).long()
-        assert torch.equal(strata, torch.arange(world * batch))
+        assert torch.allclose(t, expected, rtol=0, atol=1e-15)
+        iid = uniform_times(
+            batch, rank=rank, world_size=world, stratified=False, generator=generator(seed + rank)
+        )
+        assert torch.equal(iid, torch.rand(batch, generator=generator(seed + rank)))
+
+
+def test_n_processes_train_like_one_in_distribution_not_bit_for_bit():
+    # The guarantee is statistical equivalence: the ranks' union is a stratified draw of the
+    # global batch (one time per stratum, uniform inside it), but not the numbers that one
+    # process drawing the global batch would get.
+    world, batch = 4, 6
+    size = world * batch
+    unions = []
+    for repeat in range(400):
+        ranks = [
+            uniform_times(
+                batch, rank=r, world_size=world, generator=generator(1000 * repeat + r), dtype=F64
+            )
+            for r in range(world)
+        ]
+        unions.append(torch.cat(ranks))
+    draws = torch.stack(unions)
+    strata = torch.floor(draws * size).long()
+    assert torch.equal(strata, torch.arange(size).expand_as(strata))
+    within = (draws * size - strata).flatten().numpy()
+    assert stats.kstest(within, "uniform").pvalue > 1e-3
+    one_process = uniform_times(size, generator=generator(0), dtype=F64)
+    assert not torch.equal(unions[0], one_process)
 
 
 @pytest.mark.parametrize(
@@ -145,15 +169,34 @@ def test_time_pairs_dtype_device(dtype: torch.dtype):
     assert pair.s is pair[1]
 
 
-def test_time_pairs_rank_slices_union_equals_global_draw():
-    # Same contract as uniform_times: with alike-seeded generators, the union of the rank
-    # slices is the single-process draw of the global batch (so DDP ranks do not share their
-    # start times or their boundary decisions).
-    world, batch, seed = 4, 32, 7
-    slices = [
-        time_pairs(batch, rank=r, world_size=world, boundary_prob=0.25, generator=generator(seed))
+def test_time_pairs_per_rank_keep_the_global_stratification_of_the_gaps():
+    world, batch = 4, 32
+    size = world * batch
+    pairs = [
+        time_pairs(
+            batch,
+            rank=r,
+            world_size=world,
+            boundary_prob=0.0,
+            generator=generator(7 + r),
+            dtype=F64,
+        )
         for r in range(world)
     ]
-    whole = time_pairs(world * batch, boundary_prob=0.25, generator=generator(seed))
-    assert torch.equal(torch.cat([p.t for p in slices]), whole.t)
-    assert torch.equal(torch.cat([p.s for p in slices]), whole.s)
+    gaps = torch.cat([p.s - p.t for p in pairs])
+    strata = torch.floor(gaps * size + 1e-9).long().clamp(max=size - 1)
+    assert torch.equal(strata, torch.arange(size))
+    for pair in pairs:
+        assert (pair.t < pair.s).all()
+
+
+@pytest.mark.parametrize("min_gap", [2.0, 0.0, -0.1, float("nan")])
+def test_time_pairs_rejects_a_min_gap_outside_the_unit_interval(min_gap: float):
+    with pytest.raises(ValueError, match=r"min_gap must lie in \(0, 1\]"):
+        time_pairs(4, min_gap=min_gap)
+
+
+def test_time_pairs_never_round_a_start_onto_its_end():
+    # Gaps of 1e-9 vanish in float32 near 1; the start then moves one float below its end.
+    pair = time_pairs(4096, min_gap=1e-9, generator=generator(3), boundary_prob=0.0)
+    assert (pair.t < pair.s).all()
