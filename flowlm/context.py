@@ -17,6 +17,8 @@ on the tokens' device; each drops the whole context of a row with probability ``
 so the same network also stays unconditional (needed by `flowlm.Guidance`).
 """
 
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +94,55 @@ class Context:
             raise ValueError(f"prefix length must lie in [0, {tokens.shape[-1]}], got {length}")
         positions = torch.arange(tokens.shape[-1], device=tokens.device)
         return cls(tokens, (positions < length).expand(tokens.shape).clone())
+
+    @classmethod
+    def from_template(
+        cls,
+        template: str,
+        encode: Callable[[str], Sequence[int] | Tensor],
+        length: int,
+        batch_size: int = 1,
+        *,
+        hole: str = "_",
+        device: torch.device | str | None = None,
+    ) -> "Context":
+        """A context from text with holes: a prompt (``"In the"``) or an infill (``"In the ____ God"``).
+
+        The text between holes is encoded with ``encode`` (any tokenizer's) and known; every
+        ``hole`` character is one position to generate, and so is every position after the
+        template, up to ``length``. The same context is repeated over ``batch_size`` rows.
+
+        Raises:
+            ValueError: if the template needs more than ``length`` positions, or ``hole`` is
+                not one character.
+
+        Examples:
+            >>> from flowlm.data import CharTokenizer
+            >>> context = Context.from_template("ab__a", CharTokenizer("ab").encode, 6)
+            >>> context.tokens, context.known
+            (tensor([[0, 1, 0, 0, 0, 0]]), tensor([[ True,  True, False, False,  True, False]]))
+        """
+        if len(hole) != 1:
+            raise ValueError(f"a hole is one character, got {hole!r}")
+        ids: list[int] = []
+        known: list[bool] = []
+        for piece in re.split(f"({re.escape(hole)}+)", template):
+            if piece.startswith(hole):
+                ids += [0] * len(piece)
+                known += [False] * len(piece)
+            elif piece:
+                encoded = [int(i) for i in encode(piece)]
+                ids += encoded
+                known += [True] * len(encoded)
+        if len(ids) > length:
+            raise ValueError(
+                f"the template {template!r} takes {len(ids)} positions but sequences have {length}"
+            )
+        ids += [0] * (length - len(ids))
+        known += [False] * (length - len(known))
+        tokens = torch.tensor(ids, dtype=torch.long, device=device)
+        mask = torch.tensor(known, dtype=torch.bool, device=device)
+        return cls(tokens.expand(batch_size, -1).clone(), mask.expand(batch_size, -1).clone())
 
     @property
     def unknown(self) -> TokenMask:

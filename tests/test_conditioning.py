@@ -476,3 +476,12 @@ def test_one_step_conditional_fmlm_fills_every_unknown_position_in_one_call() ->
     assert trajectory.nfe == 1
     assert_holds(trajectory.x, context)
     assert torch.allclose(trajectory.x.sum(-1), torch.ones(3, L, dtype=F64))  # on the simplex
+
+
+def test_replacement_rejects_a_state_of_another_shape() -> None:
+    path = interpolant()
+    step = fl.XPredMap(fl.XPredictor(dit()), path)
+    with pytest.raises(ValueError, match="does not fit a context"):
+        Replacement(step, context_batch(), path)(
+            torch.randn(2, L, V, dtype=F64), torch.zeros(2), torch.ones(2)
+        )

@@ -13,6 +13,7 @@ from jaxtyping import TypeCheckError
 
 import flowlm as fl
 from flowlm import Context, bernoulli_context, prefix_context, span_context
+from flowlm.data import CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,3 +159,31 @@ def test_samplers_reject_a_bad_p_uncond(sampler) -> None:
 def test_spans_reject_a_mean_below_one() -> None:
     with pytest.raises(ValueError, match="mean_span"):
         span_context(torch.zeros(2, 3, dtype=torch.long), mean_span=0.5)
+
+
+def test_templates_know_the_text_and_generate_the_holes_and_the_rest() -> None:
+    tokenizer = CharTokenizer("abc ")
+    context = Context.from_template("ab __c", tokenizer.encode, 8, batch_size=3)
+    assert context.tokens.shape == context.known.shape == (3, 8)
+    expected_known = torch.tensor([1, 1, 1, 0, 0, 1, 0, 0]).bool()
+    assert torch.equal(context.known, expected_known.expand(3, 8))
+    assert tokenizer.decode(context.tokens[0, context.known[0]]) == "ab c"
+
+
+def test_a_template_encodes_each_piece_with_any_tokenizer() -> None:
+    def two_per_character(text: str) -> list[int]:  # e.g. a byte-level tokenizer
+        return [i for char in text for i in (ord(char) % 5, 4)]
+
+    context = Context.from_template("a_b", two_per_character, 6)
+    assert context.known[0].tolist() == [True, True, False, True, True, False]
+    assert context.tokens[0, :2].tolist() == two_per_character("a")
+
+
+def test_templates_that_do_not_fit_are_an_error() -> None:
+    encode = CharTokenizer("ab").encode
+    with pytest.raises(ValueError, match="takes 5 positions but sequences have 4"):
+        Context.from_template("ab__a", encode, 4)
+    with pytest.raises(ValueError, match="not in the tokenizer's alphabet"):
+        Context.from_template("abz", encode, 4)
+    with pytest.raises(ValueError, match="one character"):
+        Context.from_template("ab", encode, 4, hole="__")
