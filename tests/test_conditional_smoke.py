@@ -57,10 +57,28 @@ def test_the_exact_conditional_likelihood_has_the_markov_closed_forms() -> None:
     assert torch.allclose(conditional.conditional_log_likelihood(CHAIN, tokens, infill), ratio)
 
 
-def test_first_position_tv_is_exact_on_a_point_mass() -> None:
-    previous, generated = torch.full((50,), 2), torch.full((50,), 1)
-    tv = conditional.first_position_tv(CHAIN, previous, generated)
+def test_grouped_tv_is_exact_on_a_point_mass() -> None:
+    keys, generated = torch.full((50,), 2), torch.full((50,), 1)
+    tv = conditional.grouped_tv(keys, generated, CHAIN.transition)
     assert tv == pytest.approx(1 - CHAIN.transition[2, 1].item(), abs=1e-12)
+
+
+def test_the_first_generated_laws_match_enumeration() -> None:
+    tokens = CHAIN.sample(12, L, torch.Generator().manual_seed(3))
+    log_p = CHAIN.log_likelihood(ALL)
+    for name, known in [
+        ("continuation", torch.tensor([True, True, False, False, False])),
+        ("infill", torch.tensor([True, False, False, True, True])),
+    ]:
+        task = conditional.Task(name, tokens, known.expand(12, L))
+        keys, laws = task.first_law(CHAIN)
+        assert torch.allclose(laws.sum(1), torch.ones(len(laws), dtype=torch.float64))
+        first = task.first_generated
+        for row, key in zip(tokens, keys, strict=True):
+            agrees = (ALL[:, known] == row[known]).all(1)
+            weights = torch.softmax(log_p[agrees], 0)
+            exact = torch.zeros(V, dtype=torch.float64).index_add_(0, ALL[agrees, first], weights)
+            assert torch.allclose(laws[key], exact, atol=1e-12)
 
 
 def run(out_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
