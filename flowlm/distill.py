@@ -292,7 +292,11 @@ def _jvp(
     function: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
 ) -> tuple[Tensor, Tensor]:
     """Forward-mode product: ``(function(*primals), d function · tangents)``."""
-    output = torch.func.jvp(function, primals, tangents)
+    # contiguous: forward-mode AD writes into the primals' layout (per-token times are often
+    # expanded views of per-example ones)
+    output = torch.func.jvp(
+        function, tuple(p.contiguous() for p in primals), tuple(v.contiguous() for v in tangents)
+    )
     return output[0], output[1]
 
 

@@ -172,7 +172,9 @@ class Interpolant(nn.Module, ABC):
         $$\hat x_1 = \frac{\sigma_t x_s - \sigma_s x_t}{\alpha_s\sigma_t - \sigma_s\alpha_t}
           = \frac{x_s - a\,x_t}{b}$$
 
-        with the weights $(a, b)$ of `step_weights`, defined for $\gamma_s \neq \gamma_t$. Several `step`s in a row imply a convex
+        with the weights $(a, b)$ of `step_weights`, defined for $\gamma_s \neq \gamma_t$;
+        where the step does not move ($b = 0$, e.g. a known position at $t = s = 1$) it
+        returns ``x_s`` itself. Several `step`s in a row imply a convex
         combination of their predictions (the weights telescope), so a many-step rollout of
         simplex predictions implies a point of the simplex.
 
@@ -185,7 +187,9 @@ class Interpolant(nn.Module, ABC):
             True
         """
         keep, move = self.step_weights(t, s)
-        return (x_s - broadcast_time(keep, x_t) * x_t) / broadcast_time(move, x_t)
+        still = broadcast_time(move == 0, x_t)
+        implied = (x_s - broadcast_time(keep, x_t) * x_t) / broadcast_time(move, x_t)
+        return torch.where(still, x_s, implied)
 
 
 class LinearInterpolant(Interpolant):

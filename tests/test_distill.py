@@ -17,18 +17,25 @@ from flowlm.backbones import DiT
 RK4_STEPS = 40
 
 
+def per_position(values):
+    """Per-example (batch,) or per-token (batch, seq) values against a (batch, seq, vocab) state."""
+    return values.reshape(*values.shape, *[1] * (3 - values.ndim))
+
+
 def exact_denoiser(x, gamma):
-    g = gamma[:, None, None]
-    return torch.softmax(g * x / (1 - g) ** 2, -1)
+    # At gamma = 1 the state is the data itself (a known, clean position).
+    g = per_position(gamma)
+    inside = torch.where(g < 1, g, 0.0)
+    return torch.where(g < 1, torch.softmax(inside * x / (1 - inside) ** 2, -1), x)
 
 
 def exact_map(x, gamma_t, gamma_s):
-    h = (gamma_s - gamma_t)[:, None, None] / RK4_STEPS
+    h = per_position(gamma_s - gamma_t) / RK4_STEPS
     gamma = gamma_t.clone()
     step = (gamma_s - gamma_t) / RK4_STEPS
 
     def velocity(y, g):
-        return (exact_denoiser(y, g) - y) / (1 - g)[:, None, None]
+        return (exact_denoiser(y, g) - y) / per_position((1 - g).clamp_min(1e-300))
 
     for _ in range(RK4_STEPS):
         k1 = velocity(x, gamma)
@@ -55,10 +62,10 @@ class OracleDenoiser(nn.Module):
             probs = exact_denoiser(x, gamma_t)
         else:
             gamma_s = self.reparam(s)
-            gap = (gamma_s - gamma_t)[:, None, None]
+            gap = per_position(gamma_s - gamma_t)
             safe_gap = torch.where(gap > 0, gap, 1.0)
             x_s = exact_map(x, gamma_t, gamma_s)
-            jump = x + (1 - gamma_t)[:, None, None] / safe_gap * (x_s - x)
+            jump = x + per_position(1 - gamma_t) / safe_gap * (x_s - x)
             probs = torch.where(gap > 0, jump, exact_denoiser(x, gamma_t))
         logits = torch.log(probs.clamp_min(1e-300))
         return self.scale * logits + self.perturbation * torch.sin(3 * x)
@@ -70,39 +77,56 @@ def interpolant(request):
     return fl.LinearInterpolant(reparam=clock)
 
 
-def oracle_batch(interpolant, batch=6, length=3, seed=0):
+@pytest.fixture(params=["per_example", "per_token"])
+def time_shape(request):
+    """Every oracle holds with one time per example and with one time per token."""
+    return request.param
+
+
+def oracle_batch(interpolant, batch=6, length=3, seed=0, time_shape="per_example"):
+    # Positions are independent in the oracle's data, so its denoiser and flow map are exact
+    # per position: with per-token times each position follows its own clock.
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 2, (batch, length), generator=g)
-    t = torch.rand(batch, generator=g, dtype=torch.float64) * 0.5
-    s = t + torch.rand(batch, generator=g, dtype=torch.float64) * (0.85 - t)
+    shape = (batch,) if time_shape == "per_example" else (batch, length)
+    t = torch.rand(shape, generator=g, dtype=torch.float64) * 0.5
+    s = t + torch.rand(shape, generator=g, dtype=torch.float64) * (0.85 - t)
     x1 = fl.one_hot(tokens, 2, dtype=torch.float64)
     x_t = interpolant.sample(torch.randn(x1.shape, generator=g, dtype=torch.float64), x1, t)
     return tokens, x_t, t, s
 
 
-def test_semigroup_weight_composes_two_time_denoiser_maps():
+@pytest.mark.parametrize("time_shape", ["per_example", "per_token"])
+def test_semigroup_weight_composes_two_time_denoiser_maps(time_shape):
     g = torch.Generator().manual_seed(0)
     interp = fl.LinearInterpolant(reparam=fl.TokenAccuracy(16))
     t = torch.tensor([0.1, 0.3, 0.0], dtype=torch.float64)
     u = torch.tensor([0.4, 0.5, 0.5], dtype=torch.float64)
     s = torch.tensor([0.9, 0.7, 1.0], dtype=torch.float64)
+    if time_shape == "per_token":  # each position its own jump, one of them known (t = s = 1)
+        spread = torch.tensor([0.0, 0.05, 0.1, 0.0], dtype=torch.float64)
+        t, u, s = (v[:, None] + spread for v in (t, u, s))
+        s = s.clamp(max=1.0)
+        t, u, s = (torch.where(spread == 0.05, 1.0, v) for v in (t, u, s))
     x = torch.randn(3, 4, 16, generator=g, dtype=torch.float64)
     first = torch.softmax(torch.randn(3, 4, 16, generator=g, dtype=torch.float64), -1)
     second = torch.softmax(torch.randn(3, 4, 16, generator=g, dtype=torch.float64), -1)
     x_u = interp.step(x, first, t, u)
     composed = interp.step(x_u, second, u, s)
-    w = distill.semigroup_weight(interp.reparam, t, u, s)[:, None, None]
+    w = per_position(distill.semigroup_weight(interp.reparam, t, u, s))
     direct = interp.step(x, w * first + (1 - w) * second, t, s)
     torch.testing.assert_close(composed, direct, rtol=1e-9, atol=1e-9)
     assert bool(((w >= 0) & (w <= 1)).all())
 
 
-def test_oracle_is_a_flow_map(interpolant):
+def test_oracle_is_a_flow_map(interpolant, time_shape):
     oracle = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
-    _, x_t, t, s = oracle_batch(interpolant)
+    _, x_t, t, s = oracle_batch(interpolant, time_shape=time_shape)
     u = 0.5 * (t + s)
+    # RK4 round-off of the oracle itself: 18 independent per-token jumps reach a larger max
+    tolerance = 1e-7 if time_shape == "per_example" else 1e-6
     torch.testing.assert_close(
-        oracle(oracle(x_t, t, u), u, s), oracle(x_t, t, s), atol=1e-7, rtol=1e-7
+        oracle(oracle(x_t, t, u), u, s), oracle(x_t, t, s), atol=tolerance, rtol=tolerance
     )
 
 
@@ -129,16 +153,17 @@ def unclamped_positions(name, exact, teacher, x_t, t, s):
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_kl_losses_vanish_on_the_exact_flow_map(interpolant, name):
+def test_kl_losses_vanish_on_the_exact_flow_map(interpolant, name, time_shape):
     teacher = fl.XPredictor(OracleDenoiser(interpolant.reparam))
     exact = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
     wrong = fl.XPredMap(
         fl.XPredictor(OracleDenoiser(interpolant.reparam, perturbation=0.3)), interpolant, True
     )
-    _, x_t, t, s = oracle_batch(interpolant, batch=16)
+    _, x_t, t, s = oracle_batch(interpolant, batch=16, time_shape=time_shape)
     exact_loss = LOSSES[name](exact, teacher, x_t, t, s)
     wrong_loss = LOSSES[name](wrong, teacher, x_t, t, s)
     assert exact_loss.shape == (16, 3)
+    assert t.shape == ((16,) if time_shape == "per_example" else (16, 3))
     with torch.no_grad():
         unclamped = unclamped_positions(name, exact, teacher, x_t, t, s)
     assert unclamped.float().mean() > 0.5
@@ -146,41 +171,43 @@ def test_kl_losses_vanish_on_the_exact_flow_map(interpolant, name):
     assert wrong_loss.mean() > 1e-3
 
 
-def test_self_semigroup_loss_is_cross_entropy_on_the_diagonal_for_the_exact_map(interpolant):
+def test_self_semigroup_loss_is_cross_entropy_on_the_diagonal_for_the_exact_map(
+    interpolant, time_shape
+):
     exact = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
-    tokens, x_t, t, s = oracle_batch(interpolant)
+    tokens, x_t, t, s = oracle_batch(interpolant, time_shape=time_shape)
     loss = distill.self_semigroup_loss(exact, tokens, x_t, t, s)
     diagonal = fl.cross_entropy(exact.predictor.logits(x_t, t, t), tokens)
     torch.testing.assert_close(loss, diagonal, atol=1e-7, rtol=0)
 
 
-def test_map_regression_vanishes_on_the_exact_map_and_not_elsewhere(interpolant):
+def test_map_regression_vanishes_on_the_exact_map_and_not_elsewhere(interpolant, time_shape):
     exact = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
     wrong = fl.XPredMap(
         fl.XPredictor(OracleDenoiser(interpolant.reparam, perturbation=0.3)), interpolant, True
     )
-    _, x_t, t, s = oracle_batch(interpolant)
+    _, x_t, t, s = oracle_batch(interpolant, time_shape=time_shape)
     assert distill.map_regression_loss(exact, exact, x_t, t, s).abs().max() == 0
     assert distill.map_regression_loss(wrong, exact, x_t, t, s).mean() > 1e-4
 
 
-def test_map_regression_kl_vanishes_on_the_exact_map_and_not_elsewhere(interpolant):
+def test_map_regression_kl_vanishes_on_the_exact_map_and_not_elsewhere(interpolant, time_shape):
     exact = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
     wrong = fl.XPredMap(
         fl.XPredictor(OracleDenoiser(interpolant.reparam, perturbation=0.3)), interpolant, True
     )
-    _, x_t, t, s = oracle_batch(interpolant)
+    _, x_t, t, s = oracle_batch(interpolant, time_shape=time_shape)
     assert distill.map_regression_kl_loss(exact, exact, x_t, t, s).abs().max() < 1e-9
     assert distill.map_regression_kl_loss(wrong, exact, x_t, t, s).mean() > 1e-3
 
 
-def test_map_regression_kl_onto_one_euler_step_is_the_diagonal_kl(interpolant):
+def test_map_regression_kl_onto_one_euler_step_is_the_diagonal_kl(interpolant, time_shape):
     # A one-step teacher's jump implies its own denoiser D_t(x_t), whatever the jump's length.
     teacher = fl.XPredictor(OracleDenoiser(interpolant.reparam))
     student = fl.XPredMap(
         fl.XPredictor(OracleDenoiser(interpolant.reparam, perturbation=0.3)), interpolant, True
     )
-    _, x_t, t, s = oracle_batch(interpolant)
+    _, x_t, t, s = oracle_batch(interpolant, time_shape=time_shape)
     loss = distill.map_regression_kl_loss(student, fl.XPredMap(teacher, interpolant), x_t, t, s)
     expected = distill.kl_divergence(teacher(x_t, t), student.predictor.logits(x_t, t, s))
     torch.testing.assert_close(loss, expected, atol=1e-9, rtol=1e-9)
@@ -196,15 +223,15 @@ class PointDataField(nn.Module):
     def forward(self, x, t):
         target = torch.zeros_like(x)
         target[..., 0] = 1
-        return (target - x) / (1 - self.reparam(t))[:, None, None]
+        return (target - x) / per_position((1 - self.reparam(t)).clamp_min(1e-5))
 
 
 def test_taylor_semigroup_loss_vanishes_for_a_linear_flow_and_not_for_a_wrong_correction(
-    interpolant,
+    interpolant, time_shape
 ):
     # For one-point data the exact path is linear in γ, so the exact Taylor correction is g = 0.
     field = PointDataField(interpolant.reparam)
-    _, x_t, t, s = oracle_batch(interpolant)
+    _, x_t, t, s = oracle_batch(interpolant, time_shape=time_shape)
     exact = fl.TaylorMap(field, lambda x, t, s: torch.zeros_like(x))
     wrong = fl.TaylorMap(field, lambda x, t, s: torch.ones_like(x))
     assert distill.taylor_semigroup_loss(exact, x_t, t, s).abs().max() < 1e-9
@@ -301,3 +328,68 @@ def test_kl_losses_are_finite_on_the_whole_path_jump(name):
     t, s = torch.zeros(2), torch.ones(2)
     loss = LOSSES[name](student, fl.XPredictor(teacher_net), x_t, t, s)
     assert bool(torch.isfinite(loss).all())
+
+
+# ---------------------------------------------------------------- jumps and per-token times
+
+
+ALL_JUMP_LOSSES = [
+    "semigroup",
+    "lagrangian",
+    "eulerian",
+    "self",
+    "regression",
+    "regression_kl",
+    "taylor",
+]
+
+
+def jump_loss(name, interpolant, x_t, t, s, tokens):
+    exact = fl.XPredMap(fl.XPredictor(OracleDenoiser(interpolant.reparam)), interpolant, True)
+    teacher = fl.XPredictor(OracleDenoiser(interpolant.reparam))
+    if name in LOSSES:
+        return LOSSES[name](exact, teacher, x_t, t, s)
+    if name == "self":
+        return distill.self_semigroup_loss(exact, tokens, x_t, t, s)
+    if name == "regression":
+        return distill.map_regression_loss(exact, fl.XPredMap(teacher, interpolant), x_t, t, s)
+    if name == "regression_kl":
+        return distill.map_regression_kl_loss(exact, fl.XPredMap(teacher, interpolant), x_t, t, s)
+    taylor = fl.TaylorMap(PointDataField(interpolant.reparam), lambda x, t, s: 0.1 * x)
+    return distill.taylor_semigroup_loss(taylor, x_t, t, s)
+
+
+@pytest.mark.parametrize("name", ALL_JUMP_LOSSES)
+@pytest.mark.parametrize("order", ["backward", "equal"])
+def test_jump_losses_refuse_jumps_that_do_not_go_forward(interpolant, name, order):
+    tokens, x_t, t, s = oracle_batch(interpolant)
+    bad = t.clone()
+    bad[2] = (s[2] + 0.1).clamp(max=1.0) if order == "backward" else s[2]
+    with pytest.raises(RuntimeError, match="jump losses need s > t"):
+        jump_loss(
+            name, interpolant, x_t, bad.clamp(min=0.0) if order == "backward" else bad, s, tokens
+        )
+
+
+@pytest.mark.parametrize("name", ALL_JUMP_LOSSES)
+def test_per_token_times_equal_to_per_example_give_the_same_loss(interpolant, name):
+    tokens, x_t, t, s = oracle_batch(interpolant)
+    per_example = jump_loss(name, interpolant, x_t, t, s, tokens)
+    rows = (t[:, None].expand(x_t.shape[:2]), s[:, None].expand(x_t.shape[:2]))
+    assert torch.equal(jump_loss(name, interpolant, x_t, *rows, tokens), per_example)
+
+
+@pytest.mark.parametrize("name", ALL_JUMP_LOSSES)
+def test_known_positions_at_time_one_give_finite_losses(interpolant, name):
+    # A prompt: known positions are clean data with t = s = 1; the other positions' losses
+    # are the ones they have without the prompt (the oracle's positions are independent).
+    tokens, x_t, t, s = oracle_batch(interpolant, time_shape="per_token")
+    known = torch.zeros_like(t, dtype=torch.bool)
+    known[:, 0] = True
+    x1 = fl.one_hot(tokens, 2, dtype=torch.float64)
+    x_known = torch.where(known[..., None], x1, x_t)
+    t_known, s_known = torch.where(known, 1.0, t), torch.where(known, 1.0, s)
+    loss = jump_loss(name, interpolant, x_known, t_known, s_known, tokens)
+    assert torch.isfinite(loss).all()
+    free = jump_loss(name, interpolant, x_t, t, s, tokens)
+    torch.testing.assert_close(loss[~known], free[~known], atol=1e-9, rtol=1e-9)

@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 from jaxtyping import TypeCheckError
+from live_tensors import LiveTensorBytes
 from torch import Tensor
 
 from flowlm import (
@@ -325,3 +326,75 @@ def test_state_must_be_three_dimensional(checks: str):
     match = "parameter 'x0'" if checks == "jaxtyping" else r"shape \(batch, seq, vocab\)"
     with pytest.raises((TypeCheckError, ValueError), match=match):
         LinearInterpolant().sample(x, x, torch.rand(2))
+
+
+# ---------------------------------------------------------------- bad inputs, memory, dtypes
+
+
+def test_a_state_of_the_wrong_vocabulary_is_refused_by_a_token_accuracy_path(checks: str):
+    path = LinearInterpolant(reparam=TokenAccuracy(8))
+    x = torch.randn(2, 3, 11)
+    with pytest.raises(ValueError, match="x1 has 11 entries per position, expected 8"):
+        path.sample(x, x, torch.rand(2))
+    composed = LinearInterpolant(reparam=Power(2.0) >> TokenAccuracy(8))
+    assert composed.vocab_size == 8
+    assert LinearInterpolant().vocab_size is None
+
+
+@pytest.mark.parametrize("reparam", ["token", 8, TokenAccuracy])
+def test_reparam_must_be_a_time_reparam(checks: str, reparam: object):
+    expected = TypeCheckError if checks == "jaxtyping" else TypeError
+    with pytest.raises(expected, match="reparam"):
+        LinearInterpolant(reparam=reparam)  # type: ignore[arg-type]
+
+
+def test_sqrt_noise_path_is_its_own_interpolant():
+    assert not issubclass(SqrtNoiseInterpolant, LinearInterpolant)
+    assert issubclass(SqrtNoiseInterpolant, Interpolant)
+
+
+def test_sample_allocates_one_state_and_leaves_its_inputs_alone():
+    x0, x1 = data(dtype=torch.float32)
+    before = (x0.clone(), x1.clone())
+    path = LinearInterpolant(reparam=TokenAccuracy(V))
+    t = torch.rand(B)
+    with LiveTensorBytes() as tracker:
+        x_t = path.sample(x0, x1, t)
+    assert tracker.big(x0.nbytes // 2) == [(x0.nbytes, torch.float32)]
+    assert torch.equal(x0, before[0]) and torch.equal(x1, before[1])
+    assert torch.allclose(x_t, path.sample(x0.double(), x1.double(), t.double()).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_hot_scatters_into_its_dtype_without_an_int64_temporary(dtype: torch.dtype):
+    tokens = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    unit = 4 * 8 * 64 * torch.finfo(dtype).bits // 8
+    with LiveTensorBytes() as tracker:
+        x = one_hot(tokens, 64, dtype)
+    assert tracker.big(unit // 2) == [(unit, dtype)]
+    assert torch.equal(x, torch.eye(64, dtype=dtype)[tokens])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_step_allocates_one_state(path: type[Interpolant]):
+    x_t, _ = data(dtype=torch.float32)
+    x1_hat = prediction().float()
+    interp = path(reparam=TokenAccuracy(V))
+    with LiveTensorBytes() as tracker:
+        interp.step(x_t, x1_hat, torch.full((B,), 0.3), torch.full((B,), 0.6))
+    assert tracker.big(x_t.nbytes // 2) == [(x_t.nbytes, torch.float32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", PATHS)
+def test_low_precision_states_stay_low_precision(path: type[Interpolant], dtype: torch.dtype):
+    x0, x1 = (v.to(dtype) for v in data(dtype=torch.float32))
+    interp = path(reparam=TokenAccuracy(V))
+    t, s = torch.full((B,), 0.3), torch.full((B,), 0.6)
+    x_t = interp.sample(x0, x1, t)
+    assert x_t.dtype == dtype
+    x1_hat = prediction().float()  # predictions are float32 (softmax in float32)
+    assert interp.step(x_t, x1_hat, t, s).dtype == dtype
+    assert interp.velocity(x_t, x1_hat, t).dtype == dtype
+    reference = interp.step(x_t.double(), x1_hat.double(), t.double(), s.double())
+    assert torch.allclose(interp.step(x_t, x1_hat, t, s).double(), reference, atol=0.05)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jaxtyping import TypeCheckError
 from scipy import integrate
 from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr, ndtri
@@ -422,3 +423,17 @@ def test_power_composition_closed_form():
 def test_vocab_size_below_two_raises(vocab: int):
     with pytest.raises(ValueError, match="at least 2"):
         TokenAccuracy(vocab)
+
+
+@pytest.mark.parametrize("size", [2.5, "8", None])
+def test_token_accuracy_needs_an_integer_vocabulary(checks: str, size: object):
+    expected = TypeCheckError if checks == "jaxtyping" else TypeError
+    match = "vocab_size" if checks == "jaxtyping" else "TokenAccuracy needs an integer vocabulary"
+    with pytest.raises(expected, match=match):
+        TokenAccuracy(size)  # type: ignore[arg-type]
+
+
+def test_token_accuracy_names_its_vocabulary():
+    assert TokenAccuracy(12).vocab_size == 12
+    assert (Power(2.0) >> TokenAccuracy(12)).vocab_size == 12
+    assert Identity().vocab_size is None

@@ -90,3 +90,67 @@ def test_s_missing_from_two_time_model():
 def test_wrong_shapes(x: torch.Tensor, t: torch.Tensor):
     with pytest.raises((ValueError, TypeError)):
         tiny()(x, t)
+
+
+# ---------------------------------------------------------------- per-token times (adaLN per position)
+
+
+def time_arguments(
+    two_time: bool, per_token: bool, generator: torch.Generator
+) -> list[torch.Tensor]:
+    times = [torch.rand(B, generator=generator) for _ in range(2 if two_time else 1)]
+    return [v[:, None].expand(B, L).contiguous() for v in times] if per_token else times
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+def test_per_token_times_equal_to_per_example_agree_to_round_off(two_time: bool):
+    # Not bit-for-bit: the time MLP's matmul sees (batch, features) or (batch * seq, features)
+    # rows, and CPU GEMM kernels round differently for different row counts.
+    model = tiny(two_time)
+    perturb(model)
+    x = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1))
+    per_example = model(x, *time_arguments(two_time, False, torch.Generator().manual_seed(2)))
+    per_token = model(x, *time_arguments(two_time, True, torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(per_token, per_example, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+def test_per_token_times_condition_each_position(two_time: bool):
+    # A clean first token (time 1) changes every position through attention; without
+    # attention (depth 0) only its own position, whose adaLN reads its own time.
+    model = tiny(two_time)
+    perturb(model)
+    x = torch.randn(B, L, V, generator=torch.Generator().manual_seed(3))
+    times = time_arguments(two_time, True, torch.Generator().manual_seed(4))
+    base = model(x, *times)
+    known = [v.clone() for v in times]
+    for v in known:
+        v[:, 0] = 1.0  # a clean first token
+    changed = model(x, *known)
+    assert (changed - base).abs().amax(dim=(0, 2)).min() > 1e-4
+    shallow = DiT(V, dim=32, depth=0, heads=4, two_time=two_time, frequency_dim=16).eval()
+    perturb(shallow)
+    delta = (shallow(x, *known) - shallow(x, *times)).abs().amax(dim=(0, 2))
+    assert delta[0] > 1e-4
+    assert torch.equal(delta[1:], torch.zeros(L - 1))
+
+
+def test_one_time_per_example_and_the_other_per_token():
+    model = tiny(two_time=True)
+    perturb(model)
+    x = torch.randn(B, L, V, generator=torch.Generator().manual_seed(5))
+    t, s = torch.rand(B), torch.rand(B)
+    both = model(x, t[:, None].expand(B, L).contiguous(), s[:, None].expand(B, L).contiguous())
+    torch.testing.assert_close(model(x, t, s[:, None].expand(B, L).contiguous()), both)
+    torch.testing.assert_close(model(x, t[:, None].expand(B, L).contiguous(), s), both)
+
+
+def test_per_example_times_keep_one_conditioning_vector_per_example():
+    model = tiny()
+    shapes: list[tuple[int, ...]] = []
+    model.blocks[0].modulation.register_forward_hook(
+        lambda m, i, o: shapes.append(tuple(i[0].shape))
+    )
+    model(torch.randn(B, L, V), torch.rand(B))
+    model(torch.randn(B, L, V), torch.rand(B, L))
+    assert shapes == [(B, 32), (B, L, 32)]
