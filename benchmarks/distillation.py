@@ -4,9 +4,10 @@ For each task (alpha-repeat: one of 26 letters repeated 8 times, scored by the v
 rate; markov: an order-1 chain over 16 symbols, length 32, scored by the exact perplexity of
 the samples under the chain), one FLM teacher is trained with ``examples/flm.py`` and distilled
 with every method of ``examples/fmlm.py`` (v2, lagrangian, eulerian, self, regression, v1).
-Both examples run in this process through their ``main(argv)``, i.e. exactly what
-``python examples/flm.py ...`` and ``python examples/fmlm.py --teacher ...`` run, with the
-flags in `TEACHER_FLAGS`, `DISTILL_FLAGS` and `METHOD_FLAGS` on top of the examples' presets.
+Both examples run as subprocesses through their command line (``python examples/flm.py ...
+--json FILE`` and ``python examples/fmlm.py --teacher ... --json FILE``), with the flags in
+`TEACHER_FLAGS`, `DISTILL_FLAGS` and `METHOD_FLAGS` on top of the examples' presets; their JSON
+(``{"steps": {"<n>": {"nfe", "entropy", <task measures>, ...}}}``) fills the table.
 
 Every model samples 1024 sequences at 1, 2, 4 and 8 steps from the same fixed noise, in fp32,
 with an argmax at the end. Samplers: FLM, the Euler x-prediction map on a uniform model-time
@@ -14,8 +15,8 @@ grid (decoding-accuracy clock); FMLM, the two-time denoiser map on the same grid
 step); v1's stage-1 Taylor map, 2 NFE per step (teacher + correction).
 
 Target (alpha-repeat): one-step FMLM valid rate >= 0.9 where one-step FLM is below 0.2,
-with teacher plus distillation within 15 CPU-minutes (process CPU time of the two runs,
-sampling included) and no letter dropped (mode coverage 1 over the samples: a valid rate
+with teacher plus distillation within 15 CPU-minutes (CPU time of the two processes,
+sampling and start-up included) and no letter dropped (mode coverage 1 over the samples: a valid rate
 bought by collapsing onto a few letters does not count). Each method is judged on its own.
 
 Usage:
@@ -28,25 +29,32 @@ Writes ``<out-dir>/distillation.json`` and ``<out-dir>/distillation.md`` (a tabl
 import argparse
 import json
 import math
-import os
-import platform
+import resource
+import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+from harness import (
+    clock,
+    describe_machine,
+    load_average,
+    machine_context,
+    parse_flags,
+    positive_int,
+    print_verdicts,
+    verdict,
+    write_results,
+)
+
+from flowlm.data import MarkovChain
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import common  # noqa: E402
-import flm  # noqa: E402
-import fmlm  # noqa: E402
-
+METHODS = ("v2", "lagrangian", "eulerian", "self", "regression", "v1")
+"""The distillation methods of ``examples/fmlm.py --method``."""
+MARKOV_CHAIN = {"vocab_size": 16, "order": 1, "seed": 0}
+"""The chain of ``examples/flm.py --task markov``, for the data row's exact perplexity."""
 TASKS = ("alpha-repeat", "markov")
 QUALITY = {"alpha-repeat": ("valid_rate", "mode_coverage"), "markov": ("exact_ppl",)}
 """The task's measures shown in each cell, before the entropy."""
@@ -71,39 +79,50 @@ TARGET = {
 }
 """alpha-repeat. The coverage bound (every letter among the samples) keeps a valid rate reached
 by collapsing onto a few letters from counting."""
+TARGET_NAME = (
+    f"one-step valid rate >= {TARGET['fmlm_one_step_min']}, coverage >= "
+    f"{TARGET['fmlm_one_step_mode_coverage_min']}, one-step FLM < {TARGET['flm_one_step_max']}, "
+    f"<= {TARGET['cpu_seconds_max'] / 60:.0f} CPU-minutes"
+)
 QUICK_SAMPLES = 16
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--samples", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", choices=fmlm.METHODS, default=fmlm.METHODS)
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", type=positive_int, default=1024)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument(
         "--distill-flags",
         default="",
         help='more examples/fmlm.py flags for every distillation, e.g. "--steps 6000"',
     )
-    parser.add_argument("--quick", action="store_true", help="smoke-sized models, seconds")
-    return parser.parse_args()
 
 
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
+class ExampleFailed(RuntimeError):
+    """An example exited with an error (e.g. a non-finite loss); the message is its last line."""
 
 
-def timed(main: Callable[[list[str]], dict[str, Any]], argv: list[str]) -> dict[str, Any]:
-    """Run an example's ``main``; return its result with CPU and wall seconds and the load."""
-    before = load_average()
-    cpu, wall = time.process_time(), time.perf_counter()
-    result = main(argv)
+def run_example(script: str, argv: list[str], json_path: Path) -> dict[str, Any]:
+    """Run ``python examples/<script> <argv> --json <json_path>``; its JSON, CPU and wall seconds.
+
+    The CPU seconds are the child process's (user + system, `resource.RUSAGE_CHILDREN`). Its
+    output goes to this process's stdout; its stderr is kept for the error of a failed run.
+    """
+    command = [sys.executable, str(EXAMPLES / script), *argv, "--json", str(json_path)]
+    before, usage_before = load_average(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = clock()
+    print(f"$ python examples/{script} {' '.join(argv)}", flush=True)
+    completed = subprocess.run(command, stderr=subprocess.PIPE, text=True, check=False)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if completed.returncode != 0:
+        lines = completed.stderr.strip().splitlines() or [f"exit code {completed.returncode}"]
+        print(completed.stderr, file=sys.stderr)
+        raise ExampleFailed(lines[-1])
     return {
-        "result": result,
-        "cpu_seconds": time.process_time() - cpu,
-        "wall_seconds": time.perf_counter() - wall,
+        "result": json.loads(json_path.read_text()),
+        "cpu_seconds": (usage.ru_utime + usage.ru_stime)
+        - (usage_before.ru_utime + usage_before.ru_stime),
+        "wall_seconds": (clock() - started).wall,
         "load_average_before": before,
         "load_average_after": load_average(),
         "argv": argv,
@@ -158,31 +177,23 @@ def run_task(
     shared = shared_flags(arguments)
     teacher_flags, distill_flags = settings(task, arguments)
     checkpoint = work_dir / f"{task}-flm.pt"
-    teacher = timed(flm.main, ["--task", task, *shared, *teacher_flags, "--out", str(checkpoint)])
+    teacher_argv = ["--task", task, *shared, *teacher_flags, "--out", str(checkpoint)]
+    teacher = run_example("flm.py", teacher_argv, work_dir / f"{task}-flm.json")
     rows = [row("FLM teacher (Euler)", 1, teacher["result"]["steps"])]
     rows[0] |= {"cpu_seconds": teacher["cpu_seconds"], "wall_seconds": teacher["wall_seconds"]}
     for method in arguments.methods:
         argv = ["--teacher", str(checkpoint), "--method", method, *shared, *distill_flags]
         argv += method_flags(task, method, arguments.quick)
         try:
-            distilled = timed(fmlm.main, argv)
-        except (RuntimeError, FloatingPointError) as error:  # e.g. a NaN loss: report, go on
+            distilled = run_example("fmlm.py", argv, work_dir / f"{task}-{method}.json")
+        except ExampleFailed as error:  # e.g. a NaN loss: report, go on
             rows.append(row(f"FMLM {method}", 1, {}) | {"error": str(error), "argv": argv})
             continue
         result = distilled.pop("result")
-        stages = [name for name in result if name in (method, "v1-stage1", "v1-stage2")]
-        costs = {key: distilled[key] for key in ("cpu_seconds", "wall_seconds", "argv")}
-        costs |= {"load_average_before": distilled["load_average_before"]}
-        costs |= {"train_seconds": {name: result[name]["seconds"] for name in stages}}
-        costs |= {"final_loss": {name: _last(result[name]["train_loss"]) for name in stages}}
-        rows.append(row(f"FMLM {method}", 1, result["steps"]) | costs)
-        if method == "v1":
+        rows.append(row(f"FMLM {method}", 1, result["steps"]) | distilled)
+        if "stage1_steps" in result:  # v1's stage-1 Taylor map, when the example reports it
             rows.append(row("v1 stage-1 Taylor map", 2, result["stage1_steps"]))
     return teacher, rows
-
-
-def _last(losses: dict[str, float]) -> float | None:
-    return losses[max(losses, key=int)] if losses else None
 
 
 def verdicts(teacher: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, bool]:
@@ -211,12 +222,10 @@ def cell(metrics: dict[str, float] | None, quality: tuple[str, ...]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    machine = report["machine"]
     lines = [
-        f"{report['samples']} samples per cell from fixed noise (seed {report['seed']}), fp32, "
-        f"{machine['torch_threads']} torch thread(s) on {machine['cpu_count']} cores, "
-        f"load average before {report['load_average_before']}, after "
-        f"{machine['load_average_1_5_15min']}. Samplers: {report['sampler']}",
+        f"{report['samples']} samples per cell from fixed noise (seed {report['seed']}), fp32; "
+        f"load average before {report['load_average_before']}; after: "
+        f"{describe_machine(report['machine'])}. Samplers: {report['sampler']}",
         "",
     ]
     for task, outcome in report["tasks"].items():
@@ -231,7 +240,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f", with `{flags}` for {method}"
                 for method, flags in outcome["commands"]["method_flags"].items()
             )
-            + " (CPU-s: process CPU time of the run, sampling included).",
+            + " (CPU-s: CPU time of the example's process, sampling and start-up included).",
             "",
             "| sampler | NFE/step | "
             + " | ".join(f"{n} step(s)" for n in SAMPLE_STEPS)
@@ -256,34 +265,28 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _target_line(outcome: dict[str, Any]) -> str:
     passed = [name for name, ok in outcome["verdicts"].items() if ok]
-    verdict = "PASS" if passed else "FAIL"
     return (
         f"Target: one-step FMLM valid rate >= {TARGET['fmlm_one_step_min']} with mode coverage "
         f">= {TARGET['fmlm_one_step_mode_coverage_min']} where one-step FLM "
         f"< {TARGET['flm_one_step_max']}, teacher + distillation <= "
-        f"{TARGET['cpu_seconds_max'] / 60:.0f} CPU-minutes: **{verdict}**"
+        f"{TARGET['cpu_seconds_max'] / 60:.0f} CPU-minutes: **{verdict(bool(passed))}**"
         + (f" ({', '.join(passed)})" if passed else "")
         + "; per method: "
-        + ", ".join(
-            f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in outcome["verdicts"].items()
-        )
+        + ", ".join(f"{name} {verdict(ok)}" for name, ok in outcome["verdicts"].items())
     )
 
 
 def reference(task: str) -> str:
     if task == "markov":
-        chain = common.MarkovChain(
-            common.MARKOV_SYMBOLS, order=common.MARKOV_ORDER, seed=common.MARKOV_SEED
-        )
+        chain = MarkovChain(**MARKOV_CHAIN)
         return f"Data: exact perplexity {math.exp(chain.entropy_rate()):.3f} (the entropy rate)."
     return "Data: valid rate 1, mode coverage 1 (all 26 letters), entropy 0."
 
 
 def main() -> None:
-    arguments = parse_arguments()
+    arguments = parse_flags(__doc__, add_flags)
     if arguments.quick:
         arguments.samples = QUICK_SAMPLES
-    torch.set_num_threads(arguments.threads)
     load_before = load_average()
     tasks: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as work_dir:
@@ -310,21 +313,17 @@ def main() -> None:
         ),
         "targets": TARGET,
         "load_average_before": load_before,
-        "machine": {
-            "load_average_1_5_15min": list(os.getloadavg()),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
-        },
+        "machine": machine_context(),
         "tasks": tasks,
     }
-    arguments.out_dir.mkdir(parents=True, exist_ok=True)
-    (arguments.out_dir / "distillation.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (arguments.out_dir / "distillation.md").write_text(table)
-    print(table)
-    print(_target_line(tasks["alpha-repeat"]).replace("**", ""))
+    write_results(arguments.out_dir, "distillation", report, markdown(report))
+    if "alpha-repeat" in tasks:
+        print_verdicts(
+            [
+                {"target": f"{name}: {TARGET_NAME}", "value": None, "pass": passed}
+                for name, passed in tasks["alpha-repeat"]["verdicts"].items()
+            ]
+        )
 
 
 if __name__ == "__main__":

@@ -8,32 +8,29 @@ trained on windows of the training books of the King James Bible, at the charact
 
 i.e. ``flowlm.metrics.GenerativePerplexity(judge.token_nll)``. The first token of a window is
 scored after the judge's BOS, like the first token of a sample. The checkpoint is cached at
-``<results-dir>/judge_L{length}.pt`` and reused when present; a cached judge trained with
-other settings is an error (delete the file or pass another ``--results-dir``).
+``<out-dir>/judge_L{length}.pt`` and reused when present; a cached judge trained with
+other settings is an error (delete the file or pass another ``--out-dir``).
 
 Usage (trains or loads the judge of a preset, prints its held-out perplexity):
     python benchmarks/judge.py --preset quick          # L = 32, a few minutes on 2 cores
-    python benchmarks/judge.py --preset full --results-dir results
+    python benchmarks/judge.py --preset full --out-dir results
 """
 
 import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
 from autoregressive import perplexity, train
-from harness import examples_common, load_corpus
+from harness import TrainingSettings, load_corpus, parse_flags, saved_settings
 
 from flowlm.backbones import CausalTransformer
 from flowlm.data import TextCorpus
 
-Config = examples_common.Config
-
-JUDGES: dict[str, Config] = {
-    "smoke": Config(
+JUDGES: dict[str, TrainingSettings] = {
+    "smoke": TrainingSettings(
         length=8, dim=16, depth=1, heads=2, steps=4, batch_size=8, lr=1e-3, warmup=2, log_every=2
     ),
-    "quick": Config(
+    "quick": TrainingSettings(
         length=32,
         dim=128,
         depth=3,
@@ -45,7 +42,7 @@ JUDGES: dict[str, Config] = {
         ema_decay=0.995,
         log_every=200,
     ),
-    "full": Config(
+    "full": TrainingSettings(
         length=64,
         dim=128,
         depth=4,
@@ -70,22 +67,20 @@ def judge_path(results_dir: Path, length: int) -> Path:
 
 
 def load_or_train(
-    config: Config, task: examples_common.Task, results_dir: Path
+    settings: TrainingSettings, corpus: TextCorpus, results_dir: Path
 ) -> CausalTransformer:
-    """The judge of ``config``: loaded from ``results_dir`` when cached, trained otherwise.
+    """The judge of ``settings``: loaded from ``results_dir`` when cached, trained otherwise.
 
     Raises:
         ValueError: if the cached judge was trained with other settings.
     """
-    path = judge_path(results_dir, config.length)
-    if path.exists():
-        saved = Config(**examples_common.load_checkpoint(path)["config"])
-        if saved != config:
-            raise ValueError(
-                f"the judge cached at {path} was trained with other settings ({saved}); "
-                f"delete it to train the judge of {config}"
-            )
-    return train(config, task, path, label="judge")
+    path = judge_path(results_dir, settings.length)
+    if path.exists() and (saved := saved_settings(path)) != settings:
+        raise ValueError(
+            f"the judge cached at {path} was trained with other settings ({saved}); "
+            f"delete it to train the judge of {settings}"
+        )
+    return train(settings, corpus, path, label="judge")
 
 
 def held_out_report(
@@ -97,23 +92,19 @@ def held_out_report(
     return {"validation_ppl": perplexity(judge, windows), "validation_windows": count}
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(JUDGES), default="quick")
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args()
 
 
 def main() -> None:
-    arguments = parse_arguments()
-    torch.set_num_threads(arguments.threads)
-    config = JUDGES[arguments.preset]
-    judge = load_or_train(config, examples_common.build_task(config), arguments.results_dir)
-    report = held_out_report(judge, load_corpus(), config.length)
+    arguments = parse_flags(__doc__, add_flags)
+    settings = JUDGES["smoke" if arguments.quick else arguments.preset]
+    corpus = load_corpus()
+    judge = load_or_train(settings, corpus, arguments.out_dir)
+    report = held_out_report(judge, corpus, settings.length)
     print(
-        f"judge ({dataclasses.asdict(config)}): perplexity {report['validation_ppl']:.3f} on "
-        f"{report['validation_windows']} held-out windows of {config.length} characters"
+        f"judge ({dataclasses.asdict(settings)}): perplexity {report['validation_ppl']:.3f} on "
+        f"{report['validation_windows']} held-out windows of {settings.length} characters"
     )
 
 

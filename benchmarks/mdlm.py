@@ -15,7 +15,7 @@ still masked is revealed with probability (alpha_s - alpha_t)/(1 - alpha_t) = (t
 token drawn from the predicted categorical (Gumbel-max in float64). The last step has s = 0,
 so it reveals every position left.
 
-Import it from other benchmarks (``benchmarks/`` on ``sys.path``)::
+Import it from other benchmarks (a script in ``benchmarks/`` has it on ``sys.path``)::
 
     from mdlm import MaskedDiffusion
     model = MaskedDiffusion(DiT(vocab_size + 1, dim=128, depth=2, heads=4), vocab_size)
@@ -24,17 +24,23 @@ Import it from other benchmarks (``benchmarks/`` on ``sys.path``)::
 
 Usage as a script (trains on alpha-repeat and prints valid rates per sampler step count):
     python benchmarks/mdlm.py [--train-steps 800] [--out-dir results] [--threads 1]
+    python benchmarks/mdlm.py --quick --out-dir /tmp/m      # seconds
 
-Writes ``<out-dir>/mdlm_alpha_repeat.json`` and prints a markdown table.
+Writes ``<out-dir>/mdlm_alpha_repeat.json`` and ``.md`` (the table, also printed).
 """
 
 import argparse
 import itertools
-import json
-import time
-from pathlib import Path
 
 import torch
+from harness import (
+    describe_machine,
+    machine_context,
+    parse_flags,
+    positive_int,
+    stopwatch,
+    write_results,
+)
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -119,10 +125,10 @@ class MaskedDiffusion(nn.Module):
             raise ValueError(f"need at least one step, got {steps}")
         device = next(self.backbone.parameters()).device
         z = torch.full((batch, length), self.mask_id, dtype=torch.long, device=device)
-        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
         calls = 0
         for t, s in itertools.pairwise(grid):
-            log_probs = self.log_probs(z, torch.full((batch,), float(t), device=device))
+            log_probs = self.log_probs(z, t.float().expand(batch))
             calls += 1
             proposal = gumbel_argmax(log_probs, generator)
             alpha_t, alpha_s = log_linear_alpha(t), log_linear_alpha(s)
@@ -141,41 +147,40 @@ def train(
     learning_rate: float,
     generator: torch.Generator,
 ) -> list[float]:
-    """AdamW on fresh task samples every step; returns the loss of every step."""
+    """AdamW on fresh task samples every step; returns the loss of every step.
+
+    The losses are read on the host once, after the last step.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     model.train()
-    losses = []
+    losses: list[Tensor] = []
     for _ in range(steps):
         loss = model.loss(task.sample(batch, generator), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())
+    return torch.stack(losses).tolist()
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train-steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-steps", type=positive_int, default=800)
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--samples", type=positive_int, default=512)
 
 
 def main() -> None:
-    arguments = parse_arguments()
-    torch.set_num_threads(arguments.threads)
+    arguments = parse_flags(__doc__, add_flags)
+    if arguments.quick:
+        arguments.train_steps, arguments.samples = 20, 16
     torch.manual_seed(arguments.seed)
     generator = torch.Generator().manual_seed(arguments.seed)
     task = AlphaRepeat(26, 8)
     backbone = DiT(task.vocab_size + 1, dim=128, depth=2, heads=4, dropout=0.0)
     model = MaskedDiffusion(backbone, task.vocab_size)
-    start = time.perf_counter()
-    losses = train(model, task, arguments.train_steps, arguments.batch, 1e-3, generator)
-    train_seconds = time.perf_counter() - start
+    with stopwatch() as seconds:
+        losses = train(model, task, arguments.train_steps, arguments.batch, 1e-3, generator)
+    train_seconds = seconds.wall
     model.eval()
     rows = []
     for steps in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -192,18 +197,18 @@ def main() -> None:
         "samples": arguments.samples,
         "sampler": "ancestral, float64 Gumbel-max",
         "rows": rows,
+        "machine": machine_context(),
     }
-    arguments.out_dir.mkdir(parents=True, exist_ok=True)
-    path = arguments.out_dir / "mdlm_alpha_repeat.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(
+    lines = [
         f"MDLM on alpha-repeat (V 26, L 8): DiT dim 128, depth 2; {arguments.train_steps} steps "
-        f"of batch {arguments.batch} in {train_seconds:.0f} s; {arguments.samples} samples each.\n"
-    )
-    print("| sampler steps | NFE | valid rate |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['steps']} | {row['nfe']} | {row['valid_rate']:.3f} |")
-    print(f"\nwrote {path}")
+        f"of batch {arguments.batch} in {train_seconds:.0f} s; {arguments.samples} samples each; "
+        f"{describe_machine(report['machine'])}.",
+        "",
+        "| sampler steps | NFE | valid rate |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {row['steps']} | {row['nfe']} | {row['valid_rate']:.3f} |" for row in rows]
+    write_results(arguments.out_dir, "mdlm_alpha_repeat", report, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Sample quality of FMLM, FLM, MDLM and an autoregressive model, scored by one judge.
 
 Every method learns character-level windows of the King James Bible (V = 63) with the same
-backbone size, the same batches and the same budget of optimizer steps x batch: the AR
-baseline (``benchmarks/autoregressive.py``), MDLM (``benchmarks/mdlm.py``), FLM
-(``examples/flm.py``'s training loop) and, when the package is installed, the outside peer
-(``benchmarks/peer_flow_matching.py``). FMLM students are distilled from that FLM with
-``examples/fmlm.py``'s loop, one per method, for a further distillation budget (per stage for
-v1). Each model samples at several step counts from fixed seeds (AR at its natural L steps);
+backbone size, the same batches and the same budget of optimizer steps x batch, all with the
+recipe of `harness.train_on_tokens`: the AR baseline (``benchmarks/autoregressive.py``), MDLM
+(``benchmarks/mdlm.py``), FLM (cross-entropy x-prediction on the decoding-accuracy clock, with
+`flowlm`'s interpolant and predictor) and, when the package is installed, the outside peer
+(``benchmarks/peer_flow_matching.py``). FMLM students are distilled from that FLM with the
+losses of `flowlm.distill`, one per method (as ``examples/fmlm.py --method`` names them), for
+a further distillation budget (per stage for v1). Each model samples at several step counts from fixed seeds (AR at its natural L steps);
 the judge (``benchmarks/judge.py``) scores the samples, and the held-out books give the "data"
 row. Training and sampling run in fp32 on one torch thread.
 
@@ -18,7 +19,7 @@ temperature 1 with a KV cache; the peer, the package's discrete Euler solver.
 Usage:
     python benchmarks/quality.py --preset quick     # < 20 min on 2 cores: L 32, DiT 96 x 3
     python benchmarks/quality.py --preset full      # < 2 h on 2 cores: L 64, DiT 128 x 4
-    python benchmarks/quality.py --preset smoke --results-dir /tmp/q   # seconds, for tests
+    python benchmarks/quality.py --preset smoke --results-dir /tmp/q   # seconds (or --quick)
 
 Writes ``<results-dir>/quality.json`` (a list of rows: method, steps, nfe, judge_ppl, entropy,
 distinct_2, seconds_per_sample, samples, ...), ``quality.md`` (the table, the targets, the
@@ -30,11 +31,10 @@ cached at ``<results-dir>/judge_L{length}.pt``.
 
 import argparse
 import dataclasses
-import json
-import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import judge as judge_module
 import peer_flow_matching
@@ -42,27 +42,35 @@ import torch
 from autoregressive import generate
 from autoregressive import train as train_autoregressive
 from harness import (
-    ONE_PROCESS,
     Phase,
     Sampler,
+    TokenObjective,
+    TrainingSettings,
     checkpoint_path,
-    examples_common,
-    examples_flm,
-    examples_fmlm,
+    clock,
+    flm_interpolant,
     flow_sampler,
+    load_average,
     load_corpus,
+    machine_context,
+    parse_flags,
+    print_verdicts,
+    seeded_generator,
+    stopwatch,
     timed,
     train_on_tokens,
+    verdict,
+    write_results,
 )
 from matplotlib.figure import Figure
 from mdlm import MaskedDiffusion
+from torch import nn
 
 import flowlm as fl
+from flowlm import distill
 from flowlm.backbones import CausalTransformer, DiT
 from flowlm.data import TextCorpus
 from flowlm.metrics import DistinctN, GenerativePerplexity, TokenEntropy
-
-Config = examples_common.Config
 
 SHOWN_EXAMPLES = 3
 SCORING_BATCH = 256
@@ -74,18 +82,18 @@ class Preset:
     """What a run trains and samples.
 
     Attributes:
-        model: the settings shared by AR, MDLM, FLM and the peer (examples ``Config``).
+        model: the settings shared by AR, MDLM, FLM and the peer.
         judge: the judge's settings (same length).
         distill_steps: distillation steps of each FMLM student (per stage for v1).
         distill_lr: their peak learning rate.
-        fmlm_methods: the ``examples/fmlm.py`` methods distilled.
+        fmlm_methods: the distillation methods (``examples/fmlm.py --method`` names).
         sample_steps: step counts of FLM, MDLM and the peer.
         fmlm_steps: step counts of the FMLM students.
         samples: samples per cell (and held-out windows in the data row).
     """
 
-    model: Config
-    judge: Config
+    model: TrainingSettings
+    judge: TrainingSettings
     distill_steps: int
     distill_lr: float
     fmlm_methods: tuple[str, ...]
@@ -96,7 +104,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
-        model=Config(
+        model=TrainingSettings(
             length=8,
             dim=16,
             depth=1,
@@ -106,9 +114,6 @@ PRESETS: dict[str, Preset] = {
             lr=1e-3,
             warmup=2,
             log_every=2,
-            eval_every=4,
-            sample_every=4,
-            checkpoint_every=4,
         ),
         judge=judge_module.JUDGES["smoke"],
         distill_steps=2,
@@ -119,7 +124,7 @@ PRESETS: dict[str, Preset] = {
         samples=16,
     ),
     "quick": Preset(
-        model=Config(
+        model=TrainingSettings(
             length=32,
             dim=96,
             depth=3,
@@ -130,9 +135,6 @@ PRESETS: dict[str, Preset] = {
             warmup=50,
             ema_decay=0.995,
             log_every=100,
-            eval_every=700,
-            sample_every=700,
-            checkpoint_every=700,
         ),
         judge=judge_module.JUDGES["quick"],
         distill_steps=250,
@@ -143,7 +145,7 @@ PRESETS: dict[str, Preset] = {
         samples=256,
     ),
     "full": Preset(
-        model=Config(
+        model=TrainingSettings(
             length=64,
             dim=128,
             depth=4,
@@ -155,9 +157,6 @@ PRESETS: dict[str, Preset] = {
             schedule="cosine",
             ema_decay=0.998,
             log_every=250,
-            eval_every=2000,
-            sample_every=2000,
-            checkpoint_every=2000,
         ),
         judge=judge_module.JUDGES["full"],
         distill_steps=400,
@@ -178,17 +177,30 @@ SAMPLERS = {
 }
 
 
+BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}
+"""Probability of the whole-path jump (0, 1) per example in v1's stages (the reference code's)."""
+DEFAULT_BOUNDARY_PROB = 0.1
+"""For the other methods: more one-step jumps than v1's 1/64 speed up one-step quality."""
+MIN_GAP = {"v1-stage1": 1e-6, "v1-stage2": 1e-5}
+DEFAULT_MIN_GAP = 1e-3
+REGRESSION_TEACHER_STEPS = 8
+"""The regression method's target: the teacher's rollout of this many Euler steps."""
+
+JumpLoss = Callable[[fl.Tokens, fl.State, fl.Time, fl.Time], fl.TokenLoss]
+"""A distillation objective on a batch: (tokens, x_t, t, s) -> per-token loss."""
+
+
 class Scorer:
     """Judge perplexity, entropy and distinct-2 of a set of samples (the torchmetrics metrics)."""
 
-    def __init__(self, judge: CausalTransformer, task: examples_common.Task) -> None:
+    def __init__(self, judge: CausalTransformer, corpus: TextCorpus) -> None:
         self.judge = judge
-        self.task = task
+        self.corpus = corpus
 
     def __call__(self, tokens: fl.Tokens) -> dict[str, object]:
         perplexity = GenerativePerplexity(self.judge.token_nll)
         entropy = TokenEntropy()
-        distinct = DistinctN(self.task.vocab_size, n=2)
+        distinct = DistinctN(self.corpus.tokenizer.vocab_size, n=2)
         for batch in tokens.split(SCORING_BATCH):
             perplexity.update(batch)
             entropy.update(batch)
@@ -198,7 +210,7 @@ class Scorer:
             "entropy": entropy.compute().item(),
             "distinct_2": distinct.compute().item(),
             "samples": len(tokens),
-            "examples": self.task.decode(tokens[:SHOWN_EXAMPLES]),
+            "examples": self.corpus.tokenizer.decode_batch(tokens[:SHOWN_EXAMPLES]),
         }
 
 
@@ -208,14 +220,13 @@ def sample_rows(
     """Sample at each step count (timed: wall and thread CPU seconds) and score the samples."""
     rows = []
     for n_steps in steps:
-        wall, cpu = time.perf_counter(), time.thread_time()
-        tokens, nfe = sampler(n_steps)
-        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        with stopwatch() as seconds:
+            tokens, nfe = sampler(n_steps)
         row: dict[str, object] = {"method": method, "steps": n_steps, "nfe": nfe}
         row |= score(tokens)
         row |= {
-            "seconds_per_sample": wall / len(tokens),
-            "cpu_seconds_per_sample": cpu / len(tokens),
+            "seconds_per_sample": seconds.wall / len(tokens),
+            "cpu_seconds_per_sample": seconds.cpu / len(tokens),
         }
         print(
             f"   {method} {n_steps} step(s): judge PPL {row['judge_ppl']:.2f}, entropy "
@@ -226,48 +237,127 @@ def sample_rows(
     return rows
 
 
-def masked_backbone(config: Config, vocab_size: int) -> DiT:
-    """The DiT of MDLM and the peer: integer tokens with a MASK id, logits over V + 1 ids."""
-    return examples_common.build_backbone(config, vocab_size + 1)
+def backbone(settings: TrainingSettings, vocab_size: int, two_time: bool = False) -> DiT:
+    """The DiT of the settings' size."""
+    return DiT(
+        vocab_size,
+        dim=settings.dim,
+        depth=settings.depth,
+        heads=settings.heads,
+        two_time=two_time,
+        dropout=settings.dropout,
+    )
 
 
-def train_flm(config: Config, task: examples_common.Task, path: Path, threads: int) -> DiT:
-    """Train FLM with ``examples/flm.py``'s loop (checkpoint at ``path``) unless cached."""
-    if not path.exists():
-        torch.manual_seed(config.seed)
-        backbone = examples_common.build_backbone(config, task.vocab_size)
-        interpolant = examples_common.build_interpolant(config, task.vocab_size)
-        ema = examples_common.make_ema(backbone, config.ema_decay)
-        optimizer = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0)
-        options = examples_common.Options(path, False, False, None, threads, False)
-        examples_flm.train(
-            config, options, task, backbone, interpolant, ema, optimizer, 0, ONE_PROCESS
+def as_dit(network: nn.Module) -> DiT:
+    if not isinstance(network, DiT):
+        raise TypeError(f"expected a DiT, got {type(network).__name__}")
+    return network
+
+
+def train_flm(settings: TrainingSettings, corpus: TextCorpus, path: Path) -> DiT:
+    """FLM: cross-entropy of the x-prediction at x_t on the path (or load it from ``path``)."""
+    vocab_size = corpus.tokenizer.vocab_size
+    torch.manual_seed(settings.seed)
+    network = backbone(settings, vocab_size)
+    predictor, path_of_flm = fl.XPredictor(network), flm_interpolant(vocab_size)
+
+    def objective(tokens: fl.Tokens, generator: torch.Generator) -> torch.Tensor:
+        x1 = fl.one_hot(tokens, vocab_size)
+        t = fl.uniform_times(len(tokens), generator=generator)
+        x_t = path_of_flm.sample(torch.randn(x1.shape, generator=generator), x1, t)
+        return fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
+
+    teacher = train_on_tokens(network, objective, settings, corpus, path, "FLM")
+    return as_dit(teacher).requires_grad_(False)
+
+
+def jump_objective(stage: str, loss: JumpLoss, vocab_size: int) -> TokenObjective:
+    """``loss`` at time pairs (t, s) of the stage's distribution and x_t on FLM's path."""
+    path_of_flm = flm_interpolant(vocab_size)
+
+    def objective(tokens: fl.Tokens, generator: torch.Generator) -> torch.Tensor:
+        pair = fl.time_pairs(
+            len(tokens),
+            boundary_prob=BOUNDARY_PROB.get(stage, DEFAULT_BOUNDARY_PROB),
+            min_gap=MIN_GAP.get(stage, DEFAULT_MIN_GAP),
+            generator=generator,
         )
-    return examples_fmlm.load_teacher(path, ONE_PROCESS.device)[0]
+        x1 = fl.one_hot(tokens, vocab_size)
+        x_t = path_of_flm.sample(torch.randn(x1.shape, generator=generator), x1, pair.t)
+        return fl.masked_mean(loss(tokens, x_t, pair.t, pair.s))
+
+    return objective
 
 
-def distill(
-    method_name: str,
-    config: Config,
-    task: examples_common.Task,
+def distil(
+    method: str,
+    settings: TrainingSettings,
+    corpus: TextCorpus,
     teacher: DiT,
-    teacher_path: Path,
-    path: Path,
-    threads: int,
+    path_of: Callable[[str], Path],
 ) -> DiT:
-    """Distil an FMLM student with ``examples/fmlm.py``'s stages, or load them from ``path``."""
-    torch.manual_seed(config.seed)
-    interpolant = examples_common.build_interpolant(config, task.vocab_size)
-    method = examples_fmlm.Method(name=method_name, teacher=str(teacher_path))
-    stages = examples_fmlm.build_stages(method, config, teacher, interpolant, task.vocab_size)
-    options = examples_common.Options(path, True, False, None, threads, False)
-    saved = examples_common.load_checkpoint(path) if path.exists() else None
-    for stage in stages:
-        report = examples_fmlm.train_stage(
-            stage, config, method, options, task, interpolant, ONE_PROCESS, saved
-        )
-        saved = report["checkpoint"]
-    return stages[-1].network.eval()
+    """Distil an FMLM student from ``teacher`` with ``method``, or load it from its checkpoints.
+
+    The student is the teacher's DiT plus a second time embedding that starts at zero
+    (`flowlm.distill.init_student`). v1 first trains a Taylor correction (2 NFE per step) by
+    semigroup self-distillation, then regresses a one-network student onto that frozen map.
+    ``path_of(stage)`` names each stage's checkpoint.
+    """
+    vocab_size = corpus.tokenizer.vocab_size
+    torch.manual_seed(settings.seed)
+    teacher_predictor, path_of_flm = fl.XPredictor(teacher), flm_interpolant(vocab_size)
+
+    def student_network(zero_output: bool) -> DiT:
+        network = backbone(settings, vocab_size, two_time=True)
+        distill.init_student(network, teacher, zero=["output"] if zero_output else [])
+        return network
+
+    def train(stage: str, network: nn.Module, loss: JumpLoss) -> nn.Module:
+        objective = jump_objective(stage, loss, vocab_size)
+        label = f"FMLM {stage}"
+        return train_on_tokens(network, objective, settings, corpus, path_of(stage), label, stage)
+
+    student = student_network(zero_output=False)
+    student_map = fl.XPredMap(fl.XPredictor(student), path_of_flm, two_time=True)
+    if method != "v1":
+        many_steps = fl.XPredMap(teacher_predictor, path_of_flm)
+        regression_target = fl.Substeps(many_steps, REGRESSION_TEACHER_STEPS)
+
+        def loss(tokens: fl.Tokens, x_t: fl.State, t: fl.Time, s: fl.Time) -> fl.TokenLoss:
+            match method:
+                case "v2":
+                    return distill.semigroup_kl_loss(student_map, teacher_predictor, x_t, t, s)
+                case "lagrangian":
+                    return distill.lagrangian_kl_loss(student_map, teacher_predictor, x_t, t, s)
+                case "eulerian":
+                    return distill.eulerian_kl_loss(student_map, teacher_predictor, x_t, t, s)
+                case "self":
+                    return distill.self_semigroup_loss(student_map, tokens, x_t, t, s)
+                case "regression":
+                    return distill.map_regression_kl_loss(student_map, regression_target, x_t, t, s)
+                case _:
+                    raise ValueError(f"unknown distillation method {method!r}")
+
+        return as_dit(train(method, student, loss))
+
+    velocity = fl.XPredVelocity(teacher_predictor, path_of_flm)
+    correction, weighting = student_network(zero_output=True), fl.LearnedTimeWeighting()
+    taylor = fl.TaylorMap(velocity, correction)
+
+    def taylor_loss(tokens: fl.Tokens, x_t: fl.State, t: fl.Time, s: fl.Time) -> fl.TokenLoss:
+        return weighting(distill.taylor_semigroup_loss(taylor, x_t, t, s), t)
+
+    stage_1 = train(
+        "v1-stage1", nn.ModuleDict({"correction": correction, "weighting": weighting}), taylor_loss
+    )
+    frozen_taylor = fl.TaylorMap(velocity, as_dit(stage_1.get_submodule("correction")))
+    frozen_taylor.requires_grad_(False)
+
+    def regression_loss(tokens: fl.Tokens, x_t: fl.State, t: fl.Time, s: fl.Time) -> fl.TokenLoss:
+        return distill.map_regression_loss(student_map, frozen_taylor, x_t, t, s)
+
+    return as_dit(train("v1-stage2", student, regression_loss))
 
 
 def row_of(
@@ -374,10 +464,9 @@ def markdown(rows: list[dict[str, object]], run: dict[str, object]) -> str:
     lines += ["", "Targets (written for the quick preset; evaluated on every run):", ""]
     lines += ["| target | value | reference | verdict |", "|---|---|---|---|"]
     for target in run["targets"]:
-        verdict = "PASS" if target["pass"] else "FAIL"
         lines.append(
             f"| {target['target']} | {describe(target['value'], 3)} | "
-            f"{describe(target.get('reference'), 3)} | {verdict} |"
+            f"{describe(target.get('reference'), 3)} | {verdict(target['pass'])} |"
         )
     lines += ["", "Phases (thread CPU time is the work done on one torch thread):", ""]
     lines += [
@@ -404,47 +493,41 @@ def data_row(corpus: TextCorpus, length: int, count: int, score: Scorer) -> dict
     return row | {"seconds_per_sample": None, "cpu_seconds_per_sample": None}
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no-peer", action="store_true", help="leave out flow_matching")
-    return parser.parse_args()
 
 
 def main() -> None:
-    arguments = parse_arguments()
-    torch.set_num_threads(arguments.threads)
-    preset = PRESETS[arguments.preset]
-    config, results = preset.model, arguments.results_dir
+    arguments = parse_flags(__doc__, add_flags)
+    preset_name = "smoke" if arguments.quick else arguments.preset
+    preset = PRESETS[preset_name]
+    config, results = replace(preset.model, seed=arguments.seed), arguments.out_dir
     if preset.judge.length != config.length:
         raise ValueError("the judge must be trained on windows of the samples' length")
     cache = results / "cache"
     use_peer = peer_flow_matching.available() and not arguments.no_peer
     phases: list[Phase] = []
-    started = time.perf_counter(), time.thread_time()
-    load_start = os.getloadavg()
-    print(f"quality preset {arguments.preset}: load average {load_start}", flush=True)
+    started = clock()
+    load_start = load_average()
+    print(f"quality preset {preset_name}: load average {load_start}", flush=True)
 
-    task = examples_common.build_task(config)
-    vocab_size = task.vocab_size
+    corpus = load_corpus()
+    vocab_size = corpus.tokenizer.vocab_size
     judge_path = judge_module.judge_path(results, config.length)
     with timed("judge", phases, cached=judge_path.exists()):
-        judge_task = examples_common.build_task(preset.judge)
-        judge = judge_module.load_or_train(preset.judge, judge_task, results)
-        corpus = load_corpus()
-        judge_report = judge_module.held_out_report(judge, corpus, config.length)
+        judge = judge_module.load_or_train(preset.judge, corpus, results)
+        judge_report: dict[str, Any] = judge_module.held_out_report(judge, corpus, config.length)
         judge_report["config"] = dataclasses.asdict(preset.judge)
-    score = Scorer(judge, task)
+    score = Scorer(judge, corpus)
     rows = [data_row(corpus, config.length, preset.samples, score)]
 
     settings = dataclasses.asdict(config)
     path = checkpoint_path(cache, "ar", settings)
     with timed("AR: train", phases, cached=path.exists()):
-        ar = train_autoregressive(config, task, path)
+        ar = train_autoregressive(config, corpus, path)
     with timed("AR: sample and score", phases):
-        generator = examples_common.seeded_generator(config.seed, "quality-ar")
+        generator = seeded_generator(config.seed, "quality-ar")
         rows += sample_rows(
             "AR",
             lambda _: (generate(ar, preset.samples, config.length, generator), config.length),
@@ -455,8 +538,8 @@ def main() -> None:
     path = checkpoint_path(cache, "mdlm", settings)
     with timed("MDLM: train", phases, cached=path.exists()):
         torch.manual_seed(config.seed)
-        mdlm = MaskedDiffusion(masked_backbone(config, vocab_size), vocab_size)
-        mdlm_ema = train_on_tokens(mdlm, mdlm.loss, config, task, path, "MDLM")
+        mdlm = MaskedDiffusion(backbone(config, vocab_size + 1), vocab_size)
+        mdlm_ema = train_on_tokens(mdlm, mdlm.loss, config, corpus, path, "MDLM")
         if not isinstance(mdlm_ema, MaskedDiffusion):
             raise TypeError(f"expected MaskedDiffusion, got {type(mdlm_ema).__name__}")
     with timed("MDLM: sample and score", phases):
@@ -466,7 +549,7 @@ def main() -> None:
                 preset.samples,
                 config.length,
                 n,
-                examples_common.seeded_generator(config.seed, "quality-mdlm", n),
+                seeded_generator(config.seed, "quality-mdlm", n),
             ),
             preset.sample_steps,
             score,
@@ -474,14 +557,13 @@ def main() -> None:
 
     noise = torch.randn(
         (preset.samples, config.length, vocab_size),
-        generator=examples_common.seeded_generator(config.seed, "quality-noise"),
+        generator=seeded_generator(config.seed, "quality-noise"),
     )
-    interpolant = examples_common.build_interpolant(config, vocab_size)
     flm_path = checkpoint_path(cache, "flm", settings)
     with timed("FLM: train", phases, cached=flm_path.exists()):
-        teacher = train_flm(config, task, flm_path, arguments.threads)
+        teacher = train_flm(config, corpus, flm_path)
     with timed("FLM: sample and score", phases):
-        flm_map = fl.XPredMap(fl.XPredictor(teacher), interpolant)
+        flm_map = fl.XPredMap(fl.XPredictor(teacher), flm_interpolant(vocab_size))
         rows += sample_rows("FLM", flow_sampler(flm_map, noise), preset.sample_steps, score)
 
     distill_config = replace(
@@ -490,23 +572,27 @@ def main() -> None:
         lr=preset.distill_lr,
         warmup=min(20, preset.distill_steps),
         ema_decay=0.99,
-        checkpoint_every=preset.distill_steps,
         log_every=max(1, preset.distill_steps // 5),
     )
+    key = dataclasses.asdict(distill_config) | {"teacher": flm_path.name}
     diverged: list[str] = []
     for method in preset.fmlm_methods:
-        key = dataclasses.asdict(distill_config) | {"teacher": flm_path.name}
-        path = checkpoint_path(cache, f"fmlm-{method}", key)
-        with timed(f"FMLM {method}: distil", phases, cached=path.exists()):
-            student = distill(
-                method, distill_config, task, teacher, flm_path, path, arguments.threads
-            )
-        if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
-            print(f"   FMLM {method} diverged: non-finite weights in {path}", flush=True)
-            diverged.append(method)
-            continue
+
+        def path_of(stage: str) -> Path:
+            return checkpoint_path(cache, f"fmlm-{stage}", key)
+
+        final = path_of("v1-stage2" if method == "v1" else method)
+        with timed(f"FMLM {method}: distil", phases, cached=final.exists()):
+            try:
+                student = distil(method, distill_config, corpus, teacher, path_of)
+            except FloatingPointError as error:
+                print(f"   FMLM {method} diverged: {error}", flush=True)
+                diverged.append(method)
+                continue
         with timed(f"FMLM {method}: sample and score", phases):
-            student_map = fl.XPredMap(fl.XPredictor(student), interpolant, two_time=True)
+            student_map = fl.XPredMap(
+                fl.XPredictor(student), flm_interpolant(vocab_size), two_time=True
+            )
             rows += sample_rows(
                 f"FMLM {method}", flow_sampler(student_map, noise), preset.fmlm_steps, score
             )
@@ -516,9 +602,9 @@ def main() -> None:
         with timed("flow_matching: train", phases, cached=path.exists()):
             torch.manual_seed(config.seed)
             peer = peer_flow_matching.MaskedFlowMatching(
-                masked_backbone(config, vocab_size), vocab_size
+                backbone(config, vocab_size + 1), vocab_size
             )
-            peer_ema = train_on_tokens(peer, peer.loss, config, task, path, "flow_matching")
+            peer_ema = train_on_tokens(peer, peer.loss, config, corpus, path, "flow_matching")
             if not isinstance(peer_ema, peer_flow_matching.MaskedFlowMatching):
                 raise TypeError(f"expected MaskedFlowMatching, got {type(peer_ema).__name__}")
         with timed("flow_matching: sample and score", phases):
@@ -529,9 +615,10 @@ def main() -> None:
                 score,
             )
 
-    run: dict[str, object] = {
+    targets = evaluate_targets(rows, preset.fmlm_methods)
+    run: dict[str, Any] = {
         "benchmark": "quality",
-        "preset": arguments.preset,
+        "preset": preset_name,
         "vocab_size": vocab_size,
         "model": settings,
         "distill": dataclasses.asdict(distill_config),
@@ -545,27 +632,22 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "judge": judge_report,
         "diverged": diverged,
-        "targets": evaluate_targets(rows, preset.fmlm_methods),
-        "phases": [phase.as_dict() for phase in phases],
-        "total_seconds": {
-            "wall": time.perf_counter() - started[0],
-            "cpu": time.thread_time() - started[1],
-        },
+        "targets": targets,
+        "phases": [dataclasses.asdict(phase) for phase in phases],
+        "total_seconds": dataclasses.asdict(clock() - started),
         "load_average_start": load_start,
-        "load_average_end": os.getloadavg(),
+        "load_average_end": load_average(),
+        "machine": machine_context(),
     }
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (results / "quality_run.json").write_text(json.dumps(run, indent=2) + "\n")
-    table = markdown(rows, run)
-    (results / "quality.md").write_text(table + "\n")
+    write_results(results, "quality", rows, markdown(rows, run))
+    write_results(results, "quality_run", run)
     title = (
         f"KJV characters, L = {config.length}, {preset.samples} samples per point; "
         f"judge PPL {judge_report['validation_ppl']:.2f} on held-out books"
     )
     plot(rows, results / "quality.png", title)
-    print(table)
-    print(f"\nwrote {results / 'quality.json'}, quality.md, quality.png and quality_run.json")
+    print(f"wrote {results / 'quality.png'}")
+    print_verdicts(targets)
 
 
 if __name__ == "__main__":

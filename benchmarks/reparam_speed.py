@@ -23,16 +23,24 @@ table, also printed).
 
 import argparse
 import functools
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
+from harness import (
+    describe_machine,
+    load_average,
+    machine_context,
+    parse_flags,
+    positive_int,
+    print_verdicts,
+    time_interleaved,
+    verdict,
+    write_results,
+)
 from scipy.interpolate import CubicSpline
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
-from timing import machine_context, time_interleaved
 from torch import Tensor
 
 import flowlm
@@ -131,20 +139,13 @@ def max_relative_error(values: Tensor, exact: np.ndarray) -> float:
     return float(np.abs(values.double().numpy() / exact - 1.0).max())
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--batch", type=int, default=4096, help="times per call")
-    parser.add_argument("--repeats", type=int, default=41)
-    parser.add_argument("--calls", type=int, default=50, help="calls per timed repeat")
-    parser.add_argument("--exact-subset", type=int, default=4096, help="times solved by brentq")
-    parser.add_argument("--seed", type=int, default=0)
-    arguments = parser.parse_args()
-    if arguments.quick:
-        arguments.repeats, arguments.calls, arguments.exact_subset = 3, 2, 32
-    return arguments
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=positive_int, default=4096, help="times per call")
+    parser.add_argument("--repeats", type=positive_int, default=41)
+    parser.add_argument("--calls", type=positive_int, default=50, help="calls per timed repeat")
+    parser.add_argument(
+        "--exact-subset", type=positive_int, default=4096, help="times solved by brentq"
+    )
 
 
 def measure_vocabulary(vocab_size: int, times: Tensor, arguments: argparse.Namespace) -> dict:
@@ -214,17 +215,12 @@ def timing_cell(method: dict) -> str:
     return f"{timing['wall_median']:.1f} [{low:.1f}, {high:.1f}] | {timing['cpu_median']:.1f}"
 
 
-def pass_fail(passed: bool) -> str:
-    return "PASS" if passed else "FAIL"
-
-
 def markdown_table(report: dict) -> str:
     first = report["results"][0]
     lines = [
         f"Batch {report['batch']} float32 times, {report['repeats']} interleaved repeats of "
-        f"{report['calls_per_repeat']} calls; torch threads {report['machine']['torch_threads']} "
-        f"of {report['machine']['cpu_count']} CPUs; load average (1, 5, 15 min) before "
-        f"{report['load_average_before']}, after {report['load_average_after']}.",
+        f"{report['calls_per_repeat']} calls; load average (1, 5, 15 min) before "
+        f"{report['load_average_before']}; after: {describe_machine(report['machine'])}.",
         f"Library tables: tau on {first['library_knots']['gamma_grid']} gamma knots, "
         f"kappa on {first['library_knots']['logit_grid']} logit(t) knots; scipy spline on "
         f"its own {DENSE_TABLE_SIZE}-point gamma grid. Errors against brentq on "
@@ -242,8 +238,8 @@ def markdown_table(report: dict) -> str:
             target = ""
             if name == TARGET_ROW:
                 target = (
-                    f"speed {pass_fail(result['library_speedup_pass'])}, "
-                    f"error {pass_fail(result['library_error_pass'])}"
+                    f"speed {verdict(result['library_speedup_pass'])}, "
+                    f"error {verdict(result['library_error_pass'])}"
                 )
             lines.append(
                 f"| {result['vocab_size']} | {name} | {timing_cell(method)} | "
@@ -254,9 +250,10 @@ def markdown_table(report: dict) -> str:
 
 
 def main() -> None:
-    arguments = parse_arguments()
-    torch.set_num_threads(arguments.threads)
-    load_before = [round(value, 2) for value in machine_context()["load_average_1_5_15min"]]
+    arguments = parse_flags(__doc__, add_flags)
+    if arguments.quick:
+        arguments.repeats, arguments.calls, arguments.exact_subset = 3, 2, 32
+    load_before = load_average()
     generator = torch.Generator().manual_seed(arguments.seed)
     times = torch.rand(arguments.batch, generator=generator)
     results = [measure_vocabulary(vocab_size, times, arguments) for vocab_size in VOCAB_SIZES]
@@ -272,17 +269,29 @@ def main() -> None:
         "target_row": TARGET_ROW,
         "speed_verdict_measure": "thread CPU time (time.thread_time), single torch thread",
         "load_average_before": load_before,
-        "load_average_after": [round(value, 2) for value in machine["load_average_1_5_15min"]],
+        "load_average_after": load_average(),
         "machine": machine,
         "results": results,
     }
-    arguments.out_dir.mkdir(parents=True, exist_ok=True)
-    path = arguments.out_dir / "reparam_speed.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table(report)
-    (arguments.out_dir / "reparam_speed.md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {path} and {path.with_suffix('.md')}")
+    write_results(arguments.out_dir, "reparam_speed", report, markdown_table(report))
+    print_verdicts(
+        [
+            {"target": f"V {result['vocab_size']}: {name}", "value": value, "pass": passed}
+            for result in results
+            for name, value, passed in (
+                (
+                    f">= {SPEEDUP_TARGET:g}x faster than scipy (CPU)",
+                    result["methods"][TARGET_ROW]["cpu_speedup_vs_scipy"],
+                    result["library_speedup_pass"],
+                ),
+                (
+                    f"{ABS_GAMMA} <= {ERROR_TARGET:g}",
+                    result["methods"][TARGET_ROW]["error"],
+                    result["library_error_pass"],
+                ),
+            )
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Sampling and training speed: one-step FMLM against FLM, MDLM and an AR model with a KV cache.
+"""Sampling and training speed: one-step FMLM against FLM, MDLM and AR, and flowlm's overhead.
 
 Every sampler makes ``batch`` sequences of ``length`` tokens over V = 63 ids with backbones of
 one size: the DiT of FLM (one time input), of FMLM (two) and of MDLM (V + 1 ids on tokens),
@@ -10,14 +10,15 @@ cost does not depend on them), dropout is off and sampling runs under ``torch.no
 - MDLM, 8 steps: ancestral sampling (``benchmarks/mdlm.py``);
 - AR: token-by-token sampling with a KV cache (``length`` calls);
 
-each in fp32 and under bf16 autocast. Sampler overhead, as in
-``benchmarks/sampler_overhead.py``: the FLM 8-step and FMLM 1-step samplers against calling the
-same DiT as many times on inputs of the same shape (the samplers' time includes the final
-argmax). Training: one step of the FLM loss and of the FMLM v2 loss (zero_grad, loss,
-backward) against a bare forward and backward of the same network (fp32, train mode). All
-candidates of a group are timed interleaved (``benchmarks/timing.py``); medians over repeats
-of wall-clock and thread CPU time, single torch thread by default. Verdicts use thread CPU
-time, which other processes on a shared machine do not inflate.
+each in fp32 and under bf16 autocast. Sampler overhead: the FLM 8-step and FMLM 1-step
+samplers against calling the same DiT as many times on inputs of the same shape (the samplers'
+time includes the final argmax); because a 3 % difference of two noisy medians is hard to
+resolve, flowlm's own cost is also measured alone, as the same 8-step rollout with a backbone
+that returns zeros. Training: one step of the FLM loss and of the FMLM v2 loss (zero_grad,
+loss, backward) against a bare forward and backward of the same network (fp32, train mode).
+All candidates of a group are timed interleaved (`harness.time_interleaved`); medians over
+repeats of wall-clock and thread CPU time, single torch thread by default. Verdicts use thread
+CPU time, which other processes on a shared machine do not inflate.
 
 Usage:
     python benchmarks/speed.py                  # batch 64, length 128: about 10 min on 2 cores
@@ -26,21 +27,33 @@ Usage:
 
 Writes ``<out-dir>/speed.json`` (rows of method, steps, precision, seconds_per_sample,
 tokens_per_second, nfe; the overhead ratios; the training steps; targets; machine) and
-``<out-dir>/speed.md`` (the tables, also printed).
+``speed.md`` (the tables, also printed), and the overhead alone in ``sampler_overhead.json``
+and ``sampler_overhead.md``.
 """
 
 import argparse
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
-from harness import Sampler, flow_sampler
+from harness import (
+    Sampler,
+    Timing,
+    describe_machine,
+    flm_interpolant,
+    flow_sampler,
+    load_average,
+    machine_context,
+    parse_flags,
+    positive_int,
+    print_verdicts,
+    time_interleaved,
+    verdict,
+    write_results,
+)
 from mdlm import MaskedDiffusion
-from sampler_overhead import autocast_bf16, overhead, pass_fail, training_candidates
-from timing import machine_context, time_interleaved
 
 import flowlm as fl
 from flowlm import distill
@@ -52,14 +65,15 @@ MDLM_SPEEDUP_TARGET = 4.0
 OVERHEAD_TARGET = 0.03
 FMLM, FLM_8, FLM_32, MDLM, AR = "FMLM 1", "FLM 8", "FLM 32", "MDLM 8", "AR (KV cache)"
 """Candidate names: a method and its steps."""
-BARE_8, BARE_TWO_TIME = "bare DiT x8", "bare two-time DiT x1"
+BARE_8, BARE_TWO_TIME, LIBRARY_8 = "bare DiT x8", "bare two-time DiT x1", "FLM 8, zero backbone"
 FLM_STEP, BARE_STEP = "flm_training_step", "bare_forward_backward"
-"""The names `sampler_overhead.training_candidates` gives its two steps."""
 FMLM_V2_STEP, BARE_TWO_TIME_STEP = "fmlm_v2_training_step", "bare_two_time_forward_backward"
-PRECISIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+PRECISIONS: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     "fp32": contextlib.nullcontext,
-    "bf16 autocast": autocast_bf16,
+    "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
 }
+OVERHEAD_PAIRS = ((FLM_8, BARE_8), (FMLM, BARE_TWO_TIME))
+"""(sampler, the bare backbone calls it is compared with)."""
 
 
 @dataclass(frozen=True)
@@ -71,30 +85,19 @@ class Method:
     sampler: Sampler
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per candidate")
-    parser.add_argument("--seed", type=int, default=0)
-    arguments = parser.parse_args()
-    arguments.vocab = VOCAB_SIZE  # the name sampler_overhead.training_candidates reads
-    if arguments.quick:
-        arguments.batch, arguments.length, arguments.dim = 2, 8, 16
-        arguments.depth, arguments.heads, arguments.repeats = 1, 2, 2
-    return arguments
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--length", type=positive_int, default=128)
+    parser.add_argument("--dim", type=positive_int, default=128)
+    parser.add_argument("--depth", type=positive_int, default=4)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats")
 
 
 def build_samplers(
     arguments: argparse.Namespace, generator: torch.Generator
 ) -> tuple[dict[str, Method], dict[str, Callable[[], object]], DiT]:
-    """The timed methods, the bare-backbone loops they are compared with, and the FLM DiT."""
+    """The timed methods, the loops they are compared with, and the FLM DiT."""
     batch, length, dim = arguments.batch, arguments.length, arguments.dim
     depth, heads = arguments.depth, arguments.heads
 
@@ -105,10 +108,15 @@ def build_samplers(
     one_time, two_time = dit(VOCAB_SIZE, False), dit(VOCAB_SIZE, True)
     mdlm = MaskedDiffusion(dit(VOCAB_SIZE + 1, False), VOCAB_SIZE).eval()
     ar = CausalTransformer(VOCAB_SIZE, dim, depth, heads, max_len=length, dropout=0.0).eval()
-    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(VOCAB_SIZE))
     noise = torch.randn(batch, length, VOCAB_SIZE, generator=generator)
-    flm = flow_sampler(fl.XPredMap(fl.XPredictor(one_time), interpolant), noise)
-    fmlm = flow_sampler(fl.XPredMap(fl.XPredictor(two_time), interpolant, two_time=True), noise)
+    path = flm_interpolant(VOCAB_SIZE)
+    flm = flow_sampler(fl.XPredMap(fl.XPredictor(one_time), path), noise)
+    fmlm = flow_sampler(fl.XPredMap(fl.XPredictor(two_time), path, two_time=True), noise)
+
+    def zero_backbone(x_t: fl.State, t: fl.Time) -> fl.Logits:
+        return torch.zeros_like(x_t)
+
+    library_only = flow_sampler(fl.XPredMap(fl.XPredictor(zero_backbone), path), noise)
 
     def autoregressive(steps: int) -> tuple[fl.Tokens, int]:
         return ar.generate(batch, steps, generator=generator, use_cache=True), steps
@@ -122,34 +130,25 @@ def build_samplers(
     }
     times = [torch.full((batch,), float(t)) for t in fl.time_grid(8)[:-1]]
 
+    @torch.no_grad()
     def bare_one_time() -> object:
-        with torch.no_grad():
-            return [one_time(noise, t) for t in times]
+        return [one_time(noise, t) for t in times]
 
+    @torch.no_grad()
     def bare_two_time() -> object:
-        with torch.no_grad():
-            return two_time(noise, times[0], torch.ones(batch))
+        return two_time(noise, times[0], torch.ones(batch))
 
-    return methods, {BARE_8: bare_one_time, BARE_TWO_TIME: bare_two_time}, one_time
-
-
-def method_call(
-    name: str, steps: int, sampler: Sampler, nfe: dict[str, int]
-) -> Callable[[], object]:
-    """Sample once; record the network calls counted under ``name``."""
-
-    def call() -> object:
-        tokens, nfe[name] = sampler(steps)
-        return tokens
-
-    return call
+    loops = {
+        BARE_8: bare_one_time,
+        BARE_TWO_TIME: bare_two_time,
+        LIBRARY_8: lambda: library_only(8),
+    }
+    return methods, loops, one_time
 
 
-def in_precision(
-    precision: Callable[[], contextlib.AbstractContextManager], call: Callable[[], object]
-) -> Callable[[], object]:
+def in_precision(precision: str, call: Callable[[], object]) -> Callable[[], object]:
     def call_in_precision() -> object:
-        with precision():
+        with PRECISIONS[precision]():
             return call()
 
     return call_in_precision
@@ -159,55 +158,88 @@ def label(name: str, precision: str) -> str:
     return f"{name} | {precision}"
 
 
-def v2_training_candidates(
+def training_candidates(
     teacher: DiT, arguments: argparse.Namespace, generator: torch.Generator
 ) -> dict[str, Callable[[], object]]:
-    """One FMLM v2 step (semigroup KL + diagonal KL to the teacher) and a bare two-time step."""
+    """One FLM step and one FMLM v2 step, each with a bare forward-backward of its network."""
     batch, length = arguments.batch, arguments.length
     student = DiT(
         VOCAB_SIZE, arguments.dim, arguments.depth, arguments.heads, two_time=True, dropout=0.0
     )
     distill.init_student(student, teacher)
+    teacher.train()
     student.train()
-    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(VOCAB_SIZE))
-    student_map = fl.XPredMap(fl.XPredictor(student), interpolant, two_time=True)
+    path = flm_interpolant(VOCAB_SIZE)
     teacher_predictor = fl.XPredictor(teacher)
+    student_map = fl.XPredMap(fl.XPredictor(student), path, two_time=True)
     tokens = torch.randint(VOCAB_SIZE, (batch, length), generator=generator)
+    x1 = fl.one_hot(tokens, VOCAB_SIZE)
     bare_state = torch.randn(batch, length, VOCAB_SIZE, generator=generator)
     bare_t, bare_s = torch.rand(batch, generator=generator), torch.ones(batch)
+
+    def flm_step() -> None:
+        teacher.zero_grad(set_to_none=True)
+        t = fl.uniform_times(batch, generator=generator)
+        x_t = path.sample(torch.randn(x1.shape, generator=generator), x1, t)
+        fl.masked_mean(fl.cross_entropy(teacher_predictor.logits(x_t, t), tokens)).backward()
+
+    def bare_step() -> None:
+        teacher.zero_grad(set_to_none=True)
+        teacher(bare_state, bare_t).sum().backward()
 
     def v2_step() -> None:
         student.zero_grad(set_to_none=True)
         pair = fl.time_pairs(batch, boundary_prob=0.1, min_gap=1e-3, generator=generator)
-        x1 = fl.one_hot(tokens, VOCAB_SIZE)
-        x_t = interpolant.sample(torch.randn(x1.shape, generator=generator), x1, pair.t)
+        x_t = path.sample(torch.randn(x1.shape, generator=generator), x1, pair.t)
         loss = distill.semigroup_kl_loss(student_map, teacher_predictor, x_t, pair.t, pair.s)
         fl.masked_mean(loss).backward()
 
-    def bare_step() -> None:
+    def bare_two_time_step() -> None:
         student.zero_grad(set_to_none=True)
         student(bare_state, bare_t, bare_s).sum().backward()
 
-    return {FMLM_V2_STEP: v2_step, BARE_TWO_TIME_STEP: bare_step}
+    return {
+        FLM_STEP: flm_step,
+        BARE_STEP: bare_step,
+        FMLM_V2_STEP: v2_step,
+        BARE_TWO_TIME_STEP: bare_two_time_step,
+    }
+
+
+def overhead(timings: dict[str, Timing], method: str, baseline: str) -> dict[str, float]:
+    wrapped, bare = timings[method], timings[baseline]
+    return {
+        "wall_overhead": wrapped.median / bare.median - 1.0,
+        "cpu_overhead": wrapped.cpu_median / bare.cpu_median - 1.0,
+    }
 
 
 def sampling_report(
     arguments: argparse.Namespace, generator: torch.Generator
-) -> tuple[list[dict[str, object]], list[dict[str, object]], DiT]:
-    """Rows of every method in every precision, and the overhead ratios."""
-    methods, bare, one_time = build_samplers(arguments, generator)
+) -> tuple[list[dict[str, object]], dict[str, Timing], DiT]:
+    """Rows of every method in every precision, and all the sampling timings."""
+    methods, loops, one_time = build_samplers(arguments, generator)
     nfe: dict[str, int] = {}
-    timings = {}
-    for precision, context in PRECISIONS.items():  # one precision at a time, see time_interleaved
-        candidates: dict[str, Callable[[], object]] = {}
-        for name, method in methods.items():
-            call = method_call(name, method.steps, method.sampler, nfe)
-            candidates[label(name, precision)] = in_precision(context, call)
-        for name, loop in bare.items():
-            candidates[label(name, precision)] = in_precision(context, loop)
-        timings |= time_interleaved(candidates, arguments.repeats, calls=1, warmup=1)
+
+    def sample_once(name: str, method: Method) -> Callable[[], object]:
+        def call() -> object:
+            tokens, nfe[name] = method.sampler(method.steps)
+            return tokens
+
+        return call
+
+    timings: dict[str, Timing] = {}
+    for precision in PRECISIONS:  # one precision at a time, see time_interleaved
+        candidates = {
+            label(name, precision): in_precision(precision, sample_once(name, method))
+            for name, method in methods.items()
+        }
+        candidates |= {
+            label(name, precision): in_precision(precision, loop) for name, loop in loops.items()
+        }
+        timings |= time_interleaved(candidates, arguments.repeats)
     tokens = arguments.batch * arguments.length
-    rows = []
+    rows: list[dict[str, object]] = []
     for precision in PRECISIONS:
         for name, method in methods.items():
             timing = timings[label(name, precision)]
@@ -222,10 +254,14 @@ def sampling_report(
                     "candidate": name,
                     "cpu_seconds_per_sample": timing.cpu_median / arguments.batch,
                     "cpu_tokens_per_second": tokens / timing.cpu_median,
-                    "seconds_per_batch": timing.summary(1.0),
+                    "seconds_per_batch": timing.summary(),
                 }
             )
-    ratios = [
+    return rows, timings, one_time
+
+
+def overhead_ratios(timings: dict[str, Timing]) -> list[dict[str, object]]:
+    return [
         {
             "sampler": sampler,
             "baseline": baseline,
@@ -233,48 +269,56 @@ def sampling_report(
             **overhead(timings, label(sampler, precision), label(baseline, precision)),
         }
         for precision in PRECISIONS
-        for sampler, baseline in ((FLM_8, BARE_8), (FMLM, BARE_TWO_TIME))
+        for sampler, baseline in OVERHEAD_PAIRS
     ]
-    return rows, ratios, one_time
 
 
-def training_report(
-    one_time: DiT, arguments: argparse.Namespace, generator: torch.Generator
-) -> list[dict[str, object]]:
-    """FLM and FMLM v2 training steps against bare forward-backward passes (fp32)."""
-    one_time.train()
-    candidates = training_candidates(one_time, arguments, generator)
-    candidates |= v2_training_candidates(one_time, arguments, generator)
-    timings = time_interleaved(candidates, arguments.repeats, calls=1, warmup=1)
+def library_only(timings: dict[str, Timing]) -> list[dict[str, object]]:
+    """flowlm's own cost per 8-step rollout, and its share of the bare backbone's 8 calls."""
+    return [
+        {
+            "name": LIBRARY_8,
+            "precision": precision,
+            "seconds_per_rollout": timings[label(LIBRARY_8, precision)].summary(),
+            "cpu_fraction_of_bare_backbone": timings[label(LIBRARY_8, precision)].cpu_median
+            / timings[label(BARE_8, precision)].cpu_median,
+        }
+        for precision in PRECISIONS
+    ]
+
+
+def training_report(timings: dict[str, Timing]) -> list[dict[str, object]]:
     return [
         {
             "step": step,
             "baseline": baseline,
-            "step_seconds": timings[step].summary(1.0),
-            "baseline_seconds": timings[baseline].summary(1.0),
+            "step_seconds": timings[step].summary(),
+            "baseline_seconds": timings[baseline].summary(),
             "wall_ratio": timings[step].median / timings[baseline].median,
             "cpu_ratio": timings[step].cpu_median / timings[baseline].cpu_median,
         }
-        for step, baseline in (
-            (FLM_STEP, BARE_STEP),
-            (FMLM_V2_STEP, BARE_TWO_TIME_STEP),
-        )
+        for step, baseline in ((FLM_STEP, BARE_STEP), (FMLM_V2_STEP, BARE_TWO_TIME_STEP))
     ]
 
 
-def row_for(rows: list[dict[str, object]], candidate: str, precision: str) -> dict[str, object]:
-    return next(r for r in rows if r["candidate"] == candidate and r["precision"] == precision)
+def cpu_per_sample(rows: list[dict[str, Any]], candidate: str, precision: str) -> float:
+    """Thread CPU seconds per sample of one candidate in one precision."""
+    return next(
+        float(r["cpu_seconds_per_sample"])
+        for r in rows
+        if r["candidate"] == candidate and r["precision"] == precision
+    )
 
 
 def evaluate_targets(
-    rows: list[dict[str, object]], ratios: list[dict[str, object]]
+    rows: list[dict[str, Any]], ratios: list[dict[str, Any]]
 ) -> list[dict[str, object]]:
     """The speed targets, per precision, on thread CPU seconds per sample."""
     targets: list[dict[str, object]] = []
     for precision in PRECISIONS:
-        fmlm = float(row_for(rows, FMLM, precision)["cpu_seconds_per_sample"])
-        mdlm = float(row_for(rows, MDLM, precision)["cpu_seconds_per_sample"])
-        ar = float(row_for(rows, AR, precision)["cpu_seconds_per_sample"])
+        fmlm = cpu_per_sample(rows, FMLM, precision)
+        mdlm = cpu_per_sample(rows, MDLM, precision)
+        ar = cpu_per_sample(rows, AR, precision)
         targets += [
             {
                 "target": f"FMLM 1 step >= {MDLM_SPEEDUP_TARGET:g}x faster per sample than "
@@ -290,28 +334,34 @@ def evaluate_targets(
                 "pass": ar / fmlm > 1.0,
             },
         ]
-    targets += [
-        {
-            "target": f"{ratio['sampler']} sampler overhead over {ratio['baseline']} "
-            f"<= {OVERHEAD_TARGET:.0%} ({ratio['precision']})",
-            "value": ratio["cpu_overhead"],
-            "threshold": OVERHEAD_TARGET,
-            "pass": float(ratio["cpu_overhead"]) <= OVERHEAD_TARGET,
-        }
-        for ratio in ratios
-    ]
+    for ratio in ratios:
+        value = float(ratio["cpu_overhead"])
+        targets.append(
+            {
+                "target": f"{ratio['sampler']} sampler overhead over {ratio['baseline']} "
+                f"<= {OVERHEAD_TARGET:.0%} ({ratio['precision']})",
+                "value": value,
+                "threshold": OVERHEAD_TARGET,
+                "pass": value <= OVERHEAD_TARGET,
+            }
+        )
     return targets
 
 
-def markdown(report: dict) -> str:
+def setup_line(report: dict[str, Any]) -> str:
     setup = report["setup"]
-    lines = [
+    return (
         f"Batch {setup['batch']}, length {setup['length']}, V {setup['vocab']}; DiT and causal "
         f"transformer of width {setup['dim']}, depth {setup['depth']}, heads {setup['heads']} "
         f"(DiT {setup['dit_parameters']:,} parameters), untrained; {report['repeats']} "
-        f"interleaved repeats, medians; torch threads {report['machine']['torch_threads']}; "
-        f"load average before {report['load_average_before']}, after "
-        f"{report['machine']['load_average_1_5_15min']}.",
+        f"interleaved repeats, medians; load average before {report['load_average_before']}; "
+        f"after: {describe_machine(report['machine'])}."
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        setup_line(report),
         "Verdicts on thread CPU time (not inflated by other processes); wall-clock shown too.",
         "",
         "| method | steps | NFE | precision | s/sample wall | s/sample CPU | tokens/s wall | "
@@ -324,16 +374,13 @@ def markdown(report: dict) -> str:
             f"{row['seconds_per_sample']:.5f} | {row['cpu_seconds_per_sample']:.5f} | "
             f"{row['tokens_per_second']:,.0f} | {row['cpu_tokens_per_second']:,.0f} |"
         )
-    lines += ["", "| sampler | bare backbone | precision | overhead wall | overhead CPU |"]
-    lines.append("|---|---|---|---|---|")
-    for ratio in report["overhead"]:
-        lines.append(
-            f"| {ratio['sampler']} | {ratio['baseline']} | {ratio['precision']} | "
-            f"{ratio['wall_overhead']:+.2%} | {ratio['cpu_overhead']:+.2%} |"
-        )
-    lines += ["", "| training step (fp32) | baseline | step s (CPU) | baseline s (CPU) | "]
-    lines[-1] += "ratio wall | ratio CPU |"
-    lines.append("|---|---|---|---|---|---|")
+    lines += ["", overhead_table(report)]
+    lines += [
+        "",
+        "| training step (fp32) | baseline | step s (CPU) | baseline s (CPU) | ratio wall | "
+        "ratio CPU |",
+        "|---|---|---|---|---|---|",
+    ]
     for step in report["training"]:
         lines.append(
             f"| {step['step']} | {step['baseline']} | {step['step_seconds']['cpu_median']:.3f} | "
@@ -344,20 +391,55 @@ def markdown(report: dict) -> str:
     for target in report["targets"]:
         lines.append(
             f"| {target['target']} | {target['value']:.3f} | {target['threshold']:g} | "
-            f"{pass_fail(bool(target['pass']))} |"
+            f"{verdict(bool(target['pass']))} |"
+        )
+    return "\n".join(lines)
+
+
+def overhead_table(report: dict[str, Any]) -> str:
+    """The sampler overhead and flowlm's own cost (the table of ``sampler_overhead.md``)."""
+    lines = [
+        f"| sampler | bare backbone | precision | overhead wall | overhead CPU | "
+        f"target <= {OVERHEAD_TARGET:.0%} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ratio in report["overhead"]:
+        lines.append(
+            f"| {ratio['sampler']} | {ratio['baseline']} | {ratio['precision']} | "
+            f"{ratio['wall_overhead']:+.2%} | {ratio['cpu_overhead']:+.2%} | "
+            f"{verdict(ratio['cpu_overhead'] <= OVERHEAD_TARGET)} |"
+        )
+    lines += [
+        "",
+        "flowlm's own cost, measured alone (the FLM 8-step rollout with a backbone returning "
+        "zeros):",
+        "",
+        "| rollout | CPU s per rollout | share of the bare backbone's 8 calls |",
+        "|---|---|---|",
+    ]
+    for cost in report["library_only"]:
+        lines.append(
+            f"| {cost['name']} ({cost['precision']}) | "
+            f"{cost['seconds_per_rollout']['cpu_median']:.4f} | "
+            f"{cost['cpu_fraction_of_bare_backbone']:.2%} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
-    arguments = parse_arguments()
-    torch.set_num_threads(arguments.threads)
-    load_before = [round(value, 2) for value in machine_context()["load_average_1_5_15min"]]
+    arguments = parse_flags(__doc__, add_flags)
+    if arguments.quick:
+        arguments.batch, arguments.length, arguments.dim = 2, 8, 16
+        arguments.depth, arguments.heads, arguments.repeats = 1, 2, 2
+    load_before = load_average()
     torch.manual_seed(arguments.seed)
     generator = torch.Generator().manual_seed(arguments.seed)
-    rows, ratios, one_time = sampling_report(arguments, generator)
-    training = training_report(one_time, arguments, generator)
-    report = {
+    rows, sampling, one_time = sampling_report(arguments, generator)
+    training = time_interleaved(
+        training_candidates(one_time, arguments, generator), arguments.repeats
+    )
+    ratios = overhead_ratios(sampling)
+    report: dict[str, Any] = {
         "benchmark": "speed",
         "quick": arguments.quick,
         "setup": {
@@ -375,16 +457,23 @@ def main() -> None:
         "machine": machine_context(),
         "rows": rows,
         "overhead": ratios,
-        "training": training,
+        "library_only": library_only(sampling),
+        "training": training_report(training),
         "targets": evaluate_targets(rows, ratios),
     }
-    arguments.out_dir.mkdir(parents=True, exist_ok=True)
-    path = arguments.out_dir / "speed.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (arguments.out_dir / "speed.md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {path} and {path.with_suffix('.md')}")
+    write_results(arguments.out_dir, "speed", report, markdown(report))
+    overhead_report = {
+        key: report[key]
+        for key in ("quick", "setup", "repeats", "load_average_before", "machine", "overhead")
+    }
+    overhead_report |= {
+        "benchmark": "sampler_overhead",
+        "library_only": report["library_only"],
+        "overhead_max": OVERHEAD_TARGET,
+    }
+    overhead_markdown = f"{setup_line(report)}\n\n{overhead_table(report)}"
+    write_results(arguments.out_dir, "sampler_overhead", overhead_report, overhead_markdown)
+    print_verdicts(report["targets"])
 
 
 if __name__ == "__main__":

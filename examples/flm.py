@@ -1,120 +1,180 @@
-"""FLM, the flow language model: the reference assembly of flowlm's components.
+"""FLM, the flow language model: train x-prediction on the decoding-accuracy clock, then sample.
 
-Trains x-prediction with cross-entropy on a linear noise-to-one-hot path run on the
-decoding-accuracy clock (METHOD.md §3), then samples with the Euler sampler (§4) at a few
-step counts and reports NFE, entropy and the task's quality measure.
+Trains a DiT to predict the clean one-hot sequence from a point of the linear noise-to-data
+path, with cross-entropy, on the decoding-accuracy clock (paper §3), then samples with the
+Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's measures.
 
-    python examples/flm.py                          # the King James Bible, ~8 min on 2 cores
+    python examples/flm.py                          # the King James Bible (main.py's FLM)
     python examples/flm.py --task alpha-repeat      # 26 letters repeated 8 times: valid rate
     python examples/flm.py --task markov            # a Markov chain: exact perplexity of samples
     python examples/flm.py --text my_books/         # your own .txt file or folder
     python examples/flm.py --smoke                  # seconds, for CI
     python examples/flm.py --out flm.pt --json flm.json --resume   # continue after a crash
     python examples/flm.py --out flm.pt --sample-only --sample-steps 1 4 16 --solver heun
-    torchrun --nproc_per_node=2 examples/flm.py     # the same run on 2 processes (DDP)
+    torchrun --nproc_per_node=2 examples/flm.py     # DDP: --batch-size is the global batch
 
-``--batch-size`` is the global batch: N processes train on exactly the batches of one process.
-Flags override the task's preset; with ``--resume`` or ``--sample-only`` they override the
-settings saved in the checkpoint. Checkpoints hold the model, its EMA, the optimizer, the step,
-the vocabulary and the settings, and are replaced atomically.
+Randomness: step k of process r draws its own rows (sequences and noise, the noise on the
+device) from generators seeded by (seed, k, r); the times are stratified over the global batch
+from a generator seeded by (seed, k). So a resumed run replays the uninterrupted one exactly,
+and N processes train on a global batch with the same distribution as one process's (i.i.d.
+rows, the same strata of times), not on the same numbers. Flags override the task's preset, or
+with --resume / --sample-only the settings saved in the checkpoint. Checkpoints (model, EMA,
+optimizer, step, vocabulary, settings) are replaced atomically and carry a checksum.
 """
 
+import json
+import math
 import time
-from dataclasses import replace
+from argparse import Namespace, RawDescriptionHelpFormatter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    SHOWN_SAMPLES,
-    Config,
-    Distributed,
-    Options,
-    Task,
-    build_backbone,
-    build_interpolant,
-    build_task,
-    check_vocabulary,
-    command_line_parser,
-    derived_seed,
-    describe_run,
-    distributed,
-    draw_training_data,
-    load_checkpoint,
-    make_ema,
-    optimizer_step,
-    parse_command_line,
-    restore_training_state,
-    sample_noise,
-    sample_report,
-    save_checkpoint,
-    seeded_generator,
-    training_state,
-    validation_loss,
-    write_json,
-)
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import flowlm as fl
+from flowlm import train
 from flowlm.backbones import DiT
+from flowlm.data import CharTokenizer
+from flowlm.data.tasks import TASKS, Task, build_task
+from flowlm.metrics import token_entropy
 
-DEFAULT_THREADS = 1
-"""Measured on a 2-core CPU, corpus preset, 20 training steps: 1 thread 5.1 steps/s and
-2 threads 2.1 steps/s at load average 0.8-1.5; with other jobs running (load 2-4), 1 thread
-3.3-5.2 and 2 threads 0.3-0.9 steps/s. Under torchrun, each process takes one core."""
-
-# Corpus: 2,500 steps take about 8 min at 5.1 steps/s (12.5 min measured at load average 3);
-# samples go from letter soup (step 500) to words such as "the", "and", "they" (step 2,500).
-# Alpha-repeat: valid rate 0.97-0.99 at 8 Euler steps for seeds 0-2, in 20-30 s of training.
-# Markov: exact perplexity of 8-step samples about 15 against 8.7 for the data, in about 2 min.
-
+# ---------------------------------------------------------------------------- settings
+# fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
-    "corpus": {
-        "length": 64,
-        "dim": 128,
-        "depth": 4,
-        "heads": 4,
-        "steps": 2500,
-        "batch_size": 32,
-        "ema_decay": 0.998,
-        "samples": 32,
-    },
-    "alpha-repeat": {
-        "length": 8,
-        "dim": 64,
-        "depth": 2,
-        "heads": 2,
-        "steps": 800,
-        "batch_size": 64,
-        "ema_decay": 0.99,
-        "eval_every": 200,
-        "sample_every": 400,
-        "samples": 256,
-    },
-    "markov": {
-        "length": 32,
-        "dim": 64,
-        "depth": 2,
-        "heads": 2,
-        "steps": 1500,
-        "batch_size": 64,
-        "ema_decay": 0.995,
-        "samples": 128,
-    },
+    "corpus": dict(length=64, dim=128, depth=4, heads=4, steps=2500),
+    "alpha-repeat": dict(length=8, dim=64, depth=2, heads=2, steps=800, batch_size=64,
+                         ema_decay=0.99, eval_every=200, samples=256),
+    "markov": dict(length=32, dim=64, depth=2, heads=2, steps=1500, batch_size=64,
+                   ema_decay=0.995, samples=128),
 }
-SMOKE: dict[str, Any] = {
-    "dim": 32,
-    "depth": 1,
-    "heads": 2,
-    "steps": 8,
-    "batch_size": 8,
-    "warmup": 2,
-    "samples": 8,
-    "log_every": 1,
-    "eval_every": 4,
-    "sample_every": 4,
-    "checkpoint_every": 4,
+SMOKE = dict(dim=32, depth=1, heads=2, steps=8, batch_size=8, warmup=2, samples=8, log_every=1,
+             eval_every=4, sample_every=4, checkpoint_every=4)
+# fmt: on
+CHOICES = {
+    "task": TASKS,
+    "clock": ("token-accuracy", "identity"),
+    "schedule": ("constant", "cosine"),
+    "solver": ("euler", "midpoint", "heun"),
 }
+INVOCATION = ("out", "resume", "sample_only", "json", "threads", "smoke")
+MODEL = ("task", "text", "length", "dim", "depth", "heads", "clock")
+"""What a checkpoint's network is: flags that contradict it are refused on --resume."""
+SHOWN_SAMPLES = 3
+VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run; saved in its checkpoints and restored on --resume."""
+
+    task: str = "corpus"
+    text: str | None = None  # a .txt file or a folder of them, for the corpus task
+    length: int = 64  # tokens per sequence
+    dim: int = 128  # DiT width, blocks and heads
+    depth: int = 4
+    heads: int = 4
+    dropout: float = 0.0
+    clock: str = "token-accuracy"  # the time reparameterization (identity: an ablation)
+    steps: int = 1000
+    batch_size: int = 32  # global: split over the processes
+    lr: float = 3e-4
+    warmup: int = 100
+    schedule: str = "constant"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.998
+    bf16: bool = False  # bfloat16 autocast for training; sampling stays fp32
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    sample_steps: tuple[int, ...] = (1, 2, 4, 8)
+    solver: str = "euler"
+    samples: int = 32  # per step count in the final report
+
+    def check(self, world_size: int) -> None:
+        """Raise ValueError naming the flag of the first setting that cannot work."""
+        positive = "length dim depth heads steps batch_size samples log_every eval_every sample_every checkpoint_every"
+        train.check_settings(self, world_size, positive.split())
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(
+                f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
+            )
+
+
+def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
+    """The invocation's options, and the run settings given on the command line (only those)."""
+    parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="checkpoint file")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
+    parser.add_argument("--json", type=Path, help="write the final metrics here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (CI)")
+    train.add_settings(parser, Config, CHOICES)  # --task, --length, ...: override the preset
+    given = vars(parser.parse_args(argv))
+    options = Namespace(**{name: given.pop(name) for name in INVOCATION})
+    if options.threads < 1:
+        train.fail(f"--threads must be at least 1, got {options.threads}")
+    if (options.resume or options.sample_only) and options.out is None:
+        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
+    return options, given
+
+
+def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
+    """The run's settings, task and saved state (or None); ValueError on a bad input."""
+    saved = None
+    if options.out is not None and (options.resume or options.sample_only):
+        if options.out.exists():
+            saved = train.load_checkpoint(options.out, kind="flm")  # refuses damaged files
+            if options.resume and saved["smoke"] != options.smoke:
+                kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
+                raise ValueError(
+                    f"{options.out} holds {kind}: it is not resumed by this one (another --out)"
+                )
+        elif options.sample_only:
+            raise FileNotFoundError(f"--sample-only: no checkpoint at {options.out}")
+    if saved is None:
+        name = given.get("task", Config.task)
+        config = replace(
+            Config(task=name, **PRESETS[name] | (SMOKE if options.smoke else {})), **given
+        )
+    else:
+        config = Config(
+            **saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
+        )
+        for name in MODEL:
+            if name in given and given[name] != getattr(config, name):
+                raise ValueError(
+                    f"--{name} {given[name]} contradicts the checkpoint's "
+                    f"{getattr(config, name)}: drop it or give another --out"
+                )
+        config = replace(config, **given)
+    config.check(procs.world_size)
+    task = build_task(config.task, config.length, config.text and Path(config.text), config.seed)
+    if saved is not None and CharTokenizer.from_state_dict(saved["tokenizer"]) != task.tokenizer:
+        raise ValueError(f"{options.out} was trained on another vocabulary than {config.task}'s")
+    rows = max(config.batch_size // procs.world_size, config.samples)
+    needed = train.transformer_step_bytes(
+        rows, config.length, task.vocab_size, config.dim, config.depth, config.heads
+    )
+    train.require_memory(needed, procs.device, f"this configuration ({config})")
+    return config, task, saved
+
+
+# ---------------------------------------------------------------------------- data and samples
+def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
+    """This process's rows of step ``step``'s batch: sequences, noise (on the device), times."""
+    rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
+    tokens = task.draw(rows, train.seeded_generator(config.seed, "data", step, rank)).to(device)
+    noise_generator = train.seeded_generator(config.seed, "noise", step, rank, device=device)
+    shape = (rows, task.length, task.vocab_size)
+    noise = torch.randn(shape, generator=noise_generator, device=device)
+    strata = train.seeded_generator(config.seed, "times", step)  # one for the global batch
+    t = fl.uniform_times(rows, rank=rank, world_size=procs.world_size, generator=strata)
+    return tokens, noise, t.to(device)
 
 
 def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpolant) -> fl.FlowMap:
@@ -125,131 +185,171 @@ def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpol
     return fl.Midpoint(velocity) if solver == "midpoint" else fl.Heun(velocity)
 
 
-def train(
-    config: Config,
-    options: Options,
-    task: Task,
-    backbone: DiT,
+def sample(
+    flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: Config, device: torch.device
+) -> fl.Trajectory:
+    """``count`` samples in ``n_steps`` steps, from the same starting noise at every call."""
+    generator = train.seeded_generator(config.seed, "sample", device=device)
+    noise = torch.randn((count, task.length, task.vocab_size), generator=generator, device=device)
+    return fl.rollout(flow_map, noise, fl.time_grid(n_steps))
+
+
+def sample_report(
+    flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
+):
+    """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
+    report: dict[str, dict[str, Any]] = {}
+    for n_steps in config.sample_steps:
+        started = time.perf_counter()
+        trajectory = sample(flow_map, n_steps, config.samples, task, config, device)
+        tokens = fl.decode(trajectory.x).cpu()
+        metrics = {"nfe": trajectory.nfe, "entropy": token_entropy(tokens).mean().item()}
+        metrics |= task.quality(tokens)
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
+        print(f"{n_steps} step(s), {label}: {shown} ({time.perf_counter() - started:.2f} s)")
+        texts = task.decode(tokens)
+        print("\n".join(f"    {text!r}" for text in texts[:SHOWN_SAMPLES]))
+        report[str(n_steps)] = metrics | {"samples": texts}
+    return report
+
+
+@torch.no_grad()
+def validation_loss(
+    predictor: fl.XPredictor,
     interpolant: fl.Interpolant,
-    ema: AveragedModel,
-    optimizer: torch.optim.Optimizer,
-    start: int,
-    processes: Distributed,
-) -> dict[str, Any]:
-    """Train from step ``start`` to ``config.steps``; return the logged losses."""
-    predictor = fl.XPredictor(processes.wrap(backbone))  # DDP averages the gradients
-    averaged = fl.XPredictor(ema.module)  # validation and previews use the EMA weights
-    validation_tokens = task.validation.to(processes.device)
-    parameters = list(backbone.parameters())
-    train_loss: dict[str, float] = {}
-    validation: dict[str, float] = {}
-    backbone.train()
-    started = time.perf_counter()
-    progress = tqdm(
-        range(start, config.steps),
-        desc="FLM",
-        initial=start,
-        total=config.steps,
-        disable=not processes.is_main,
-    )
-    for step in progress:
-        # Every random draw depends on (seed, step) only: identical on every process and on
-        # resumption. Each process keeps its rows of the global batch and its strata of times.
-        generator = seeded_generator(config.seed, "train", step)
-        torch.manual_seed(derived_seed(config.seed, "dropout", step, processes.rank))
-        tokens, noise = draw_training_data(task, config.batch_size, generator, processes)
-        t = fl.uniform_times(
-            len(tokens),
-            rank=processes.rank,
-            world_size=processes.world_size,
-            generator=generator,
-            device=processes.device,
-        )
-        x_t = interpolant.sample(noise, fl.one_hot(tokens, task.vocab_size), t)
-        with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
-
-        mean_loss = optimizer_step(
-            loss, optimizer, parameters, ema, backbone, step, config, processes
-        )
-
-        done = step + 1
-        last = done == config.steps
-        if done % config.log_every == 0:
-            train_loss[str(done)] = mean_loss.item()
-            progress.set_postfix(loss=f"{train_loss[str(done)]:.4f}")
-        if not processes.is_main:
-            continue
-        if done % config.eval_every == 0 or last:
-            validation[str(done)] = validation_loss(
-                averaged.logits, interpolant, validation_tokens, task.vocab_size, config.seed
-            )
-            tqdm.write(f"step {done}: validation cross-entropy (EMA) {validation[str(done)]:.4f}")
-        if done % config.sample_every == 0 and not last:
-            n_steps = max(config.sample_steps)
-            start_noise = sample_noise(config, task, SHOWN_SAMPLES, processes.device)
-            sampler = make_sampler(config.solver, averaged, interpolant)
-            samples = fl.decode(fl.rollout(sampler, start_noise, fl.time_grid(n_steps)).x)
-            tqdm.write(f"step {done}: samples (EMA, {n_steps} {config.solver} steps)")
-            for text in task.decode(samples.cpu()):
-                tqdm.write(f"    {text!r}")
-        if options.out is not None and (done % config.checkpoint_every == 0 or last):
-            state = training_state(done, backbone, ema, optimizer, task.tokenizer, config)
-            save_checkpoint(options.out, state)
-    progress.close()
-    seconds = time.perf_counter() - started
-    if processes.is_main and config.steps > start:
-        rate = (config.steps - start) / seconds
-        print(f"trained steps {start + 1}..{config.steps} in {seconds:.1f} s ({rate:.2f} steps/s)")
-    return {"train_seconds": seconds, "train_loss": train_loss, "validation": validation}
+    task: Task,
+    config: Config,
+    device: torch.device,
+) -> float:
+    """Cross-entropy on fixed sequences and noise, averaged over VALIDATION_TIMES (not a bound)."""
+    tokens = task.validation.to(device)
+    x1 = fl.one_hot(tokens, task.vocab_size)
+    losses = []
+    for i, time_value in enumerate(VALIDATION_TIMES):
+        generator = train.seeded_generator(config.seed, "validation", i, device=device)
+        noise = torch.randn(x1.shape, generator=generator, device=device)
+        t = torch.full((len(x1),), time_value, device=device)
+        logits = predictor.logits(interpolant.sample(noise, x1, t), t)
+        losses.append(fl.masked_mean(fl.cross_entropy(logits, tokens)))
+    return torch.stack(losses).mean().item()
 
 
+# ---------------------------------------------------------------------------- the run
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the example; return (and with ``--json`` write) the final metrics."""
-    options, given = parse_command_line(command_line_parser(__doc__, DEFAULT_THREADS), argv)
+    """Train (or resume, or only sample) and return (with --json also write) the metrics."""
+    options, given = parse_command_line(argv)
     torch.set_num_threads(options.threads)
-    saved = None
-    if options.out is not None and (options.resume or options.sample_only):
-        if options.out.exists():
-            saved = load_checkpoint(options.out)
-        elif options.sample_only:
-            raise FileNotFoundError(f"--sample-only: no checkpoint at {options.out}")
-    if saved is None:
-        task_name = given.get("task", Config.task)
-        base = Config(task=task_name, **PRESETS[task_name] | (SMOKE if options.smoke else {}))
-    else:
-        base = Config(**saved["config"])
-    config = replace(base, **given)
-
-    with distributed() as processes:
-        task = build_task(config)
-        if saved is not None:
-            check_vocabulary(saved, task.tokenizer, options.out)
-        torch.manual_seed(config.seed)
-        backbone = build_backbone(config, task.vocab_size).to(processes.device)
-        interpolant = build_interpolant(config, task.vocab_size).to(processes.device)
-        ema = make_ema(backbone, config.ema_decay)
+    with train.processes() as procs:
+        try:
+            config, task, saved = settle(options, given, procs)
+        except (ValueError, FileNotFoundError) as error:
+            train.fail(str(error))
+        if procs.is_main and options.out is not None:
+            for stale in train.remove_partial_files(options.out):
+                print(f"removed {stale}, left by an interrupted checkpoint write")
+        device, vocab = procs.device, task.vocab_size
+        torch.manual_seed(config.seed)  # the same initial weights on every process
+        backbone = DiT(vocab, config.dim, config.depth, config.heads, dropout=config.dropout).to(
+            device
+        )
+        clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
+        interpolant = fl.LinearInterpolant(reparam=clock).to(device)
+        ema = train.EMA(backbone, config.ema_decay)  # validation, previews and samples use the EMA
         optimizer = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0)
-        step = 0 if saved is None else restore_training_state(saved, backbone, ema, optimizer)
-        if processes.is_main:
-            print(describe_run("flowlm FLM", config, options, processes, task, backbone))
-            if saved is not None:
-                print(f"restored step {step} from {options.out}")
-
-        result: dict[str, Any] = {"task": config.task, "train_steps": step}
-        if not options.sample_only:
-            result |= train(
-                config, options, task, backbone, interpolant, ema, optimizer, step, processes
+        start = 0 if saved is None else saved["step"]
+        if saved is not None:
+            backbone.load_state_dict(saved["model"])
+            ema.load_state_dict(saved["ema"])
+            optimizer.load_state_dict(saved["optimizer"])
+        if procs.is_main:
+            parameters = sum(p.numel() for p in backbone.parameters())
+            print(
+                f"flowlm FLM: {task.description}\n{procs.world_size} process(es) on {device}, {parameters:,} parameters, {config}"
             )
-            result["train_steps"] = max(step, config.steps)
-        if processes.is_main:
+            print(f"restored step {start} from {options.out}" if saved else "new run")
+
+        result: dict[str, Any] = {"task": config.task, "train_steps": start}
+        if not options.sample_only:
+            predictor = fl.XPredictor(procs.wrap(backbone))  # DDP averages the gradients
+            averaged = fl.XPredictor(ema.module)
+            train_loss, validation = {}, {}
+            backbone.train()
+            started = time.perf_counter()
+            progress = tqdm(
+                range(start, config.steps), "FLM", initial=start, disable=not procs.is_main
+            )
+            for step in progress:
+                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
+                tokens, noise, t = draw_batch(task, config, step, procs)
+                x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
+                lr = train.learning_rate(
+                    step, config.lr, config.warmup, config.steps, config.schedule
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(backbone.parameters(), config.grad_clip)
+                optimizer.step()
+                ema.update(backbone)
+
+                # Host reads only from here on, at log, eval, sample and checkpoint steps.
+                done = step + 1
+                last = done == config.steps
+                checkpoint = options.out is not None and (
+                    done % config.checkpoint_every == 0 or last
+                )
+                if done % config.log_every == 0 or checkpoint or last:
+                    train_loss[str(done)] = value = procs.mean(loss.detach()).item()
+                    weights = torch.stack([p.isfinite().all() for p in backbone.parameters()])
+                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
+                        raise FloatingPointError(
+                            f"step {done}: the training loss is {value}; stopped without saving (the last checkpoint is kept). Try a lower --lr or float32."
+                        )
+                    progress.set_postfix(loss=f"{value:.4f}")
+                if not procs.is_main:
+                    continue
+                if done % config.eval_every == 0 or last:
+                    validation[str(done)] = validation_loss(
+                        averaged, interpolant, task, config, device
+                    )
+                    tqdm.write(
+                        f"step {done}: validation cross-entropy (EMA) {validation[str(done)]:.4f}"
+                    )
+                if done % config.sample_every == 0 and not last:
+                    sampler = make_sampler(config.solver, averaged, interpolant)
+                    trajectory = sample(
+                        sampler, max(config.sample_steps), SHOWN_SAMPLES, task, config, device
+                    )
+                    texts = task.decode(fl.decode(trajectory.x).cpu())
+                    tqdm.write(
+                        f"step {done}: samples (EMA)\n"
+                        + "\n".join(f"    {text!r}" for text in texts)
+                    )
+                if checkpoint:
+                    state = dict(kind="flm", smoke=options.smoke, step=done, config=asdict(config))
+                    state |= dict(
+                        tokenizer=task.tokenizer.state_dict(), model=backbone.state_dict()
+                    )
+                    train.save_checkpoint(
+                        options.out,
+                        state | dict(ema=ema.state_dict(), optimizer=optimizer.state_dict()),
+                    )
+            progress.close()
+            seconds = time.perf_counter() - started
+            if procs.is_main and config.steps > start:
+                print(f"trained steps {start + 1}..{config.steps} in {seconds:.1f} s")
+            result |= {"train_steps": max(start, config.steps), "train_seconds": seconds}
+            result |= {"train_loss": train_loss, "validation": validation}
+        if procs.is_main:
             sampler = make_sampler(config.solver, fl.XPredictor(ema.module), interpolant)
             result["solver"] = config.solver
-            label = f"FLM {config.solver}"
-            result["steps"] = sample_report(sampler, label, task, config, processes.device)
+            result["steps"] = sample_report(sampler, f"FLM {config.solver}", task, config, device)
             if options.json is not None:
-                write_json(options.json, result)
-        return processes.share(result)
+                train.atomic_write(options.json, json.dumps(result, indent=2).encode())
+        return procs.share(result)
 
 
 if __name__ == "__main__":

@@ -1,368 +1,387 @@
 """FMLM, the flow-map language model: distil an FLM checkpoint into a few-step (one-step) sampler.
 
-Loads an FLM checkpoint written by examples/flm.py, trains a two-time student with one of the
-flow-map distillation objectives of `flowlm.distill`, then samples at 1, 2, 4, ... steps and
-reports NFE, entropy and the task's quality measure next to the teacher's 1- and 8-step FLM.
+Loads an FLM checkpoint of examples/flm.py, trains a two-time student with one of the flow-map
+distillation objectives of `flowlm.distill` (paper §5-6), then samples at 1, 2, 4 steps and
+reports NFE, entropy and the task's measures next to the teacher's 1- and 8-step FLM.
 
     python examples/flm.py --out runs/flm.pt && python examples/fmlm.py --teacher runs/flm.pt
     python examples/fmlm.py --teacher runs/flm.pt --method lagrangian --out runs/fmlm.pt
+    python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only
     python examples/fmlm.py --teacher runs/flm.pt --smoke            # seconds, for CI
 
-Methods (METHOD.md §6-7), each one line of `flowlm.distill`:
+Methods (--method), one branch each in the loop below:
 
-- ``v2``: semigroup KL on the two-time denoiser + KL tie of its diagonal to the teacher.
-- ``lagrangian`` / ``eulerian``: one JVP per step, targets in logit space.
-- ``self``: semigroup KL + cross-entropy of the diagonal to data (no teacher in the loss).
-- ``regression``: KL of the student's jumps to the teacher's ``--teacher-steps``-step rollout.
-- ``v1``: stage 1 trains a Taylor correction g (2 NFE per step) by semigroup
-  self-distillation; stage 2 regresses a one-network student onto that frozen map.
+- v2: semigroup KL on the two-time denoiser + KL tie of its diagonal to the teacher.
+- lagrangian / eulerian: one JVP per step, targets in logit space.
+- self: semigroup KL + cross-entropy of the diagonal to data (no teacher in the loss).
+- regression: KL of the student's jumps to the teacher's --teacher-steps-step rollout.
+- v1: stage 1 trains a Taylor correction g (2 NFE per step) by semigroup self-distillation;
+  stage 2 regresses a one-network student onto that frozen map.
 
 The student is the teacher's DiT plus a second time embedding that starts at zero, so before
-training it *is* the teacher's Euler step. ``--steps`` counts distillation steps (per stage).
+training it *is* the teacher's Euler step; the network's flags (--task, --length, --dim, ...)
+are the teacher's and may only repeat them. --steps counts distillation steps (per stage).
+The student's checkpoint stores the teacher's checksum: a teacher retrained at the same path
+is refused on --resume and --sample-only. Randomness and resumption work as in flm.py.
 """
 
+import json
+import math
 import time
-from collections.abc import Callable
+from argparse import Namespace, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    Config,
-    Distributed,
-    Options,
-    Task,
-    build_backbone,
-    build_interpolant,
-    build_task,
-    check_vocabulary,
-    command_line_parser,
-    derived_seed,
-    describe_run,
-    distributed,
-    draw_training_data,
-    load_checkpoint,
-    make_ema,
-    optimizer_step,
-    parse_command_line,
-    restore_training_state,
-    sample_report,
-    save_checkpoint,
-    seeded_generator,
-    training_state,
-    write_json,
-)
-from torch import nn
 from tqdm import tqdm
 
 import flowlm as fl
-from flowlm import distill
+from flowlm import distill, train
 from flowlm.backbones import DiT
 from flowlm.data import CharTokenizer
+from flowlm.data.tasks import TASKS, Task, build_task
+from flowlm.metrics import token_entropy
 
-DEFAULT_THREADS = 1
+# ---------------------------------------------------------------------------- settings
+# fmt: off
+PRESETS: dict[str, dict[str, Any]] = {
+    "corpus": dict(steps=300, lr=3e-4, warmup=20, ema_decay=0.99, samples=32),
+    "alpha-repeat": dict(steps=3000, lr=1e-3, warmup=20, schedule="cosine", ema_decay=0.99,
+                         samples=256),
+    "markov": dict(steps=400, lr=1e-3, warmup=20, ema_decay=0.99, samples=128),
+}
+SMOKE = dict(steps=4, batch_size=8, warmup=1, samples=8, log_every=1, checkpoint_every=2)
+# fmt: on
 METHODS = ("v2", "lagrangian", "eulerian", "self", "regression", "v1")
+CHOICES = {
+    "task": TASKS,
+    "method": METHODS,
+    "schedule": ("constant", "cosine"),
+    "solver": ("euler", "heun"),
+}
+INVOCATION = ("teacher", "out", "resume", "sample_only", "json", "threads", "smoke")
+MODEL = ("task", "text", "length", "dim", "depth", "heads", "clock")
+"""The teacher's settings: the student's network starts from the teacher's weights."""
 BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}
-"""Probability of the whole-path jump (0, 1) per example; METHOD.md's values for v1."""
-DEFAULT_BOUNDARY_PROB = 0.1
-"""For the other methods: more one-step jumps than v1's 1/64 speeds up one-step quality."""
+"""P(the jump is the whole path (0, 1)) per example: the paper's values for v1; the other
+methods take 0.1 (more one-step jumps speed up one-step quality)."""
 MIN_GAP = {"v1-stage1": 1e-6, "v1-stage2": 1e-5}
-DEFAULT_MIN_GAP = 1e-3
+"""The shortest jump s - t (the other methods: 1e-3)."""
 TEACHER_STEPS = (1, 8)
 """The teacher's step counts reported beside the student's."""
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "corpus": {"steps": 300, "lr": 3e-4, "warmup": 20, "ema_decay": 0.99, "samples": 32},
-    "alpha-repeat": {
-        "steps": 3000,
-        "lr": 1e-3,
-        "warmup": 20,
-        "schedule": "cosine",
-        "ema_decay": 0.99,
-        "samples": 256,
-    },
-    "markov": {"steps": 400, "lr": 1e-3, "warmup": 20, "ema_decay": 0.99, "samples": 128},
-}
-SMOKE: dict[str, Any] = {
-    "steps": 4,
-    "batch_size": 8,
-    "warmup": 1,
-    "samples": 8,
-    "log_every": 1,
-    "eval_every": 2,
-    "sample_every": 4,
-    "checkpoint_every": 2,
-}
+SHOWN_SAMPLES = 3
 
 
 @dataclass(frozen=True)
-class Method:
-    """What the distillation is: the objective and its time-pair distribution."""
+class Config:
+    """Everything that defines a distillation; saved in its checkpoints."""
 
-    name: str = "v2"
-    teacher: str = ""
-    boundary_prob: float | None = None
-    teacher_steps: int = 8
+    task: str = "corpus"  # the first fields are the teacher's (MODEL)
+    text: str | None = None
+    length: int = 64
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    clock: str = "token-accuracy"
+    dropout: float = 0.0
+    method: str = "v2"
+    teacher_steps: int = 8  # the regression target's rollout
+    boundary_prob: float | None = None  # default: BOUNDARY_PROB
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 20
+    schedule: str = "constant"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    sample_steps: tuple[int, ...] = (1, 2, 4)
+    solver: str = "euler"  # the teacher's sampler in the report
+    samples: int = 32
+
+    def check(self, world_size: int) -> None:
+        """Raise ValueError naming the flag of the first setting that cannot work."""
+        positive = "steps batch_size samples log_every checkpoint_every teacher_steps"
+        train.check_settings(self, world_size, positive.split())
+        if self.boundary_prob is not None and not 0 <= self.boundary_prob <= 1:
+            raise ValueError(f"--boundary-prob must lie in [0, 1], got {self.boundary_prob}")
 
 
-Loss = Callable[[fl.Tokens, fl.State, fl.Time, fl.Time], fl.TokenLoss]
-"""A distillation objective on a batch: (tokens, x_t, t, s) -> per-token loss."""
+def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
+    """The invocation's options, and the settings given on the command line (only those)."""
+    parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, required=True, help="an FLM checkpoint")
+    parser.add_argument("--out", type=Path, help="the student's checkpoint file")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
+    parser.add_argument("--json", type=Path, help="write the final metrics here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps (CI)")
+    train.add_settings(parser, Config, CHOICES)  # --method, --steps, ...: override the preset
+    given = vars(parser.parse_args(argv))
+    options = Namespace(**{name: given.pop(name) for name in INVOCATION})
+    if options.threads < 1:
+        train.fail(f"--threads must be at least 1, got {options.threads}")
+    if (options.resume or options.sample_only) and options.out is None:
+        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
+    return options, given
 
 
-@dataclass
-class Stage:
-    """One network trained by one objective; v1 has two stages, the other methods one."""
+def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
+    """The settings, task, teacher's checkpoint and digest, and the student's saved state."""
+    if not options.teacher.is_file():
+        raise FileNotFoundError(
+            f"--teacher: no FLM checkpoint at {options.teacher}; train one with "
+            f"examples/flm.py --out {options.teacher}"
+        )
+    teacher = train.load_checkpoint(options.teacher, kind="flm")  # refuses damaged files
+    digest = train.checkpoint_digest(options.teacher)
+    for name in MODEL:
+        if name in given and given[name] != teacher["config"][name]:
+            raise ValueError(
+                f"--{name} {given[name]} contradicts the teacher's {teacher['config'][name]}: "
+                "the student is the teacher's network"
+            )
+    saved = None
+    if options.out is not None and options.out.exists() and (options.resume or options.sample_only):
+        saved = train.load_checkpoint(options.out, kind="fmlm")
+        if saved["teacher_digest"] != digest:
+            raise ValueError(
+                f"{options.out} was distilled from another teacher than the one now at "
+                f"{options.teacher} (checksum {saved['teacher_digest'][:12]}, now {digest[:12]}): "
+                "retrained? give another --out or delete it"
+            )
+        if options.resume and saved["smoke"] != options.smoke:
+            kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
+            raise ValueError(f"{options.out} holds {kind}: it is not resumed by this one")
+        if given.get("method", saved["config"]["method"]) != saved["config"]["method"]:
+            raise ValueError(f"{options.out} holds a {saved['config']['method']} student")
+    elif options.sample_only:
+        raise FileNotFoundError(f"--sample-only: no student checkpoint at {options.out}")
+    if saved is None:
+        base = {name: teacher["config"][name] for name in MODEL}
+        base |= PRESETS[base["task"]] | (SMOKE if options.smoke else {})
+    else:
+        base = saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
+    config = replace(Config(**base), **given)
+    config.check(procs.world_size)
+    task = build_task(config.task, config.length, config.text and Path(config.text), config.seed)
+    if CharTokenizer.from_state_dict(teacher["tokenizer"]) != task.tokenizer:
+        raise ValueError(f"{options.teacher} was trained on another vocabulary than its task's")
+    rows = max(config.batch_size // procs.world_size, config.samples)
+    needed = train.transformer_step_bytes(
+        rows, config.length, task.vocab_size, config.dim, 2 * config.depth, config.heads
+    )
+    train.require_memory(needed, procs.device, f"this configuration ({config})")
+    return config, task, teacher, digest, saved
 
-    name: str
-    network: DiT
-    extra: nn.Module | None
-    loss: Callable[[nn.Module], Loss]
-    """Given the (possibly DDP-wrapped) network, the objective."""
+
+# ---------------------------------------------------------------------------- data and reports
+def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.Processes):
+    """This process's rows of a step's batch: sequences, noise (on the device), time pairs."""
+    rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
+    tokens = task.draw(rows, train.seeded_generator(config.seed, stage, step, rank)).to(device)
+    noise_generator = train.seeded_generator(
+        config.seed, f"noise {stage}", step, rank, device=device
+    )
+    shape = (rows, task.length, task.vocab_size)
+    noise = torch.randn(shape, generator=noise_generator, device=device)
+    boundary = (
+        BOUNDARY_PROB.get(stage, 0.1) if config.boundary_prob is None else config.boundary_prob
+    )
+    strata = train.seeded_generator(config.seed, f"times {stage}", step)  # for the global batch
+    pair = fl.time_pairs(
+        rows,
+        boundary_prob=boundary,
+        min_gap=MIN_GAP.get(stage, 1e-3),
+        rank=rank,
+        world_size=procs.world_size,
+        generator=strata,
+        device=device,
+    )
+    return tokens, noise, pair
 
 
-def student_network(teacher: DiT, config: Config, vocab_size: int, zero_output: bool) -> DiT:
-    """The teacher's DiT with a second time embedding (zero at init), from the teacher's weights."""
-    network = build_backbone(config, vocab_size, two_time=True).to(teacher.output.weight.device)
-    distill.init_student(network, teacher, zero=["output"] if zero_output else [])
+def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
+    """The teacher's DiT with a second time embedding (zero at init): the teacher's Euler step.
+
+    v1's stage 1 also zeroes the output layer: its Taylor correction g starts at 0.
+    """
+    torch.manual_seed(train.derived_seed(config.seed, f"init {stage}"))
+    vocab, device = teacher.vocab_size, teacher.output.weight.device
+    network = DiT(
+        vocab, config.dim, config.depth, config.heads, two_time=True, dropout=config.dropout
+    )
+    distill.init_student(
+        network.to(device), teacher, zero=["output"] if stage == "v1-stage1" else []
+    )
     return network
 
 
-def one_network_loss(
-    name: str, student: fl.XPredMap, teacher: fl.XPredictor, teacher_steps: int
-) -> Loss:
-    """The objective of a one-network method: one line of `flowlm.distill` each."""
-    many_step_teacher = fl.Substeps(fl.XPredMap(teacher, student.interpolant), teacher_steps)
-
-    def loss(tokens: fl.Tokens, x_t: fl.State, t: fl.Time, s: fl.Time) -> fl.TokenLoss:
-        match name:
-            case "v2":
-                return distill.semigroup_kl_loss(student, teacher, x_t, t, s)
-            case "lagrangian":
-                return distill.lagrangian_kl_loss(student, teacher, x_t, t, s)
-            case "eulerian":
-                return distill.eulerian_kl_loss(student, teacher, x_t, t, s)
-            case "self":
-                return distill.self_semigroup_loss(student, tokens, x_t, t, s)
-            case _:
-                return distill.map_regression_kl_loss(student, many_step_teacher, x_t, t, s)
-
-    return loss
-
-
-def build_stages(
-    method: Method, config: Config, teacher: DiT, interpolant: fl.Interpolant, vocab_size: int
-) -> list[Stage]:
-    """The networks and objectives of ``method``."""
-    teacher_predictor = fl.XPredictor(teacher)
-
-    def student_map(network: nn.Module) -> fl.XPredMap:
-        return fl.XPredMap(fl.XPredictor(network), interpolant, two_time=True)
-
-    if method.name != "v1":
-        network = student_network(teacher, config, vocab_size, zero_output=False)
-
-        def objective(net: nn.Module) -> Loss:
-            return one_network_loss(
-                method.name, student_map(net), teacher_predictor, method.teacher_steps
-            )
-
-        return [Stage(method.name, network, None, objective)]
-
-    velocity = fl.XPredVelocity(teacher_predictor, interpolant)
-    correction = student_network(teacher, config, vocab_size, zero_output=True)
-    weighting = fl.LearnedTimeWeighting().to(teacher.output.weight.device)
-    frozen_taylor = fl.TaylorMap(velocity, correction)  # stage 2 reads stage 1's EMA weights
-
-    def taylor_objective(net: nn.Module) -> Loss:
-        taylor = fl.TaylorMap(velocity, net)
-        return lambda tokens, x_t, t, s: weighting(
-            distill.taylor_semigroup_loss(taylor, x_t, t, s), t
-        )
-
-    def regression_objective(net: nn.Module) -> Loss:
-        return lambda tokens, x_t, t, s: distill.map_regression_loss(
-            student_map(net), frozen_taylor, x_t, t, s
-        )
-
-    student = student_network(teacher, config, vocab_size, zero_output=False)
-    return [
-        Stage("v1-stage1", correction, weighting, taylor_objective),
-        Stage("v1-stage2", student, None, regression_objective),
-    ]
-
-
-def train_stage(
-    stage: Stage,
-    config: Config,
-    method: Method,
-    options: Options,
-    task: Task,
-    interpolant: fl.Interpolant,
-    processes: Distributed,
-    saved: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """Distil ``stage.network`` for ``config.steps`` steps; return the logged losses."""
-    parameters = list(stage.network.parameters())
-    if stage.extra is not None:
-        parameters += list(stage.extra.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    ema = make_ema(stage.network, config.ema_decay)
-    start = 0
-    if saved is not None and stage.name in saved["stages"]:
-        stage_state = saved["stages"][stage.name]
-        start = restore_training_state(stage_state, stage.network, ema, optimizer)
-        if stage.extra is not None:
-            stage.extra.load_state_dict(stage_state["extra"])
-    loss_of = stage.loss(processes.wrap(stage.network))
-    boundary_prob = BOUNDARY_PROB.get(stage.name, DEFAULT_BOUNDARY_PROB)
-    if method.boundary_prob is not None:
-        boundary_prob = method.boundary_prob
-    min_gap = MIN_GAP.get(stage.name, DEFAULT_MIN_GAP)
-    train_loss: dict[str, float] = {}
-    stage.network.train()
-    started = time.perf_counter()
-    progress = tqdm(
-        range(start, config.steps),
-        desc=stage.name,
-        initial=start,
-        total=config.steps,
-        disable=not processes.is_main,
+def sample_report(
+    flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
+):
+    """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
+    generator = train.seeded_generator(config.seed, "sample", device=device)
+    noise = torch.randn(
+        (config.samples, task.length, task.vocab_size), generator=generator, device=device
     )
-    for step in progress:
-        generator = seeded_generator(config.seed, stage.name, step)
-        torch.manual_seed(derived_seed(config.seed, "dropout", step, processes.rank))
-        tokens, noise = draw_training_data(task, config.batch_size, generator, processes)
-        pair = fl.time_pairs(
-            len(tokens),
-            boundary_prob=boundary_prob,
-            min_gap=min_gap,
-            rank=processes.rank,
-            world_size=processes.world_size,
-            generator=generator,
-            device=processes.device,
-        )
-        x_t = interpolant.sample(noise, fl.one_hot(tokens, task.vocab_size), pair.t)
-        with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss = fl.masked_mean(loss_of(tokens, x_t, pair.t, pair.s))
-
-        mean_loss = optimizer_step(
-            loss, optimizer, parameters, ema, stage.network, step, config, processes
-        )
-
-        done = step + 1
-        if done % config.log_every == 0:
-            train_loss[str(done)] = mean_loss.item()
-            progress.set_postfix(loss=f"{train_loss[str(done)]:.4f}")
-        if processes.is_main and options.out is not None:
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                state = training_state(done, stage.network, ema, optimizer, task.tokenizer, config)
-                if stage.extra is not None:  # e.g. v1's learned time weighting
-                    state["extra"] = stage.extra.state_dict()
-                stages = {} if saved is None else dict(saved["stages"])
-                saved = {"stages": stages | {stage.name: state}, "method": asdict(method)}
-                save_checkpoint(options.out, saved)
-    progress.close()
-    stage.network.load_state_dict(ema.module.state_dict())  # sample (and stage 2) from the EMA
-    stage.network.eval()
-    seconds = time.perf_counter() - started
-    if processes.is_main and config.steps > start:
-        rate = (config.steps - start) / seconds
-        print(f"{stage.name}: {config.steps - start} steps in {seconds:.1f} s ({rate:.2f} steps/s)")
-    return {"seconds": seconds, "train_loss": train_loss, "checkpoint": saved}
+    report: dict[str, dict[str, Any]] = {}
+    for n_steps in config.sample_steps:
+        started = time.perf_counter()
+        trajectory = fl.rollout(flow_map, noise, fl.time_grid(n_steps))
+        tokens = fl.decode(trajectory.x).cpu()
+        entropy = token_entropy(tokens).mean().item()
+        metrics: dict[str, Any] = {"nfe": trajectory.nfe, "entropy": entropy} | task.quality(tokens)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"{n_steps} step(s), {label}: {shown} ({time.perf_counter() - started:.2f} s)")
+        texts = task.decode(tokens)
+        print("\n".join(f"    {text!r}" for text in texts[:SHOWN_SAMPLES]))
+        report[str(n_steps)] = metrics | {"samples": texts}
+    return report
 
 
-def load_teacher(path: Path, device: torch.device) -> tuple[DiT, Config, dict[str, Any]]:
-    """The FLM's EMA network, frozen, its settings and its checkpoint."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--teacher: no FLM checkpoint at {path}; train one with examples/flm.py --out {path}"
-        )
-    checkpoint = load_checkpoint(path)
-    if "ema" not in checkpoint:
-        raise ValueError(
-            f"--teacher: {path} is not an FLM checkpoint (examples/flm.py --out writes those)"
-        )
-    config = Config(**checkpoint["config"])
-    vocab_size = CharTokenizer.from_state_dict(checkpoint["tokenizer"]).vocab_size
-    teacher = build_backbone(config, vocab_size)
-    ema = make_ema(teacher, config.ema_decay)
-    ema.load_state_dict(checkpoint["ema"])
-    network = ema.module.to(device).eval().requires_grad_(False)
-    return network, config, checkpoint
-
-
+# ---------------------------------------------------------------------------- the run
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the example; return (and with ``--json`` write) the final metrics."""
-    parser = command_line_parser(__doc__, DEFAULT_THREADS)
-    parser.add_argument("--teacher", type=Path, required=True, help="an FLM checkpoint")
-    parser.add_argument("--method", choices=METHODS, default="v2")
-    parser.add_argument("--boundary-prob", type=float, default=None, help="P(jump is (0, 1))")
-    parser.add_argument("--teacher-steps", type=int, default=8, help="regression's teacher")
-    options, given = parse_command_line(parser, argv)
-    method = Method(
-        name=given.pop("method"),
-        teacher=str(given.pop("teacher")),
-        boundary_prob=given.pop("boundary_prob"),
-        teacher_steps=given.pop("teacher_steps"),
-    )
+    """Distil (or resume, or only sample) and return (with --json also write) the metrics."""
+    options, given = parse_command_line(argv)
     torch.set_num_threads(options.threads)
-    saved = None
-    if options.out is not None and options.resume and options.out.exists():
-        saved = load_checkpoint(options.out)
-
-    with distributed() as processes:
-        teacher, teacher_config, teacher_checkpoint = load_teacher(
-            Path(method.teacher), processes.device
-        )
-        preset = PRESETS[teacher_config.task] | (SMOKE if options.smoke else {})
-        config = replace(teacher_config, **{"sample_steps": (1, 2, 4)} | preset | given)
-        task = build_task(config)
-        check_vocabulary(teacher_checkpoint, task.tokenizer, Path(method.teacher))
-        interpolant = build_interpolant(config, task.vocab_size).to(processes.device)
-        torch.manual_seed(config.seed)
-        stages = build_stages(method, config, teacher, interpolant, task.vocab_size)
-        if processes.is_main:
+    with train.processes() as procs:
+        try:
+            config, task, teacher_state, teacher_digest, saved = settle(options, given, procs)
+        except (ValueError, FileNotFoundError) as error:
+            train.fail(str(error))
+        if procs.is_main and options.out is not None and not options.sample_only:
+            for stale in train.remove_partial_files(options.out):
+                print(f"removed {stale}, left by an interrupted checkpoint write")
+        vocab, device = task.vocab_size, procs.device
+        teacher_network = DiT(vocab, config.dim, config.depth, config.heads, dropout=0.0)
+        teacher_network.load_state_dict(teacher_state["ema"])  # the teacher's EMA weights
+        teacher_network = teacher_network.to(device).eval().requires_grad_(False)
+        teacher = fl.XPredictor(teacher_network)
+        clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
+        interpolant = fl.LinearInterpolant(reparam=clock).to(device)
+        velocity = fl.XPredVelocity(teacher, interpolant)
+        many_steps = fl.Substeps(fl.XPredMap(teacher, interpolant), config.teacher_steps)
+        if procs.is_main:
             print(
-                describe_run(
-                    f"flowlm FMLM ({method.name})",
-                    config,
-                    options,
-                    processes,
-                    task,
-                    stages[-1].network,
-                )
+                f"flowlm FMLM ({config.method}): {task.description}\nteacher {options.teacher} "
+                f"(step {teacher_state['step']}), device {device} x {procs.world_size}, {config}"
             )
-            print(f"teacher: {method.teacher} (FLM, {teacher_checkpoint['step']} steps)")
 
-        result: dict[str, Any] = {"task": config.task, "method": method.name, "train_steps": 0}
+        stages = ["v1-stage1", "v1-stage2"] if config.method == "v1" else [config.method]
+        checkpoint_state = saved or dict(kind="fmlm", smoke=options.smoke, config=asdict(config))
+        checkpoint_state |= dict(
+            teacher_digest=teacher_digest, tokenizer=task.tokenizer.state_dict()
+        )
+        checkpoint_state.setdefault("stages", {})
+        result: dict[str, Any] = {"task": config.task, "method": config.method, "train_steps": 0}
+        networks: dict[str, DiT] = {}
         for stage in stages:
-            report = train_stage(
-                stage, config, method, options, task, interpolant, processes, saved
-            )
-            saved = report.pop("checkpoint")
-            result[stage.name] = report
-            result["train_steps"] += config.steps
-        if processes.is_main:
-            student = fl.XPredMap(fl.XPredictor(stages[-1].network), interpolant, two_time=True)
-            label = f"FMLM {method.name}"
-            result["steps"] = sample_report(student, label, task, config, processes.device)
-            if method.name == "v1":
-                taylor = fl.TaylorMap(
-                    fl.XPredVelocity(fl.XPredictor(teacher), interpolant), stages[0].network
+            network = networks[stage] = student_network(teacher_network, config, stage)
+            weighting = fl.LearnedTimeWeighting().to(device)  # trained by v1's stage 1 only
+            parameters = [*network.parameters(), *weighting.parameters()]
+            optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+            ema = train.EMA(network, config.ema_decay)
+            start = 0
+            if stage in checkpoint_state["stages"]:
+                stage_state = checkpoint_state["stages"][stage]
+                network.load_state_dict(stage_state["model"])
+                ema.load_state_dict(stage_state["ema"])
+                optimizer.load_state_dict(stage_state["optimizer"])
+                weighting.load_state_dict(stage_state["weighting"])
+                start = stage_state["step"]
+            elif options.sample_only:
+                train.fail(f"--sample-only: {options.out} holds no {stage} student yet")
+            wrapped = procs.wrap(network)  # DDP averages the gradients
+            student = fl.XPredMap(fl.XPredictor(wrapped), interpolant, two_time=True)
+            taylor = fl.TaylorMap(velocity, wrapped)  # v1 stage 1: x + d v + d² g / 2
+            if stage == "v1-stage2":  # regress onto stage 1's frozen EMA Taylor map
+                frozen_taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
+            train_loss: dict[str, float] = {}
+            started = time.perf_counter()
+            network.train()
+            todo = range(start, 0 if options.sample_only else config.steps)
+            for step in tqdm(
+                todo, stage, initial=start, total=config.steps, disable=not procs.is_main
+            ):
+                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
+                tokens, noise, (t, s) = draw_batch(task, config, stage, step, procs)
+                x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    if stage == "v2":
+                        token_loss = distill.semigroup_kl_loss(student, teacher, x_t, t, s)
+                    elif stage == "lagrangian":
+                        token_loss = distill.lagrangian_kl_loss(student, teacher, x_t, t, s)
+                    elif stage == "eulerian":
+                        token_loss = distill.eulerian_kl_loss(student, teacher, x_t, t, s)
+                    elif stage == "self":
+                        token_loss = distill.self_semigroup_loss(student, tokens, x_t, t, s)
+                    elif stage == "regression":
+                        token_loss = distill.map_regression_kl_loss(student, many_steps, x_t, t, s)
+                    elif stage == "v1-stage1":
+                        token_loss = weighting(distill.taylor_semigroup_loss(taylor, x_t, t, s), t)
+                    else:
+                        token_loss = distill.map_regression_loss(student, frozen_taylor, x_t, t, s)
+                    loss = fl.masked_mean(token_loss)
+                lr = train.learning_rate(
+                    step, config.lr, config.warmup, config.steps, config.schedule
                 )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+                optimizer.step()
+                ema.update(network)
+
+                # Host reads only from here on, at log and checkpoint steps.
+                done = step + 1
+                last = done == config.steps
+                checkpoint = options.out is not None and (
+                    done % config.checkpoint_every == 0 or last
+                )
+                if done % config.log_every == 0 or checkpoint or last:
+                    train_loss[str(done)] = value = procs.mean(loss.detach()).item()
+                    weights = torch.stack([p.isfinite().all() for p in network.parameters()])
+                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
+                        raise FloatingPointError(
+                            f"{stage} step {done}: the loss is {value}; stopped without "
+                            "saving (the last checkpoint is kept). Try a lower --lr."
+                        )
+                if checkpoint and procs.is_main:
+                    saved_stage = dict(step=done, model=network.state_dict(), ema=ema.state_dict())
+                    saved_stage |= dict(
+                        optimizer=optimizer.state_dict(), weighting=weighting.state_dict()
+                    )
+                    checkpoint_state["stages"][stage] = saved_stage
+                    train.save_checkpoint(options.out, checkpoint_state)
+            network.load_state_dict(ema.module.state_dict())  # sample (and stage 2) from the EMA
+            network.eval()
+            seconds = time.perf_counter() - started
+            result[stage] = {"seconds": seconds, "train_loss": train_loss}
+            result["train_steps"] += start if options.sample_only else max(start, config.steps)
+
+        if procs.is_main:
+            student = fl.XPredMap(fl.XPredictor(networks[stages[-1]]), interpolant, two_time=True)
+            result["steps"] = sample_report(student, f"FMLM {config.method}", task, config, device)
+            if config.method == "v1":
+                taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
                 label = "v1 stage-1 Taylor map"
-                result["stage1_steps"] = sample_report(
-                    taylor, label, task, config, processes.device
-                )
-            teacher_map = fl.XPredMap(fl.XPredictor(teacher), interpolant)
-            teacher_config = replace(config, sample_steps=TEACHER_STEPS)
-            result["teacher_steps"] = sample_report(
-                teacher_map, "teacher FLM euler", task, teacher_config, processes.device
+                result["stage1_steps"] = sample_report(taylor, label, task, config, device)
+            sampler = (
+                fl.Heun(velocity) if config.solver == "heun" else fl.XPredMap(teacher, interpolant)
             )
+            teacher_config = replace(config, sample_steps=TEACHER_STEPS)
+            label = f"teacher FLM {config.solver}"
+            result["teacher_steps"] = sample_report(sampler, label, task, teacher_config, device)
             if options.json is not None:
-                write_json(options.json, result)
-        return processes.share(result)
+                train.atomic_write(options.json, json.dumps(result, indent=2).encode())
+        return procs.share(result)
 
 
 if __name__ == "__main__":

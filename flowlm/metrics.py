@@ -4,8 +4,10 @@ Each metric is a `torchmetrics.Metric` with a functional twin that scores one ba
 metric accumulates over ``update`` calls (and over processes: its states synchronize under
 ``torch.distributed``), and ``compute`` returns the value on everything seen so far.
 
-The paper reports generative perplexity together with entropy (METHOD.md §9): a low
-perplexity bought by repetitive samples shows up as a low entropy.
+The paper reports generative perplexity together with entropy (its evaluation protocol,
+following MDLM and Duo): a low perplexity bought by repetitive samples shows up as a low
+entropy. `HuggingFaceScorer` computes both the way the paper does, on the samples decoded to
+text and re-tokenized by the judge's tokenizer.
 """
 
 import importlib
@@ -13,9 +15,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -37,6 +38,8 @@ JudgeLoss = Float[Tensor, "batch judge_seq"]
 """A negative log-likelihood per token of the judge's own tokenization."""
 JudgeMask = Bool[Tensor, "batch judge_seq"]
 """True where a judge token counts (not padding)."""
+JudgeTokens = Int[Tensor, "batch judge_seq"]
+"""Token ids in the judge's own tokenization."""
 
 Scorer = Callable[[Tokens], TokenLoss | tuple[JudgeLoss, JudgeMask]]
 """Maps samples ``(batch, seq)`` to a negative log-likelihood (nats) per token.
@@ -57,38 +60,53 @@ def _check_samples(tokens: Tensor) -> None:
         raise ValueError("samples must hold at least one token, got seq = 0")
 
 
-def token_entropy(tokens: Tokens) -> Float[Tensor, " batch"]:
+def token_entropy(tokens: Tokens, mask: TokenMask | None = None) -> Float[Tensor, " batch"]:
     r"""Unigram entropy (nats) of each sample's own token ids.
 
-    For a sample $x_{1:L}$ with $c_v$ occurrences of id $v$ and $p_v = c_v / L$,
+    For a sample $x_{1:L}$ with $c_v$ counted occurrences of id $v$ among its $n$ counted
+    positions (all $L$ without a mask) and $p_v = c_v / n$,
 
     $$H(x) = -\sum_v p_v \log p_v = \sum_v p_v \log(1 / p_v),$$
 
-    which lies in $[0, \log \min(L, V)]$. The counts come from sorting each row, so the cost
+    which lies in $[0, \log \min(n, V)]$. The counts come from sorting each row, so the cost
     does not depend on the vocabulary size.
 
     Args:
         tokens: integer samples, one per row.
+        mask: True where a token counts (padding of rows of different lengths is False).
 
     Returns:
-        The entropy of every sample, in the default float dtype.
+        The entropy of every sample, in the default float dtype (NaN for a row in which no
+        token counts).
 
     Raises:
         TypeError: if ``tokens`` is not an integer tensor.
-        ValueError: if ``tokens`` is not 2-d or has no positions.
+        ValueError: if ``tokens`` is not 2-d or has no positions, or the mask's shape differs.
 
     Examples:
         >>> token_entropy(torch.tensor([[3, 3, 7, 7], [5, 5, 5, 5]]))
         tensor([0.6931, 0.0000])
+        >>> token_entropy(torch.tensor([[3, 7, 0, 0]]), torch.tensor([[True, True, False, False]]))
+        tensor([0.6931])
     """
     _check_samples(tokens)
-    sorted_tokens = tokens.sort(dim=1).values
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(
+            f"the mask has shape {tuple(mask.shape)} but the tokens {tuple(tokens.shape)}"
+        )
+    sorted_tokens, order = tokens.sort(dim=1)
     starts_run = torch.ones_like(sorted_tokens, dtype=torch.bool)
     starts_run[:, 1:] = sorted_tokens[:, 1:] != sorted_tokens[:, :-1]
     run_index = starts_run.cumsum(dim=1) - 1
-    run_lengths = torch.zeros(tokens.shape, dtype=torch.get_default_dtype(), device=tokens.device)
-    run_lengths.scatter_add_(1, run_index, torch.ones_like(run_lengths))
-    frequencies = run_lengths / tokens.shape[1]
+    dtype = torch.get_default_dtype()
+    weights = (
+        torch.ones(tokens.shape, dtype=dtype, device=tokens.device)
+        if mask is None
+        else mask.gather(1, order).to(dtype)
+    )
+    run_lengths = torch.zeros(tokens.shape, dtype=dtype, device=tokens.device)
+    run_lengths.scatter_add_(1, run_index, weights)
+    frequencies = run_lengths / weights.sum(dim=1, keepdim=True)
     return torch.xlogy(frequencies, frequencies.reciprocal()).sum(dim=1)
 
 
@@ -120,9 +138,9 @@ class TokenEntropy(Metric):
         self.add_state("entropy_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("sample_count", default=torch.tensor(0), dist_reduce_fx="sum")
 
-    def update(self, tokens: Tokens) -> None:
-        """Add the entropies of a batch of samples."""
-        self.entropy_sum += token_entropy(tokens).sum()
+    def update(self, tokens: Tokens, mask: TokenMask | None = None) -> None:
+        """Add the entropies of a batch of samples (``mask``: True where a token counts)."""
+        self.entropy_sum += token_entropy(tokens, mask).sum()
         self.sample_count += tokens.shape[0]
 
     def compute(self) -> Float[Tensor, ""]:
@@ -367,18 +385,22 @@ class GenerativePerplexity(Metric):
 
 
 class HuggingFaceScorer:
-    r"""Score samples with a causal language model from `transformers` (e.g. GPT-2 Large).
+    r"""The paper's judge: a causal language model from `transformers` (e.g. GPT-2 Large).
 
-    Samples are decoded to text with the user's ``decode``, re-tokenized with the judge's
-    tokenizer, prefixed with its BOS token (so that the first text token is scored too) and
-    truncated to the judge's context. The NLL is per *judge* token:
+    Samples are decoded to text with the user's ``decode`` (e.g. a flowlm tokenizer's
+    ``decode_batch``) and re-tokenized with the judge's tokenizer (`retokenize`): the judge
+    scores text, whatever tokenizer produced the samples. For the NLL, each row is prefixed
+    with the judge's BOS token (so that the first text token is scored too) and truncated to
+    the judge's context. The NLL is per *judge* token:
 
-    $$\ell_j = -\log p_{\text{judge}}(y_j \mid \text{BOS}, y_{<j}),$$
+    $$\ell_j = -\log p_{	ext{judge}}(y_j \mid 	ext{BOS}, y_{<j}),$$
 
     so a perplexity built on it counts judge tokens, not sample tokens. Rows are padded to
-    the longest text and returned with a mask.
+    the longest text and returned with a mask. `entropy` is the unigram entropy of each
+    sample's judge tokens, the entropy the paper reports next to the perplexity.
 
-    `transformers` is not a flowlm dependency; it is imported by this constructor only.
+    `transformers` is optional (``pip install "flowlm[hf]"``); it is imported by this
+    constructor only.
 
     Args:
         model_name_or_path: a Hub name or a local directory for ``AutoModelForCausalLM``
@@ -388,15 +410,17 @@ class HuggingFaceScorer:
 
     Raises:
         ImportError: if `transformers` is not installed.
+        OSError: if the judge's files are neither local nor downloadable (say, offline).
         ValueError: if the judge's tokenizer has no BOS token.
 
     Examples:
-        >>> def decode(tokens):  # a character-level tokenizer: ids 0..25 are a..z
-        ...     return ["".join(chr(ord("a") + int(i)) for i in row) for row in tokens]
-        >>> decode(torch.tensor([[7, 8]]))
+        >>> from flowlm.data import CharTokenizer
+        >>> tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
+        >>> tokenizer.decode_batch(torch.tensor([[7, 8]]))
         ['hi']
-        >>> judge = HuggingFaceScorer("gpt2-large", decode)  # doctest: +SKIP
-        >>> GenerativePerplexity(judge)  # doctest: +SKIP
+        >>> judge = HuggingFaceScorer("gpt2-large", tokenizer.decode_batch)  # doctest: +SKIP
+        >>> samples = torch.randint(27, (4, 64))
+        >>> generative_perplexity(judge, samples), judge.entropy(samples)  # doctest: +SKIP
     """
 
     def __init__(
@@ -409,27 +433,58 @@ class HuggingFaceScorer:
             transformers = importlib.import_module("transformers")
         except ImportError as missing:
             raise ImportError(
-                "HuggingFaceScorer needs the `transformers` package, which flowlm does not "
-                "install: run `pip install transformers`"
+                "HuggingFaceScorer needs the `transformers` package, an optional dependency "
+                'of flowlm: run `pip install "flowlm[hf]"` (or `pip install transformers`)'
             ) from missing
         self.decode = decode
         self.device = torch.device(device)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path)
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path)
+        except OSError as error:
+            raise OSError(
+                f"could not load the judge {model_name_or_path!r}: its files are not in a "
+                f"local folder or the Hugging Face cache, and the Hub did not provide them "
+                f"(offline?). Cause: {error}"
+            ) from error
         if self.tokenizer.bos_token_id is None:
             raise ValueError(f"the tokenizer of {model_name_or_path!r} has no BOS token")
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path)
         self.model = model.to(self.device).eval()
+
+    def retokenize(self, tokens: Tokens) -> tuple[JudgeTokens, JudgeMask]:
+        """The judge's token ids of the decoded samples, right-padded, with the mask of ids.
+
+        No special token is added and rows are not truncated; padding positions hold the
+        BOS id and are False in the mask. On the judge's device.
+        """
+        texts = self.decode(tokens)
+        if len(texts) != tokens.shape[0]:
+            raise ValueError(f"decode returned {len(texts)} texts for {tokens.shape[0]} samples")
+        text_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        rows = [torch.tensor(ids, dtype=torch.long) for ids in text_ids]
+        lengths = torch.tensor([len(ids) for ids in text_ids])
+        width = max(1, int(lengths.max()))
+        ids = torch.full((len(rows), width), self.tokenizer.bos_token_id, dtype=torch.long)
+        for row, row_ids in enumerate(rows):
+            ids[row, : row_ids.numel()] = row_ids
+        mask = torch.arange(width) < lengths[:, None]
+        return ids.to(self.device), mask.to(self.device)
+
+    def entropy(self, tokens: Tokens) -> Float[Tensor, " batch"]:
+        """Unigram entropy (nats) of each sample's judge tokens (`token_entropy` of them).
+
+        NaN for a sample whose text is empty.
+        """
+        return token_entropy(*self.retokenize(tokens))
 
     def __call__(self, tokens: Tokens) -> tuple[JudgeLoss, JudgeMask]:
         """Per-judge-token NLL of the decoded samples, padded, with the mask of real tokens."""
-        texts = self.decode(tokens)
-        bos = self.tokenizer.bos_token_id
+        text_ids, text_mask = self.retokenize(tokens)
         max_text_tokens = self.model.config.max_position_embeddings - 1
-        text_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        rows = [torch.tensor([bos, *ids[:max_text_tokens]]) for ids in text_ids]
-        lengths = torch.tensor([len(row) for row in rows])
-        input_ids = pad_sequence(rows, batch_first=True, padding_value=bos).to(self.device)
-        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).to(self.device)
+        bos = torch.full_like(text_ids[:, :1], self.tokenizer.bos_token_id)
+        input_ids = torch.cat([bos, text_ids[:, :max_text_tokens]], dim=1)
+        attention_mask = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask], dim=1)
+        attention_mask = attention_mask[:, : input_ids.shape[1]]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
         nll = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"

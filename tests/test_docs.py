@@ -186,3 +186,72 @@ def test_every_public_name_is_documented(site: Path, package: str, names: list[s
         if not any(a.startswith(package + ".") and a.endswith("." + name) for a in anchors)
     ]
     assert not missing, f"public names with no entry in the API reference: {missing}"
+
+
+MATHJAX = DOCS / "javascripts" / "mathjax" / "tex-chtml-full.js"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_the_site_runs_no_script_from_the_network(site: Path) -> None:
+    pages = list(site.rglob("*.html"))
+    assert pages
+    for page in pages:
+        html = page.read_text()
+        sources = re.findall(r'<script[^>]*src="([^"]+)"', html)
+        assert not [s for s in sources if re.match(r"(https?:)?//", s)], page
+        if 'class="arithmatex"' in html:
+            assert any(s.endswith("javascripts/mathjax/tex-chtml-full.js") for s in sources), page
+
+
+def test_every_font_mathjax_loads_is_vendored() -> None:
+    fonts = set(re.findall(r"%%URL%%/(MathJax_[\w-]+\.woff)", MATHJAX.read_text()))
+    assert len(fonts) >= 18
+    folder = MATHJAX.parent / "output" / "chtml" / "fonts" / "woff-v2"
+    assert fonts <= {path.name for path in folder.glob("*.woff")}
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+def test_math_renders_offline_without_javascript_errors(site: Path) -> None:
+    for page in ("concepts/index.html", "api/solvers/index.html"):
+        result = subprocess.run(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--host-resolver-rules=MAP * ~NOTFOUND",  # no network
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                (site / page).as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+        assert not console, console
+        formulas = result.stdout.count('class="arithmatex"')
+        assert formulas > 10
+        assert result.stdout.count("<mjx-container") == formulas  # every formula typeset
+        assert "<mjx-merror" not in result.stdout  # and none is a TeX error
+
+
+def test_api_signatures_show_their_annotations(site: Path) -> None:
+    html = (site / "api" / "solvers" / "index.html").read_text()
+    signatures = [
+        " ".join(re.sub(r"<[^>]+>", "", match).split())
+        for match in re.findall(r'<div class="doc-signature highlight">(.*?)</div>', html, re.S)
+    ]
+    rollout = next(text for text in signatures if text.startswith("rollout("))
+    assert "flow_map: FlowMap" in rollout and ") -&gt; Trajectory" in rollout
+    assert any(
+        text.startswith("__call__(x: State, t: Time, s: Time) -&gt; State") for text in signatures
+    )
+
+
+def test_the_build_is_strict() -> None:
+    assert re.search(r"^strict: true$", (ROOT / "mkdocs.yml").read_text(), re.M)

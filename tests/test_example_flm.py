@@ -1,14 +1,15 @@
-"""Tests of the FLM reference assembly, examples/flm.py, and of examples/common.py.
+"""Tests of the FLM reference assembly, examples/flm.py.
 
 The example is imported from its folder (as ``python examples/flm.py`` sees it) and its
-``main(argv)`` is called in-process; the DDP test launches it under ``torchrun``.
-Run the slow training test with ``pytest -m slow tests/test_example_flm.py``.
+``main(argv)`` is called in-process; the DDP test launches it under ``torchrun`` and the
+command-line test as a subprocess. Run the slow training test with ``pytest -m slow``.
 """
 
+import collections
 import importlib
-import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,23 +20,26 @@ from typing import Any
 import pytest
 import torch
 
+import flowlm as fl
+from flowlm.train import Processes, load_checkpoint, save_checkpoint
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 QUALITY_KEY = {"corpus": "distinct_2", "alpha-repeat": "valid_rate", "markov": "exact_ppl"}
+REFUSED = "is not a usable flowlm checkpoint"
 
 
 @pytest.fixture(scope="module")
 def flm() -> Iterator[ModuleType]:
     """examples/flm.py, imported with examples/ first on the path; sys.modules left as found."""
-    shadowed = {name: sys.modules.pop(name, None) for name in ("common", "flm")}
+    shadowed = sys.modules.pop("flm", None)
     sys.path.insert(0, str(EXAMPLES))
     try:
         yield importlib.import_module("flm")
     finally:
         sys.path.remove(str(EXAMPLES))
-        for name, module in shadowed.items():
-            sys.modules.pop(name, None)
-            if module is not None:
-                sys.modules[name] = module
+        sys.modules.pop("flm", None)
+        if shadowed is not None:
+            sys.modules["flm"] = shadowed
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +54,17 @@ def run(flm: ModuleType, *args: str | Path) -> dict[str, Any]:
     return flm.main([str(arg) for arg in args])
 
 
+def refused(flm: ModuleType, capsys: pytest.CaptureFixture[str], *args: str | Path) -> str:
+    """The one-line error of a configuration that main() refuses with exit code 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run(flm, *args)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 @pytest.mark.parametrize("task", ["corpus", "alpha-repeat", "markov"])
 def test_smoke_run_writes_the_documented_json(flm: ModuleType, tmp_path: Path, task: str) -> None:
     path = tmp_path / "metrics.json"
@@ -59,10 +74,13 @@ def test_smoke_run_writes_the_documented_json(flm: ModuleType, tmp_path: Path, t
     assert written["task"] == task
     assert written["train_steps"] == flm.SMOKE["steps"]
     assert list(written["steps"]) == ["1", "2", "4", "8"]
+    length = flm.PRESETS[task]["length"]
     for n_steps, metrics in written["steps"].items():
         assert metrics["nfe"] == int(n_steps)
-        assert 0 <= metrics["entropy"] <= math.log(64)
+        assert 0 <= metrics["entropy"] <= math.log(length)
         assert metrics[QUALITY_KEY[task]] >= 0
+        assert len(metrics["samples"]) == flm.SMOKE["samples"]
+        assert all(len(text) == length for text in metrics["samples"])
     assert list(written["train_loss"]) == [str(step) for step in range(1, 9)]
     assert set(written["validation"]) == {"4", "8"}
 
@@ -81,7 +99,7 @@ def test_ablation_flags_run(flm: ModuleType, flags: list[str], nfe_of_three_step
         flm, "--smoke", "--task", "alpha-repeat", "--steps", "2", "--sample-steps", "3", *flags
     )
     assert result["steps"]["3"]["nfe"] == nfe_of_three_steps
-    assert all(torch.isfinite(torch.tensor(list(result["train_loss"].values()))))
+    assert all(math.isfinite(loss) for loss in result["train_loss"].values())
 
 
 def test_resume_replays_the_uninterrupted_run_exactly(flm: ModuleType, tmp_path: Path) -> None:
@@ -98,125 +116,244 @@ def test_resume_replays_the_uninterrupted_run_exactly(flm: ModuleType, tmp_path:
 def test_sample_only_reads_the_checkpoint(flm: ModuleType, tmp_path: Path) -> None:
     checkpoint = tmp_path / "flm.pt"
     trained = run(flm, "--smoke", "--task", "markov", "--out", checkpoint)
+    written = checkpoint.read_bytes()
     sampled = run(flm, "--sample-only", "--out", checkpoint, "--json", tmp_path / "m.json")
     assert sampled["train_steps"] == trained["train_steps"]
     assert sampled["steps"] == trained["steps"]
     assert "train_loss" not in sampled
+    assert checkpoint.read_bytes() == written
+
+
+def test_the_ranks_draw_their_own_rows_and_the_strata_of_one_global_batch(
+    flm: ModuleType,
+) -> None:
+    """What N processes share with one: i.i.d. rows and the global batch's strata of times.
+
+    Each rank draws its own sequences and noise (so the two ranks' rows differ, and rank 1's
+    are not the rows one process would draw); the times of the two ranks together hold exactly one
+    time in each of the 2B strata [i / 2B, (i + 1) / 2B), as one process's batch of 2B does.
+    """
+    task = flm.build_task("alpha-repeat", 8)
+    config = flm.Config(task="alpha-repeat", length=8, batch_size=16)
+    cpu = torch.device("cpu")
+    draws = [flm.draw_batch(task, config, 3, Processes(rank, 2, cpu)) for rank in (0, 1)]
+    (tokens0, noise0, t0), (tokens1, noise1, t1) = draws
+    assert tokens0.shape == (8, 8) and noise0.shape == (8, 8, 26)
+    assert not torch.equal(noise0, noise1)
+    assert not torch.equal(tokens0, tokens1)
+    strata = torch.floor(torch.cat([t0, t1]) * 16).long()
+    assert torch.equal(strata, torch.arange(16))
+    _, alone_noise, alone_t = flm.draw_batch(task, config, 3, Processes(0, 1, cpu))
+    assert torch.equal(torch.floor(alone_t * 16).long(), torch.arange(16))
+    assert torch.equal(alone_noise[:8], noise0)  # rank 0 draws from one process's generators
+    assert not torch.equal(alone_noise[8:], noise1)
+    again = flm.draw_batch(task, config, 3, Processes(1, 2, cpu))
+    assert all(torch.equal(a, b) for a, b in zip(again, draws[1], strict=True))
+
+
+def test_two_processes_train_under_torchrun(flm: ModuleType, tmp_path: Path) -> None:
+    args = "--smoke --task alpha-repeat --steps 6 --checkpoint-every 3".split()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    path, checkpoint = tmp_path / "ddp.json", tmp_path / "ddp.pt"
+    launched = subprocess.run(
+        [*launch, str(EXAMPLES / "flm.py"), *args, "--json", str(path), "--out", str(checkpoint)],
+        timeout=180,
+        capture_output=True,
+        text=True,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    result = json.loads(path.read_text())
+    assert list(result["train_loss"]) == [str(step) for step in range(1, 7)]
+    assert all(math.isfinite(loss) for loss in result["train_loss"].values())
+    assert load_checkpoint(checkpoint)["step"] == 6
+
+
+def count_host_reads(flm: ModuleType, steps: int, out: Path) -> collections.Counter[str]:
+    """Host reads of tensors (item, bool, cpu, tolist, numpy) during a run, by caller."""
+    calls: collections.Counter[str] = collections.Counter()
+    originals = {
+        name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "cpu", "tolist", "numpy")
+    }
+
+    def counted(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            # AdamW reads its step counters, which torch keeps on the host (not capturable).
+            if not caller.endswith(("optim/optimizer.py", "optim/adamw.py", "optim/adam.py")):
+                calls[f"{name} from {Path(caller).name}"] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counted(name, original))
+        every = ["--log-every", "100", "--eval-every", "100", "--sample-every", "100"]
+        run(flm, "--smoke", "--task", "alpha-repeat", "--steps", steps, *every,
+            "--checkpoint-every", "100", "--out", out)  # fmt: skip
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return calls
+
+
+def test_the_training_loop_reads_the_host_only_at_log_eval_and_checkpoint_steps(
+    flm: ModuleType, tmp_path: Path
+) -> None:
+    """4 and 12 steps with one log, eval and checkpoint (the last step): the same host reads."""
+    short = count_host_reads(flm, 4, tmp_path / "a.pt")
+    long = count_host_reads(flm, 12, tmp_path / "b.pt")
+    assert sum(short.values()) > 0  # the counter sees the final log, eval and report
+    assert long == short
+
+
+def test_a_non_finite_loss_stops_the_run_without_saving(
+    flm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_cross_entropy = fl.cross_entropy
+    monkeypatch.setattr(
+        fl, "cross_entropy", lambda logits, tokens: real_cross_entropy(logits, tokens) * math.inf
+    )
+    checkpoint = tmp_path / "flm.pt"
+    args = ["--smoke", "--task", "alpha-repeat", "--log-every", "2", "--checkpoint-every", "4"]
+    with pytest.raises(FloatingPointError, match=r"step 2: the training loss is (nan|inf)"):
+        run(flm, *args, "--out", checkpoint)
+    assert not checkpoint.exists()
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     flm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checkpoint = tmp_path / "flm.pt"
-    real_save: Callable[..., None] = torch.save
     saves: list[int] = []
 
-    def crash_on_second_save(state: object, file: Any) -> None:
+    def crash_on_second_save(path: Path, state: dict[str, Any]) -> str:
         saves.append(1)
         if len(saves) == 2:
-            file.write(b"the first bytes of a checkpoint")
             raise OSError("simulated crash in the middle of a checkpoint write")
-        real_save(state, file)
+        return save_checkpoint(path, state)
 
-    monkeypatch.setattr(torch, "save", crash_on_second_save)
+    monkeypatch.setattr(flm.train, "save_checkpoint", crash_on_second_save)
     args = ["--smoke", "--task", "alpha-repeat", "--out", checkpoint, "--checkpoint-every", "4"]
     with pytest.raises(OSError, match="simulated crash"):
         run(flm, *args)
     monkeypatch.undo()
-    assert list(tmp_path.iterdir()) == [checkpoint]
-    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    assert load_checkpoint(checkpoint)["step"] == 4
     assert run(flm, *args, "--resume")["train_steps"] == flm.SMOKE["steps"]
 
 
-def test_two_processes_train_like_one_on_the_same_global_batch(
+def test_a_killed_write_leaves_no_partial_file_after_the_next_start(
     flm: ModuleType, tmp_path: Path
 ) -> None:
-    args = "--smoke --task alpha-repeat --dropout 0 --lr 3e-3 --steps 10".split()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    path = tmp_path / "ddp.json"
+    checkpoint = tmp_path / "flm.pt"
+    args = ["--smoke", "--task", "alpha-repeat", "--steps", "2", "--out", checkpoint]
+    run(flm, *args)
+    stale = tmp_path / ".flm.pt.u7x1kq.partial"  # what a write killed before its rename leaves
+    stale.write_bytes(checkpoint.read_bytes()[:100])
+    run(flm, *args, "--resume", "--steps", "3")
+    assert sorted(tmp_path.iterdir()) == [checkpoint]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--grad-clip", "-1"], "--grad-clip must be a positive finite gradient norm, got -1.0"),
+        (["--grad-clip", "nan"], "--grad-clip must be a positive finite gradient norm, got nan"),
+        (["--lr", "1e30"], r"--lr must lie in \(0, 1\], got 1e\+30"),
+        (["--lr", "0"], r"--lr must lie in \(0, 1\], got 0.0"),
+        (["--length", "100000"], r"needs about \d+\.\d GiB, more than the"),
+        (["--dim", "1000000"], r"needs about \d+\.\d GiB, more than the"),
+        (["--samples", "100000000"], r"needs about \d+\.\d GiB, more than the"),
+        (["--length", "0"], "--length must be at least 1, got 0"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
+        (["--sample-steps", "4", "0"], r"--sample-steps must be step counts >= 1, got \(4, 0\)"),
+        (["--dim", "30", "--heads", "4"], "--dim / --heads must be an even number, got 30 / 4"),
+        (["--ema-decay", "1"], r"--ema-decay must lie in \(0, 1\), got 1.0"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--task", "poetry"], "argument --task: invalid choice: 'poetry'"),
+        (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+        (["--resume"], "--resume and --sample-only read the checkpoint at --out: give --out"),
+        (["--task", "markov", "--text", "."], "--text gives the corpus task its text"),
+    ],
+)
+def test_configuration_errors_are_one_line_and_exit_code_2(
+    flm: ModuleType, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    assert re.search(message, refused(flm, capsys, "--smoke", *flags))
+
+
+def test_the_command_line_prints_one_error_line_without_traceback(tmp_path: Path) -> None:
     launched = subprocess.run(
-        [*launch, str(EXAMPLES / "flm.py"), *args, "--json", str(path)],
-        timeout=120,
+        [sys.executable, str(EXAMPLES / "flm.py"), "--smoke", "--grad-clip", "-1"],
         capture_output=True,
         text=True,
+        timeout=120,
     )
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    two = json.loads(path.read_text())["train_loss"]
-    one = run(flm, *args)["train_loss"]
-    assert list(two) == list(one) == [str(step) for step in range(1, 11)]
-    assert max(abs(two[step] - one[step]) for step in one) <= 1e-5
+    assert launched.returncode == 2
+    assert (
+        launched.stderr == "error: --grad-clip must be a positive finite gradient norm, got -1.0\n"
+    )
 
 
-def test_a_checkpoint_of_another_vocabulary_is_refused(flm: ModuleType, tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["64 flipped bytes", "empty", "text", "truncated"])
+def test_a_damaged_checkpoint_is_refused_with_one_message(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    checkpoint = tmp_path / "flm.pt"
+    run(flm, "--smoke", "--task", "alpha-repeat", "--steps", "1", "--out", checkpoint)
+    raw = bytearray(checkpoint.read_bytes())
+    if damage == "64 flipped bytes":
+        middle = len(raw) // 2
+        raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+    damaged = {"empty": b"", "text": b"step 1\n", "truncated": bytes(raw[: len(raw) // 3])}
+    checkpoint.write_bytes(damaged.get(damage, bytes(raw)))
+    for mode in ("--sample-only", "--resume"):
+        assert REFUSED in refused(flm, capsys, mode, "--out", checkpoint)
+
+
+def test_an_fmlm_checkpoint_is_named_as_such(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    student = tmp_path / "fmlm.pt"
+    save_checkpoint(student, {"kind": "fmlm", "stages": {}})
+    message = refused(flm, capsys, "--sample-only", "--out", student)
+    assert "is not an 'flm' checkpoint: it holds an 'fmlm' checkpoint" in message
+
+
+def test_a_smoke_checkpoint_is_not_resumed_by_a_real_run(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "flm.pt"
+    run(flm, "--smoke", "--task", "alpha-repeat", "--steps", "1", "--out", checkpoint)
+    message = refused(flm, capsys, "--task", "alpha-repeat", "--resume", "--out", checkpoint)
+    assert "holds a --smoke run: it is not resumed by this one" in message
+
+
+def test_flags_that_contradict_the_checkpoints_network_are_refused(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     checkpoint = tmp_path / "alpha.pt"
     run(flm, "--smoke", "--task", "alpha-repeat", "--steps", "1", "--out", checkpoint)
-    with pytest.raises(ValueError, match=r"vocabulary of 26 symbols.*this task has 16"):
-        run(flm, "--task", "markov", "--sample-only", "--out", checkpoint)
+    message = refused(flm, capsys, "--sample-only", "--out", checkpoint, "--dim", "64")
+    assert "--dim 64 contradicts the checkpoint's 32" in message
+    message = refused(flm, capsys, "--sample-only", "--out", checkpoint, "--task", "markov")
+    assert "--task markov contradicts the checkpoint's alpha-repeat" in message
 
 
-def test_an_empty_text_is_refused(flm: ModuleType, tmp_path: Path) -> None:
+def test_an_empty_text_is_refused(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match="corpus is empty"):
-        run(flm, "--smoke", "--text", tmp_path / "empty.txt")
+    assert "corpus is empty" in refused(flm, capsys, "--smoke", "--text", tmp_path / "empty.txt")
 
 
-def test_a_sequence_longer_than_the_text_is_refused(flm: ModuleType, tmp_path: Path) -> None:
-    (tmp_path / "short.txt").write_text(
-        "In the beginning God created the heaven and the earth. " * 10
-    )
-    with pytest.raises(ValueError, match="--length 64 is longer than the validation split"):
-        run(flm, "--smoke", "--text", tmp_path / "short.txt", "--length", "64")
-
-
-def test_text_belongs_to_the_corpus_task(flm: ModuleType, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--text gives the corpus task its text"):
-        run(flm, "--smoke", "--task", "markov", "--text", tmp_path)
-
-
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_learning_rate_schedule(flm: ModuleType, schedule: str) -> None:
-    common = sys.modules["common"]
-    config = common.Config(steps=110, warmup=10, lr=2.0, schedule=schedule)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-
-    def rate(step: int) -> float:
-        common.set_learning_rate(optimizer, step, config)
-        return optimizer.param_groups[0]["lr"]
-
-    assert [rate(step) for step in (0, 4, 9)] == pytest.approx([0.2, 1.0, 2.0])
-    after_warmup = [rate(step) for step in range(10, 110)]
-    if schedule == "constant":
-        assert after_warmup == [2.0] * 100
-    else:  # (1 + cos(pi p)) with p = 0.5 at step 59, 1 at the last step
-        assert rate(59) == pytest.approx(1.0)
-        assert after_warmup[-1] == pytest.approx(0.0, abs=1e-12)
-        assert all(a > b for a, b in itertools.pairwise(after_warmup))
-
-
-def test_a_non_finite_loss_stops_before_the_update(flm: ModuleType) -> None:
-    common = sys.modules["common"]
-    network = torch.nn.Linear(2, 1)
-    before = [p.detach().clone() for p in network.parameters()]
-    parameters = list(network.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
-    ema = common.make_ema(network, 0.9)
-    one_process = common.Distributed(rank=0, world_size=1, device=torch.device("cpu"))
-    config = common.Config(warmup=0)
-    loss = network(torch.ones(1, 2)).sum() * float("nan")
-    with pytest.raises(FloatingPointError, match="step 4: the training loss is nan"):
-        common.optimizer_step(loss, optimizer, parameters, ema, network, 3, config, one_process)
-    assert all(torch.equal(a, b) for a, b in zip(before, network.parameters(), strict=True))
-    finite = network(torch.ones(1, 2)).sum()
-    mean = common.optimizer_step(
-        finite, optimizer, parameters, ema, network, 3, config, one_process
-    )
-    assert mean == finite.detach()
-    assert not all(torch.equal(a, b) for a, b in zip(before, network.parameters(), strict=True))
-
-
-def test_an_unknown_schedule_is_refused(flm: ModuleType) -> None:
-    with pytest.raises(SystemExit):
-        run(flm, "--smoke", "--schedule", "linear")
+def test_a_sequence_longer_than_the_text_is_refused(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "short.txt").write_text("In the beginning God created the heaven. " * 10)
+    message = refused(flm, capsys, "--smoke", "--text", tmp_path / "short.txt", "--length", "64")
+    assert "--length 64 is longer than the validation split" in message
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ examples/flm.py for the whole module; every distillation method is then run agai
 import importlib
 import json
 import math
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 import torch
 
 import flowlm as fl
+from flowlm.backbones import DiT
+from flowlm.train import load_checkpoint, save_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 METHODS = ("v2", "lagrangian", "eulerian", "self", "regression", "v1")
@@ -28,7 +31,7 @@ STAGES = {method: [method] for method in ONE_STAGE} | {"v1": ["v1-stage1", "v1-s
 @pytest.fixture(scope="module")
 def examples() -> Iterator[dict[str, ModuleType]]:
     """examples/flm.py and fmlm.py, imported with examples/ first on the path."""
-    names = ("common", "flm", "fmlm")
+    names = ("flm", "fmlm")
     shadowed = {name: sys.modules.pop(name, None) for name in names}
     sys.path.insert(0, str(EXAMPLES))
     try:
@@ -46,10 +49,10 @@ def fmlm(examples: dict[str, ModuleType]) -> ModuleType:
     return examples["fmlm"]
 
 
-def train_teacher(flm: ModuleType, task: str, path: Path) -> Path:
+def train_teacher(flm: ModuleType, task: str, path: Path, *flags: str) -> Path:
     threads = torch.get_num_threads()
     try:
-        flm.main(["--smoke", "--task", task, "--out", str(path)])
+        flm.main(["--smoke", "--task", task, "--out", str(path), *flags])
     finally:
         torch.set_num_threads(threads)
     return path
@@ -73,12 +76,24 @@ def run(fmlm: ModuleType, *args: str | Path) -> dict[str, Any]:
     return fmlm.main([str(arg) for arg in args])
 
 
+def refused(fmlm: ModuleType, capsys: pytest.CaptureFixture[str], *args: str | Path) -> str:
+    """The one-line error of a configuration that main() refuses with exit code 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run(fmlm, *args)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 def check_report(report: dict[str, Any], step_counts: list[str], nfe_per_step: int) -> None:
     assert list(report) == step_counts
     for n_steps, metrics in report.items():
         assert metrics["nfe"] == nfe_per_step * int(n_steps)
         assert 0 <= metrics["entropy"] <= math.log(8)
         assert 0 <= metrics["valid_rate"] <= 1
+        assert len(metrics["samples"]) == 8 and all(len(text) == 8 for text in metrics["samples"])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -153,16 +168,16 @@ def test_v1_resumes_exactly_after_a_crash_in_either_stage(
     """Checkpoints at steps 2 and 4 of each stage: saves 1, 2 in stage 1 and 3, 4 in stage 2."""
     flags = [*RESUME_FLAGS, "--teacher", teacher, "--method", "v1", "--steps", "4"]
     straight = run(fmlm, *flags, "--out", tmp_path / "straight.pt")
-    real_save: Callable[[Path, dict[str, Any]], None] = fmlm.save_checkpoint
     saves: list[Path] = []
 
-    def save_then_crash(path: Path, state: dict[str, Any]) -> None:
-        real_save(path, state)
+    def save_then_crash(path: Path, state: dict[str, Any]) -> str:
+        digest = save_checkpoint(path, state)
         saves.append(path)
         if len(saves) == crash_after_save:
             raise SimulatedCrash
+        return digest
 
-    monkeypatch.setattr(fmlm, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(fmlm.train, "save_checkpoint", save_then_crash)
     with pytest.raises(SimulatedCrash):
         run(fmlm, *flags, "--out", tmp_path / "resumed.pt")
     monkeypatch.undo()
@@ -174,22 +189,108 @@ def test_v1_resumes_exactly_after_a_crash_in_either_stage(
     assert resumed["steps"] == straight["steps"]
 
 
-def test_a_teacher_of_another_vocabulary_is_refused(fmlm: ModuleType, teacher: Path) -> None:
-    with pytest.raises(ValueError, match=r"vocabulary of 26 symbols.*this task has 16"):
-        run(fmlm, "--smoke", "--teacher", teacher, "--task", "markov")
-
-
-def test_a_missing_teacher_is_refused(fmlm: ModuleType, tmp_path: Path) -> None:
-    missing = tmp_path / "missing.pt"
-    with pytest.raises(FileNotFoundError, match=f"no FLM checkpoint at {missing}"):
-        run(fmlm, "--smoke", "--teacher", missing)
-
-
-def test_a_checkpoint_that_is_not_an_flm_is_refused(fmlm: ModuleType, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["v2", "v1"])
+def test_sample_only_neither_trains_nor_writes_the_checkpoint(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path, method: str
+) -> None:
     student = tmp_path / "fmlm.pt"
-    torch.save({"stages": {}, "method": {}}, student)  # what examples/fmlm.py --out writes
-    with pytest.raises(ValueError, match="is not an FLM checkpoint"):
-        run(fmlm, "--smoke", "--teacher", student)
+    flags = ["--smoke", "--teacher", teacher, "--method", method, "--out", student]
+    trained = run(fmlm, *flags)
+    written = student.read_bytes()
+    sampled = run(fmlm, *flags, "--sample-only", "--steps", "8")
+    assert student.read_bytes() == written
+    assert sampled["train_steps"] == trained["train_steps"]
+    assert all(sampled[stage]["train_loss"] == {} for stage in STAGES[method])
+    assert sampled["steps"] == trained["steps"]
+    assert sampled["teacher_steps"] == trained["teacher_steps"]
+
+
+def test_sample_only_without_a_student_is_refused(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "fmlm.pt"
+    message = refused(fmlm, capsys, "--teacher", teacher, "--out", missing, "--sample-only")
+    assert f"--sample-only: no student checkpoint at {missing}" in message
+
+
+def test_a_retrained_teacher_is_not_reused_silently_with_an_old_student(
+    examples: dict[str, ModuleType],
+    fmlm: ModuleType,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    teacher = train_teacher(examples["flm"], "alpha-repeat", tmp_path / "flm.pt", "--steps", "2")
+    student = tmp_path / "fmlm.pt"
+    run(fmlm, "--smoke", "--teacher", teacher, "--out", student, "--steps", "2")
+    train_teacher(examples["flm"], "alpha-repeat", teacher, "--steps", "2", "--seed", "1")
+    for mode in ("--resume", "--sample-only"):
+        message = refused(fmlm, capsys, "--smoke", "--teacher", teacher, "--out", student, mode)
+        assert f"was distilled from another teacher than the one now at {teacher}" in message
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dim", "64"], "--dim 64 contradicts the teacher's 32: the student is the teacher's"),
+        (["--depth", "3"], "--depth 3 contradicts the teacher's 1"),
+        (["--heads", "4"], "--heads 4 contradicts the teacher's 2"),
+        (["--length", "16"], "--length 16 contradicts the teacher's 8"),
+        (["--task", "markov"], "--task markov contradicts the teacher's alpha-repeat"),
+        (["--grad-clip", "-1"], "--grad-clip must be a positive finite gradient norm, got -1.0"),
+        (["--lr", "1e30"], r"--lr must lie in (0, 1], got 1e+30"),
+        (["--samples", "100000000"], "GiB, more than the"),
+        (["--boundary-prob", "2"], "--boundary-prob must lie in [0, 1], got 2.0"),
+        (["--teacher-steps", "0"], "--teacher-steps must be at least 1, got 0"),
+        (["--method", "v3"], "argument --method: invalid choice: 'v3'"),
+    ],
+)
+def test_configuration_errors_are_one_line_and_exit_code_2(
+    fmlm: ModuleType,
+    teacher: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    assert message in refused(fmlm, capsys, "--smoke", "--teacher", teacher, *flags)
+
+
+def test_the_command_line_prints_one_error_line_without_traceback(teacher: Path) -> None:
+    launched = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fmlm.py"), "--teacher", str(teacher), "--dim", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert launched.returncode == 2
+    assert launched.stderr.startswith("error: --dim 64 contradicts the teacher's 32")
+    assert launched.stderr.count("\n") == 1
+
+
+def test_a_missing_teacher_is_refused(
+    fmlm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.pt"
+    assert f"no FLM checkpoint at {missing}" in refused(fmlm, capsys, "--teacher", missing)
+
+
+def test_a_student_given_as_the_teacher_is_refused(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    student = tmp_path / "fmlm.pt"
+    run(fmlm, "--smoke", "--teacher", teacher, "--out", student, "--steps", "1")
+    assert "is not an 'flm' checkpoint" in refused(fmlm, capsys, "--teacher", student)
+    message = refused(fmlm, capsys, "--teacher", teacher, "--out", teacher, "--resume")
+    assert "is not an 'fmlm' checkpoint: it holds an 'flm' checkpoint" in message
+
+
+def test_a_corrupted_teacher_is_refused(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = bytearray(teacher.read_bytes())
+    raw[-64:] = bytes(b ^ 0xFF for b in raw[-64:])
+    (tmp_path / "bad.pt").write_bytes(bytes(raw))
+    message = refused(fmlm, capsys, "--teacher", tmp_path / "bad.pt")
+    assert "checksum does not match its content" in message
 
 
 def random_jumps(batch: int, generator: torch.Generator) -> tuple[fl.Time, fl.Time]:
@@ -199,26 +300,58 @@ def random_jumps(batch: int, generator: torch.Generator) -> tuple[fl.Time, fl.Ti
     return ends[:, 0], ends[:, 1]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stage", ["v2", "v1-stage1", "v1-stage2"])
 def test_before_training_the_student_is_the_teachers_euler_step(
-    examples: dict[str, ModuleType], fmlm: ModuleType, teacher: Path, method: str
+    fmlm: ModuleType, teacher: Path, stage: str
 ) -> None:
-    network, config, _ = fmlm.load_teacher(teacher, torch.device("cpu"))
-    vocab_size = network.output.out_features
-    interpolant = examples["common"].build_interpolant(config, vocab_size)
-    stages = fmlm.build_stages(fmlm.Method(name=method), config, network, interpolant, vocab_size)
+    state = load_checkpoint(teacher)
+    config = fmlm.Config(**{name: state["config"][name] for name in fmlm.MODEL})
+    network = DiT(26, config.dim, config.depth, config.heads, dropout=0.0)
+    network.load_state_dict(state["ema"])
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(26))
+    student_network: Callable[..., DiT] = fmlm.student_network
+    student = student_network(network, config, stage).eval()
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(6, config.length, vocab_size, generator=generator)
+    x = torch.randn(6, config.length, 26, generator=generator)
     t, s = random_jumps(6, generator)
-    teacher_predictor = fl.XPredictor(network)
+    teacher_predictor = fl.XPredictor(network.eval())
     with torch.no_grad():
-        student = fl.XPredMap(fl.XPredictor(stages[-1].network.eval()), interpolant, two_time=True)
         euler_step = fl.XPredMap(teacher_predictor, interpolant)(x, t, s)
-        assert torch.equal(student(x, t, s), euler_step)
-        if method == "v1":
-            taylor = fl.TaylorMap(
-                fl.XPredVelocity(teacher_predictor, interpolant), stages[0].network.eval()
-            )
-            ode_euler = fl.Euler(fl.XPredVelocity(teacher_predictor, interpolant))
-            torch.testing.assert_close(taylor(x, t, s), ode_euler(x, t, s))
-            torch.testing.assert_close(taylor(x, t, s), euler_step)
+        if stage == "v1-stage1":  # the Taylor map x + d v + d² g / 2 with g = 0 at init
+            velocity = fl.XPredVelocity(teacher_predictor, interpolant)
+            torch.testing.assert_close(fl.TaylorMap(velocity, student)(x, t, s), euler_step)
+        else:
+            student_map = fl.XPredMap(fl.XPredictor(student), interpolant, two_time=True)
+            assert torch.equal(student_map(x, t, s), euler_step)
+
+
+@pytest.mark.parametrize("method", ["v2", "v1"])
+def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """3 and 9 steps per stage, logged and saved at the last one only: the same host reads."""
+    calls: list[str] = []
+    for name in ("item", "__bool__", "cpu", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if "torch/optim/" not in caller:  # AdamW's step counters live on the host
+                calls.append(caller)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    counts = []
+    for steps in ("3", "9"):
+        calls.clear()
+        flags = [
+            "--log-every",
+            "100",
+            "--checkpoint-every",
+            "100",
+            "--out",
+            tmp_path / f"{steps}.pt",
+        ]
+        run(fmlm, "--smoke", "--teacher", teacher, "--method", method, "--steps", steps, *flags)
+        counts.append(len(calls))
+    assert counts[0] > 0 and counts[0] == counts[1]

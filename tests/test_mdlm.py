@@ -1,7 +1,7 @@
 """The MDLM baseline in benchmarks/mdlm.py: masking schedule, SUBS, sampler, factorized failure."""
 
-import importlib.util
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -12,17 +12,9 @@ from torch import nn
 from flowlm.backbones import DiT
 from flowlm.data import AlphaRepeat
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-def load_mdlm():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mdlm.py"
-    spec = importlib.util.spec_from_file_location("mdlm", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mdlm = load_mdlm()
+import mdlm
 
 
 class ConstantLogits(nn.Module):

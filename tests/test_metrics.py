@@ -87,6 +87,40 @@ def test_token_entropy_matches_reference(tokens: np.ndarray) -> None:
     )
 
 
+@settings(deadline=None)
+@given(token_batches(), st.data())
+def test_masked_token_entropy_is_the_entropy_of_the_counted_tokens(
+    tokens: np.ndarray, data: st.DataObject
+) -> None:
+    keep = np.array(
+        data.draw(st.lists(st.booleans(), min_size=tokens.size, max_size=tokens.size))
+    ).reshape(tokens.shape)
+    keep[:, 0] = True  # every row counts at least one token
+    expected = np.array(
+        [entropy_reference(row[kept][None])[0] for row, kept in zip(tokens, keep, strict=True)]
+    )
+    masked = token_entropy(torch.from_numpy(tokens), torch.from_numpy(keep))
+    torch.testing.assert_close(masked.double(), torch.from_numpy(expected), atol=1e-6, rtol=1e-6)
+    metric = TokenEntropy()
+    metric.update(torch.from_numpy(tokens), torch.from_numpy(keep))
+    assert metric.compute().item() == pytest.approx(expected.mean(), abs=1e-6)
+
+
+@pytest.mark.usefixtures("without_runtime_shape_checks")
+def test_masked_token_entropy_rejects_a_mask_of_another_shape() -> None:
+    tokens = torch.tensor([[1, 2, 2], [4, 4, 4]])
+    with pytest.raises(ValueError, match=r"the mask has shape \(2, 2\) but the tokens \(2, 3\)"):
+        token_entropy(tokens, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_masked_token_entropy_of_an_empty_row_is_nan() -> None:
+    tokens = torch.tensor([[1, 2, 2], [4, 4, 4]])
+    mask = torch.tensor([[True, True, True], [False, False, False]])
+    entropy = token_entropy(tokens, mask)
+    assert entropy[0].item() == pytest.approx(math.log(3) - 2 / 3 * math.log(2))
+    assert math.isnan(entropy[1].item())
+
+
 def test_token_entropy_extremes() -> None:
     constant = torch.full((2, 9), 4)
     all_distinct = torch.arange(16).reshape(1, 16)

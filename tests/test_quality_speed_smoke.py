@@ -92,4 +92,15 @@ def test_speed_quick_writes_rows_overheads_and_targets(tmp_path: Path) -> None:
         "fmlm_v2_training_step",
     ]
     assert all(isinstance(target["pass"], bool) for target in report["targets"])
+    assert sum(line.startswith(("PASS  ", "FAIL  ")) for line in stdout.splitlines()) == 8
     assert (tmp_path / "speed.md").exists()
+    assert report["machine"]["cpu_model"]
+
+    overhead = json.loads((tmp_path / "sampler_overhead.json").read_text())
+    assert overhead["benchmark"] == "sampler_overhead" and overhead["overhead_max"] == 0.03
+    assert overhead["overhead"] == report["overhead"]
+    assert [cost["precision"] for cost in overhead["library_only"]] == ["fp32", "bf16 autocast"]
+    for cost in overhead["library_only"]:
+        assert 0 < cost["cpu_fraction_of_bare_backbone"] < math.inf
+    table = (tmp_path / "sampler_overhead.md").read_text()
+    assert table.count("| FLM 8 | bare DiT x8 |") == 2

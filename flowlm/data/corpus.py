@@ -1,8 +1,9 @@
 """Text corpora: the embedded King James Bible, your own text files, and window sampling.
 
 A corpus is a list of documents ``(name, text)``. `TextCorpus.split` holds out whole
-documents for validation, builds a `CharTokenizer` from all the text and serves windows of
-token ids drawn from the concatenated documents of a split.
+documents for validation, encodes them with any `Tokenizer` (by default a `CharTokenizer`
+built from all the text) and serves windows of token ids drawn from the concatenated
+documents of a split.
 """
 
 import functools
@@ -18,6 +19,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from flowlm._types import Tokens
+from flowlm.data.protocol import Tokenizer
 from flowlm.data.tokenizer import CharTokenizer
 
 Document = tuple[str, str]
@@ -94,6 +96,31 @@ def load_text(path: str | Path) -> list[Document]:
     return [(file.stem, file.read_text(encoding="utf-8")) for file in files]
 
 
+def validation_positions(count: int, validation_fraction: float, unit: str) -> set[int]:
+    """Positions of the items held out for validation, evenly spaced through ``count`` items.
+
+    ``k = max(1, round(validation_fraction * count))`` items (none when the fraction is 0):
+    those at positions ``floor((i + 1/2) count / k)`` for ``i = 0 .. k-1``, so the split is
+    deterministic and validation samples the whole list. ``unit`` names the items in errors.
+
+    Raises:
+        ValueError: the fraction is outside ``[0, 1)`` or would leave nothing to train on.
+
+    Examples:
+        >>> sorted(validation_positions(10, 0.2, "lines"))
+        [2, 7]
+    """
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
+    held_out = max(1, round(validation_fraction * count)) if validation_fraction else 0
+    if held_out >= count:
+        raise ValueError(
+            f"cannot hold out {held_out} of {count} {unit} and keep some for training; "
+            f"lower validation_fraction or give more {unit}"
+        )
+    return {int((i + 0.5) * count / held_out) for i in range(held_out)}
+
+
 @dataclass(frozen=True)
 class TextCorpus:
     """Train and validation documents, their tokenizer, and windows of token ids.
@@ -105,7 +132,7 @@ class TextCorpus:
     Args:
         train: the training documents.
         validation: the held-out documents (may be empty).
-        tokenizer: encodes every document of both splits.
+        tokenizer: encodes every document of both splits: any `Tokenizer`.
 
     Examples:
         >>> documents = [("one", "abcabc"), ("two", "cab"), ("three", "bca")]
@@ -119,17 +146,21 @@ class TextCorpus:
 
     train: tuple[Document, ...]
     validation: tuple[Document, ...]
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
 
     @classmethod
-    def split(cls, documents: list[Document], validation_fraction: float = 0.05) -> "TextCorpus":
+    def split(
+        cls,
+        documents: list[Document],
+        validation_fraction: float = 0.05,
+        tokenizer: Tokenizer | None = None,
+    ) -> "TextCorpus":
         """Hold out whole documents, evenly spaced through the list, for validation.
 
-        With ``n`` documents, ``k = max(1, round(validation_fraction * n))`` of them are held
-        out (none when the fraction is 0): the documents at positions
-        ``floor((i + 1/2) n / k)`` for ``i = 0 .. k-1``, so the split is deterministic, the
-        two parts are disjoint and validation samples the whole corpus. The tokenizer is built
-        from all the text, so both splits encode.
+        The held-out documents are those of `validation_positions`, so the split is
+        deterministic, the two parts are disjoint and validation samples the whole corpus.
+        Without a ``tokenizer``, a `CharTokenizer` is built from all the text, so both splits
+        encode.
 
         Examples:
             >>> corpus = TextCorpus.split([("a", "xy"), ("b", "yz")], validation_fraction=0.0)
@@ -138,21 +169,14 @@ class TextCorpus:
         """
         if not documents or not any(text for _, text in documents):
             raise ValueError("the corpus is empty: give at least one document with text")
-        if not 0 <= validation_fraction < 1:
-            raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
-        count = len(documents)
-        held_out = max(1, round(validation_fraction * count)) if validation_fraction else 0
-        if held_out >= count:
-            raise ValueError(
-                f"cannot hold out {held_out} of {count} documents and keep some for training; "
-                f"lower validation_fraction or split the text into more documents"
-            )
-        validation_positions = {int((i + 0.5) * count / held_out) for i in range(held_out)}
-        all_text = DOCUMENT_SEPARATOR.join(text for _, text in documents)
+        held_out = validation_positions(len(documents), validation_fraction, "documents")
+        if tokenizer is None:
+            all_text = DOCUMENT_SEPARATOR.join(text for _, text in documents)
+            tokenizer = CharTokenizer.from_text(all_text)
         return cls(
-            train=tuple(d for i, d in enumerate(documents) if i not in validation_positions),
-            validation=tuple(d for i, d in enumerate(documents) if i in validation_positions),
-            tokenizer=CharTokenizer.from_text(all_text),
+            train=tuple(d for i, d in enumerate(documents) if i not in held_out),
+            validation=tuple(d for i, d in enumerate(documents) if i in held_out),
+            tokenizer=tokenizer,
         )
 
     @cached_property

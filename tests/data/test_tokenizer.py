@@ -30,7 +30,8 @@ def test_specials_take_the_first_ids() -> None:
     tokenizer = CharTokenizer("xy", specials=("<pad>", "<bos>"))
     assert tokenizer.vocab_size == 4
     assert tokenizer.encode("yx").tolist() == [3, 2]
-    assert tokenizer.decode([1, 2, 0]) == "<bos>x<pad>"
+    assert tokenizer.decode([1, 2, 0]) == "<bos>x"  # padding is dropped, other specials kept
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, None)
 
 
 def test_unknown_character_raises_naming_it() -> None:
