@@ -110,7 +110,7 @@ class Guidance(nn.Module):
         self, backbone: Backbone, weight: float, generator: torch.Generator | None = None
     ) -> None:
         super().__init__()
-        if weight < 0:
+        if not weight >= 0:
             raise ValueError(f"the guidance weight must be >= 0, got {weight}")
         self.backbone = backbone
         self.weight = weight
@@ -133,7 +133,9 @@ class Guidance(nn.Module):
 
 
 def _per_token(times: Time, x: State) -> TokenTime:
-    return broadcast_time(times, x[..., 0]).expand(x.shape[:2])
+    """``times`` per token, in their own dtype (a bfloat16 state must not round 0.999 to 1)."""
+    positions = torch.empty(x.shape[:2], dtype=torch.bool, device=x.device)
+    return broadcast_time(times, positions).expand(x.shape[:2])
 
 
 def _forget(times: Tensor, clean: Tensor) -> Tensor:

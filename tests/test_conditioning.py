@@ -307,9 +307,19 @@ def test_guidance_without_a_context_is_the_plain_model() -> None:
     assert torch.allclose(Guidance(model, 3.0)(x, t), model(x, t), atol=1e-12)
 
 
-def test_guidance_rejects_a_negative_weight() -> None:
+@pytest.mark.parametrize("weight", [-1.0, float("nan")])
+def test_guidance_rejects_a_bad_weight(weight: float) -> None:
     with pytest.raises(ValueError, match="guidance weight"):
-        Guidance(dit(), -1.0)
+        Guidance(dit(), weight)
+
+
+def test_guidance_reads_the_context_from_times_in_their_own_dtype() -> None:
+    recorder = Recorder(lambda x, t: torch.zeros_like(x))
+    x = torch.randn(1, 2, V, dtype=torch.bfloat16)
+    Guidance(recorder, 1.0)(x, torch.tensor([[0.999, 1.0]]))
+    _, t_both, _ = recorder.calls[0]
+    assert t_both.dtype == torch.float32
+    assert t_both[1].tolist() == [pytest.approx(0.999), 0.0]  # only the clean one forgotten
 
 
 # ---------------------------------------------------------------- blocks
