@@ -159,7 +159,8 @@ def block_rollout(
     the context plus the blocks before $k$ known at time 1; every unknown position follows
     the flow (as in prefix training) and the decoded tokens of block $k$ join the context.
     So $\mathrm{NFE} = \lceil (L - \text{first})/b\rceil \times$ (calls per rollout). Every
-    position before ``first`` must be known (e.g. ``first`` = the prompt's length).
+    position before ``first`` must be known (e.g. ``first`` = the prompt's length; checked once
+    per call, on the host).
 
     Args:
         flow_map: a conditional flow map (trained with per-token times).
