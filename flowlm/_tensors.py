@@ -36,4 +36,14 @@ def at_least_float32(x: Tensor) -> Tensor:
         >>> at_least_float32(torch.ones(1, dtype=torch.bfloat16)).dtype
         torch.float32
     """
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(float32_or_wider(x.dtype))
+
+
+def float32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    """The dtype `at_least_float32` casts to: float32, or ``dtype`` if it is wider.
+
+    Examples:
+        >>> float32_or_wider(torch.float16), float32_or_wider(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)

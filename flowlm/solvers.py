@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from flowlm._checks import check_finite, check_state
-from flowlm._tensors import broadcast_time
+from flowlm._tensors import broadcast_time, float32_or_wider
 from flowlm._types import Grid, State, Time, Tokens
 from flowlm.context import Context
 from flowlm.heads import XPredictor
@@ -384,8 +384,7 @@ def rollout(
     )
     if context is not None:
         flow_map, x_init = context.hold(flow_map), context.impose(x_init)
-    time_dtype = torch.promote_types(x_init.dtype, torch.float32)
-    times = grid.to(x_init.device, time_dtype)
+    times = grid.to(x_init.device, float32_or_wider(x_init.dtype))
     batch = x_init.shape[0]
     x = x_init
     states = [x] if save_states else None

@@ -32,7 +32,7 @@ samplers = {
     "x-prediction map": fl.XPredMap(predictor, interpolant),  # FLM's step, 1 NFE
     "euler": fl.Euler(velocity),  # 1 NFE per step
     "midpoint": fl.Midpoint(velocity),  # 2 NFE per step
-    "heun": fl.Heun(velocity),  # 2 NFE per step, 1 on the step onto the data
+    "heun": fl.Heun(velocity, skip_at_data=True),  # 2 NFE per step, 1 onto the data
 }
 grid = fl.time_grid(8, warp=fl.Power(2.0))  # optional: smaller steps near the noise
 

@@ -104,8 +104,35 @@ class DiT(nn.Module):
             ValueError: on a wrong shape or vocabulary, a batch mismatch between ``x_t`` and the
                 times, or ``s`` passed to a one-time model or missing from a two-time model.
         """
-        h = self._embed(x_t)
-        check_time(t, x_t, "t")
+        return self.forward_embedded(self._embed(x_t), t, s)
+
+    @property
+    def input_table(self) -> Float[Tensor, "vocab dim"]:
+        r"""The input table $E$ ($V \times d$): a state $x$ enters the network as $h = xE$."""
+        return self.embedding.weight
+
+    def forward_embedded(
+        self, h: Float[Tensor, "batch seq dim"], t: Time, s: Time | None = None, /
+    ) -> Logits:
+        r"""Logits from an embedded state $h = x_t E$: ``forward(x_t, ...)`` without the table.
+
+        Examples:
+            >>> model = DiT(5, dim=16, depth=1, heads=2)
+            >>> x, t = torch.rand(2, 3, 5), torch.rand(2)
+            >>> torch.equal(model.forward_embedded(x @ model.input_table, t), model(x, t))
+            True
+        """
+        return self.output_head(self.embedded_features(h, t, s))
+
+    def embedded_features(
+        self, h: Float[Tensor, "batch seq dim"], t: Time, s: Time | None = None, /
+    ) -> Float[Tensor, "batch seq dim"]:
+        """The features `output_head` maps to logits, position by position, from $h = x_t E$.
+
+        Raises:
+            ValueError: as `forward`.
+        """
+        check_time(t, h, "t")
         c = self.time_embedding(t)
         if self.target_time_embedding is None:
             if s is not None:
@@ -113,7 +140,7 @@ class DiT(nn.Module):
         else:
             if s is None:
                 raise ValueError("this DiT was built with two_time=True: pass the target time s")
-            check_time(s, x_t, "s")
+            check_time(s, h, "s")
             c_s = self.target_time_embedding(s)
             if c.ndim != c_s.ndim:  # one time per example, the other per token
                 c, c_s = (c[:, None], c_s) if c.ndim == 2 else (c, c_s[:, None])
@@ -122,7 +149,11 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.output_modulation(c)
-        return self.output(modulate(self.output_norm(h), shift, scale))
+        return modulate(self.output_norm(h), shift, scale)
+
+    def output_head(self, features: Float[Tensor, "batch seq dim"], /) -> Logits:
+        r"""The output map $d \to V$, applied to each position's features independently."""
+        return self.output(features)
 
     def _embed(self, x_t: State | Tokens) -> Float[Tensor, "batch seq dim"]:
         table = self.embedding.weight

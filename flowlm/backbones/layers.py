@@ -10,6 +10,8 @@ from einops import einsum, rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from flowlm._tensors import float32_or_wider
+
 
 def rotary(
     x: Float[Tensor, "batch heads seq head_dim"],
@@ -40,7 +42,7 @@ def rotary(
         True
     """
     half = x.shape[-1] // 2
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = float32_or_wider(x.dtype)
     frequencies = base ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
     angles = positions.to(dtype)[:, None] * frequencies[None, :]
     cos, sin = torch.cos(angles), torch.sin(angles)

@@ -1,0 +1,455 @@
+"""Memory and CPU time of FLM, FMLM and AR steps as the vocabulary grows: dense vs embedded path.
+
+One run measures every row (``what`` x ``path`` x vocabulary size) in a fresh subprocess, so
+that the resident-set growth belongs to that row alone; the rows run in a new random order on
+each repeat, and the medians over repeats are written. Per row:
+
+- ``peak_mib``: the peak of live tensor bytes allocated during the call, tracked by a
+  ``TorchDispatchMode`` that follows every storage an operator creates until it is freed
+  (weights, the optimizer-free inputs and anything made before the call are not counted);
+- ``rss_mib``: peak resident-set growth of the process over its first two calls (``ru_maxrss``);
+- ``cpu_s``: process CPU seconds of the call (one intra-op thread), after a warm-up call and
+  without the tracker.
+
+``tokens_identical``: the embedded and the dense 8-step rollouts from the same noise decode to
+the same tokens. The issue's targets are written into the results, pass or fail.
+
+    python benchmarks/vocab_scale.py            # the full run (about half an hour on 2 cores)
+    python benchmarks/vocab_scale.py --smoke    # seconds: small vocabularies, a tiny model
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import flowlm as fl
+from flowlm.backbones import CausalTransformer, DiT
+from flowlm.embedded import EmbeddedXPredictor, EmbeddedXPredMap
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+WHATS = ("flm_train_step", "ar_train_step", "flm_rollout_8", "fmlm_rollout_1", "ar_generate")
+PATHS = {
+    "flm_train_step": ("dense", "embedded"),
+    "ar_train_step": ("dense",),
+    "flm_rollout_8": ("dense", "embedded"),
+    "fmlm_rollout_1": ("dense", "embedded"),
+    "ar_generate": ("dense",),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    vocab_sizes: tuple[int, ...]
+    identical_vocab: int
+    dim: int
+    depth: int
+    heads: int
+    batch: int
+    seq: int
+    repeats: int
+
+
+FULL = Settings((63, 8192, 30522, 50258), 8192, 256, 4, 8, 8, 128, 3)
+SMOKE = Settings((63, 300), 300, 32, 1, 2, 2, 16, 1)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak of the bytes held by storages that operators create while the mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, Tensor):
+                self._track(leaf.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self._storages:
+            return
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def release(_: object, key: int = key, size: int = size) -> None:
+            self._storages.pop(key, None)
+            self.live -= size
+
+        self._storages[key] = weakref.ref(storage, release)
+
+
+def _randomized(model: nn.Module, seed: int) -> nn.Module:
+    """Move the zero-initialised weights, so that predictions (and argmaxes) are not uniform."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _dit(settings: Settings, vocab: int, two_time: bool = False) -> DiT:
+    model = DiT(vocab, settings.dim, settings.depth, settings.heads, two_time=two_time)
+    return _randomized(model, seed=1 + two_time)  # type: ignore[return-value]
+
+
+def build_row(what: str, path: str, vocab: int, settings: Settings) -> Callable[[], object]:
+    """The call one row measures, with its model and data built beforehand."""
+    b, seq = settings.batch, settings.seq
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(vocab, (b, seq), generator=generator)
+    t = torch.rand(b, generator=generator)
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab))
+    if what == "ar_train_step" or what == "ar_generate":
+        ar = CausalTransformer(vocab, settings.dim, settings.depth, settings.heads, seq)
+        if what == "ar_generate":
+            ar.eval()
+            return lambda: ar.generate(b, seq, generator=torch.Generator().manual_seed(0))
+
+        def ar_step() -> object:
+            ar.zero_grad(set_to_none=True)
+            ar.token_nll(tokens).mean().backward()
+            return None
+
+        return ar_step
+    two_time = what == "fmlm_rollout_1"
+    model = _dit(settings, vocab, two_time)
+    if what == "flm_train_step":
+        model.train()
+        if path == "dense":
+            predictor = fl.XPredictor(model)
+
+            def dense_step() -> object:
+                model.zero_grad(set_to_none=True)
+                x1 = fl.one_hot(tokens, vocab)
+                x_t = interpolant.sample(torch.randn_like(x1), x1, t)
+                fl.cross_entropy(predictor.logits(x_t, t), tokens).mean().backward()
+                return None
+
+            return dense_step
+        embedded = EmbeddedXPredictor(model)
+
+        def embedded_step() -> object:
+            model.zero_grad(set_to_none=True)
+            h_t = interpolant.sample(embedded.noise(b, seq), embedded.embed_tokens(tokens), t)
+            embedded.cross_entropy(h_t, t, tokens).mean().backward()
+            return None
+
+        return embedded_step
+    model.eval()
+    grid = fl.time_grid(1 if two_time else 8)
+    if path == "dense":
+        dense_map = fl.XPredMap(fl.XPredictor(model), interpolant, two_time)
+        return lambda: fl.decode(fl.rollout(dense_map, torch.randn(b, seq, vocab), grid).x)
+    embedded = EmbeddedXPredictor(model)
+    embedded_map = EmbeddedXPredMap(embedded, interpolant, two_time)
+    return lambda: fl.decode(fl.rollout(embedded_map, embedded.noise(b, seq), grid).x)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def measure_row(what: str, path: str, vocab: int, settings: Settings) -> dict[str, Any]:
+    """Run one row's call three times: warm-up, timed (CPU seconds), under the tracker.
+
+    The RSS growth covers the warm-up too: it is the process's peak over its first calls.
+    """
+    torch.manual_seed(0)
+    call = build_row(what, path, vocab, settings)
+    rss_before = _rss_mib()
+    call()  # one-time costs: lookup tables of the clock, allocator pools, lazy kernels
+    cpu_before = time.process_time()
+    call()
+    cpu_s = time.process_time() - cpu_before
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    tracker = LiveBytes()
+    with tracker:
+        call()
+    return {
+        "what": what,
+        "vocab_size": vocab,
+        "path": path,
+        "peak_mib": tracker.peak / MIB,
+        "rss_mib": max(rss_peak - rss_before, 0.0),
+        "cpu_s": cpu_s,
+    }
+
+
+def tokens_identical(settings: Settings) -> bool:
+    """Embedded vs dense 8-step rollouts from the same noise: the same tokens everywhere."""
+    vocab = settings.identical_vocab
+    model = _dit(settings, vocab).eval()
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab))
+    x0 = torch.randn(
+        settings.batch, settings.seq, vocab, generator=torch.Generator().manual_seed(3)
+    )
+    grid = fl.time_grid(8)
+    dense = fl.rollout(fl.XPredMap(fl.XPredictor(model), interpolant), x0, grid).x
+    embedded = EmbeddedXPredictor(model)
+    with torch.no_grad():
+        h0 = embedded.embed(x0)
+    ours = fl.rollout(EmbeddedXPredMap(embedded, interpolant), h0, grid).x
+    return bool(torch.equal(fl.decode(ours), fl.decode(dense)))
+
+
+def xt_units(settings: Settings) -> float:
+    """Live (batch, seq, vocab) units that building x_t allocates beyond the one-hot data."""
+    vocab = settings.vocab_sizes[-1]
+    tokens = torch.randint(vocab, (settings.batch, settings.seq))
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab))
+    x1 = fl.one_hot(tokens, vocab)
+    t = torch.rand(settings.batch)
+    tracker = LiveBytes()
+    with tracker:
+        interpolant.sample(torch.randn_like(x1), x1, t)
+    return tracker.peak / x1.nbytes
+
+
+def row_in_subprocess(what: str, path: str, vocab: int, smoke: bool) -> dict[str, Any]:
+    """Measure one row in a fresh Python process (``--row``), so its RSS growth is its own."""
+    command = [sys.executable, __file__, "--row", what, path, str(vocab)]
+    if smoke:
+        command.append("--smoke")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"row {what}/{path}/V={vocab} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    first = runs[0]
+    row = {key: first[key] for key in ("what", "vocab_size", "path")}
+    for key in ("peak_mib", "rss_mib", "cpu_s"):
+        row[key] = round(statistics.median(run[key] for run in runs), 3)
+    return row
+
+
+def _find(rows: list[dict[str, Any]], what: str, path: str, vocab: int) -> dict[str, Any]:
+    return next(r for r in rows if (r["what"], r["path"], r["vocab_size"]) == (what, path, vocab))
+
+
+def targets(
+    rows: list[dict[str, Any]], identical: bool, units_xt: float, settings: Settings
+) -> list[dict[str, Any]]:
+    """The issue's targets at the largest vocabulary, each with its measured figure."""
+    vocab = settings.vocab_sizes[-1]
+    unit = settings.batch * settings.seq * vocab * 4 / MIB
+
+    def get(what: str, path: str, key: str) -> float:
+        return _find(rows, what, path, vocab)[key]
+
+    ar_peak, ar_cpu = (
+        get("ar_train_step", "dense", "peak_mib"),
+        get("ar_train_step", "dense", "cpu_s"),
+    )
+    checks = [
+        (
+            "embedded FLM training step: peak <= 1.0x the AR step's",
+            get("flm_train_step", "embedded", "peak_mib") / ar_peak,
+            1.0,
+            "x",
+        ),
+        (
+            "embedded FLM training step: CPU time <= 1.1x the AR step's",
+            get("flm_train_step", "embedded", "cpu_s") / ar_cpu,
+            1.1,
+            "x",
+        ),
+        (
+            "embedded 8-step rollout: peak <= 0.2x the dense rollout's",
+            get("flm_rollout_8", "embedded", "peak_mib")
+            / get("flm_rollout_8", "dense", "peak_mib"),
+            0.2,
+            "x",
+        ),
+        (
+            "embedded 1-step FMLM: peak <= 0.2x its dense peak",
+            get("fmlm_rollout_1", "embedded", "peak_mib")
+            / get("fmlm_rollout_1", "dense", "peak_mib"),
+            0.2,
+            "x",
+        ),
+        ("dense: building x_t costs <= 1 (B, L, V) unit beyond the data", units_xt, 1.0, "units"),
+        (
+            "dense FLM training step: peak <= AR step's + 1 unit",
+            (get("flm_train_step", "dense", "peak_mib") - ar_peak) / unit,
+            1.0,
+            "units above AR",
+        ),
+        (
+            "dense 8-step rollout: peak <= 4 units",
+            get("flm_rollout_8", "dense", "peak_mib") / unit,
+            4.0,
+            "units",
+        ),
+    ]
+    result = [
+        {
+            "target": name,
+            "measured": round(value, 3),
+            "limit": limit,
+            "unit": what,
+            "status": "PASS" if value <= limit else "FAIL",
+        }
+        for name, value, limit, what in checks
+    ]
+    result.append(
+        {
+            "target": f"embedded vs dense 8-step rollout tokens identical (V = {settings.identical_vocab})",
+            "measured": identical,
+            "limit": True,
+            "unit": "",
+            "status": "PASS" if identical else "FAIL",
+        }
+    )
+    return result
+
+
+def _machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": 1,
+        "dtype": "float32",
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    s = results["settings"]
+    lines = [
+        f"DiT / CausalTransformer {s['dim']}x{s['depth']}, batch {s['batch']}, L = {s['seq']}, "
+        f"fp32 CPU, one thread; medians of {s['repeats']} shuffled repeat(s), each row in a fresh "
+        f"process (peak: live tensor bytes; RSS: resident growth; CPU: process seconds). Load average before / after: {results['machine']['load_before']} / "
+        f"{results['machine']['load_after']}.",
+        "",
+        "| what | V | path | peak live tensors (MiB) | RSS growth (MiB) | CPU s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['what']} | {r['vocab_size']} | {r['path']} | {r['peak_mib']:.1f} | "
+            f"{r['rss_mib']:.1f} | {r['cpu_s']:.2f} |"
+        )
+    lines += ["", "| target | measured | status |", "|---|---|---|"]
+    for t in results["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} {t['unit']} | {t['status']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = (
+        ("training step", ("flm_train_step", "ar_train_step")),
+        ("sampling", ("flm_rollout_8", "fmlm_rollout_1", "ar_generate")),
+    )
+    for axis, (title, whats) in zip(axes, panels, strict=True):
+        for what in whats:
+            for row_path in PATHS[what]:
+                rows = [r for r in results["rows"] if (r["what"], r["path"]) == (what, row_path)]
+                label = what if what.startswith("ar") else f"{what} ({row_path})"
+                style = "--" if row_path == "dense" and not what.startswith("ar") else "-"
+                axis.plot(
+                    [r["vocab_size"] for r in rows],
+                    [r["peak_mib"] for r in rows],
+                    style,
+                    marker="o",
+                    label=label,
+                )
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("vocabulary size V")
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+    axes[0].set_ylabel("peak live tensor memory (MiB)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="small vocabularies, tiny model")
+    parser.add_argument("--out", type=Path, default=ROOT / "results", help="results directory")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "assets" / "vocab_scale.png")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per row")
+    parser.add_argument("--row", nargs=3, metavar=("WHAT", "PATH", "V"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    settings = SMOKE if args.smoke else FULL
+    if args.repeats is not None:
+        if args.repeats < 1:
+            print(f"error: --repeats must be at least 1, got {args.repeats}", file=sys.stderr)
+            return 2
+        settings = Settings(**{**asdict(settings), "repeats": args.repeats})
+    if args.row is not None:
+        what, path, vocab = args.row
+        print(json.dumps(measure_row(what, path, int(vocab), settings)))
+        return 0
+    load_before = os.getloadavg()
+    keys = [(w, p, v) for v in settings.vocab_sizes for w in WHATS for p in PATHS[w]]
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {key: [] for key in keys}
+    order = random.Random(0)
+    for repeat in range(settings.repeats):
+        shuffled = keys.copy()
+        order.shuffle(shuffled)
+        for key in shuffled:
+            # the smoke run stays in one process (seconds); RSS figures are then only indicative
+            if args.smoke:
+                runs[key].append(measure_row(*key, settings))
+            else:
+                runs[key].append(row_in_subprocess(*key, smoke=False))
+            print(f"repeat {repeat + 1}: {runs[key][-1]}", file=sys.stderr, flush=True)
+    rows = [_medians(runs[key]) for key in keys]
+    identical = tokens_identical(settings)
+    results = {
+        "rows": rows,
+        "tokens_identical": identical,
+        "machine": _machine(load_before),
+        "settings": asdict(settings),
+        "targets": targets(rows, identical, xt_units(settings), settings),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vocab_scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, args.out / "vocab_scale.md")
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, args.plot)
+    for target in results["targets"]:
+        print(f"{target['status']}  {target['target']}: {target['measured']} {target['unit']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

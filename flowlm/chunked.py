@@ -1,0 +1,171 @@
+r"""An output head applied a few positions at a time: cross-entropy, KL and softmax.
+
+A network's last layer maps per-position features $f_i \in \mathbb{R}^d$ to logits
+$z_i = \mathrm{head}(f_i) \in \mathbb{R}^V$. Every quantity here is per position, so it can be
+computed over ``chunk_size`` positions at a time: the full ``(batch, seq, vocab)`` logits never
+exist at once. With ``checkpoint=True`` (and gradients on) a chunk's logits are not kept for
+the backward pass either: they are recomputed from the features, which costs one more head
+product per chunk and saves about three ``(batch, seq, vocab)`` tensors at the peak of a
+training step. The values equal the unchunked ones up to float rounding.
+"""
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as recompute
+
+from flowlm._checks import check_tokens
+from flowlm._types import Logits, Probs, TokenLoss, Tokens
+
+Features = Float[Tensor, "batch seq dim"]
+"""Per-position features, the input of an output head."""
+
+Head = Callable[[Features], Logits]
+"""A position-wise map from features to logits (e.g. the last ``nn.Linear`` of a network)."""
+
+DEFAULT_CHUNK_SIZE = 16
+"""Positions per chunk by default."""
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+
+
+def _check_positions(features: Tensor, other: Tensor, what: str) -> None:
+    if features.ndim != 3:
+        raise ValueError(f"features must have shape (batch, seq, dim), got {tuple(features.shape)}")
+    if other.shape[:2] != features.shape[:2]:
+        raise ValueError(
+            f"{what} {tuple(other.shape)} and features {tuple(features.shape)} "
+            "disagree on (batch, seq)"
+        )
+
+
+def _per_chunk(
+    loss: Callable[[Tensor, Tensor], Tensor],
+    features: Tensor,
+    other: Tensor,
+    chunk_size: int,
+    checkpoint: bool,
+) -> TokenLoss:
+    recomputed = checkpoint and torch.is_grad_enabled()
+    pieces: list[Tensor] = []
+    for start in range(0, features.shape[1], chunk_size):
+        chunk = (features[:, start : start + chunk_size], other[:, start : start + chunk_size])
+        if recomputed:
+            piece = recompute(loss, *chunk, use_reentrant=False)
+            assert isinstance(piece, Tensor)
+            pieces.append(piece)
+        else:
+            pieces.append(loss(*chunk))
+    return torch.cat(pieces, dim=1)
+
+
+def _wide_log_softmax(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _wide_softmax(logits: Tensor) -> Tensor:
+    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def chunked_cross_entropy(
+    head: Head,
+    features: Features,
+    tokens: Tokens,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint: bool = True,
+) -> TokenLoss:
+    r"""Per-token cross-entropy $-\log\mathrm{softmax}(\mathrm{head}(f_i))[x_i]$, chunk by chunk.
+
+    Equal to ``cross_entropy(head(features), tokens)`` (in float32 or wider), with at most
+    ``batch * chunk_size * vocab`` logits alive at a time.
+
+    Args:
+        head: position-wise map from features to logits.
+        features: the head's input at every position.
+        tokens: the target token at every position.
+        chunk_size: positions per chunk.
+        checkpoint: recompute each chunk's logits in the backward pass instead of storing them.
+
+    Examples:
+        >>> from flowlm.heads import cross_entropy
+        >>> head = torch.nn.Linear(4, 7)
+        >>> features, tokens = torch.randn(2, 5, 4), torch.randint(0, 7, (2, 5))
+        >>> chunked = chunked_cross_entropy(head, features, tokens, chunk_size=2)
+        >>> torch.allclose(chunked, cross_entropy(head(features), tokens))
+        True
+    """
+    _check_chunk_size(chunk_size)
+    _check_positions(features, tokens, "tokens")
+    if tokens.is_floating_point():
+        raise TypeError(f"token ids must be integers, got {tokens.dtype}")
+
+    def loss(chunk: Tensor, targets: Tensor) -> Tensor:
+        log_probs = _wide_log_softmax(head(chunk))
+        check_tokens(targets, log_probs.shape[-1])
+        return -log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+    return _per_chunk(loss, features, tokens, chunk_size, checkpoint)
+
+
+def chunked_kl_divergence(
+    target: Probs,
+    head: Head,
+    features: Features,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint: bool = True,
+) -> TokenLoss:
+    r"""Per-token $\mathrm{KL}(p_i \,\Vert\, \mathrm{softmax}(\mathrm{head}(f_i)))$, chunk by chunk.
+
+    $\sum_v p_v(\log p_v - \log q_v)$ with $q = \mathrm{softmax}(\mathrm{head}(f))$; the target
+    $p$ is a constant (no gradient flows into it).
+
+    Examples:
+        >>> head = torch.nn.Linear(3, 4)
+        >>> features = torch.randn(1, 6, 3)
+        >>> target = torch.softmax(head(features), -1).detach()
+        >>> bool(chunked_kl_divergence(target, head, features, chunk_size=4).abs().max() < 1e-6)
+        True
+    """
+    _check_chunk_size(chunk_size)
+    _check_positions(features, target, "target")
+    target = target.detach()
+
+    def loss(chunk: Tensor, p: Tensor) -> Tensor:
+        return (torch.special.xlogy(p, p) - p * _wide_log_softmax(head(chunk))).sum(-1)
+
+    return _per_chunk(loss, features, target, chunk_size, checkpoint)
+
+
+def chunked_softmax(
+    head: Head, features: Features, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Probs:
+    r"""Probabilities $\mathrm{softmax}(\mathrm{head}(f_i))$ (float32 or wider), chunk by chunk.
+
+    The output is the only ``(batch, seq, vocab)`` tensor allocated; each chunk's logits are
+    freed once its probabilities are written.
+
+    Examples:
+        >>> head = torch.nn.Linear(3, 4)
+        >>> features = torch.randn(2, 5, 3)
+        >>> torch.allclose(chunked_softmax(head, features, chunk_size=2), torch.softmax(head(features), -1))
+        True
+    """
+    _check_chunk_size(chunk_size)
+    starts = range(0, features.shape[1], chunk_size)
+    chunks = (_wide_softmax(head(features[:, start : start + chunk_size])) for start in starts)
+    if torch.is_grad_enabled():
+        return torch.cat(list(chunks), dim=1)
+    output: Tensor | None = None
+    for start, probs in zip(starts, chunks, strict=True):
+        if output is None:
+            output = probs.new_empty((features.shape[0], features.shape[1], probs.shape[-1]))
+        output[:, start : start + probs.shape[1]] = probs
+    assert output is not None
+    return output
