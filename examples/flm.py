@@ -11,6 +11,10 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --smoke                  # seconds, for CI
     python examples/flm.py --out flm.pt --json flm.json --resume   # continue after a crash
     python examples/flm.py --out flm.pt --sample-only --sample-steps 1 4 16 --solver heun
+    python examples/flm.py --context prefix --out flm.pt   # also learn to continue prompts
+    python examples/flm.py --out flm.pt --sample-only --prompt "And God said"
+    python examples/flm.py --out flm.pt --sample-only --infill "In the ____ God created"
+    python examples/flm.py --out flm.pt --sample-only --prompt "And" --guidance 1 --block 8
     torchrun --nproc_per_node=2 examples/flm.py     # DDP: --batch-size is the global batch
 
 Randomness: step k of process r draws its own rows (sequences and noise, the noise on the
@@ -57,8 +61,16 @@ CHOICES = {
     "clock": ("token-accuracy", "identity"),
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "midpoint", "heun"),
+    "context": ("none", "prefix", "spans", "bernoulli"),
+}
+CONTEXTS = {
+    "prefix": fl.prefix_context,
+    "spans": fl.span_context,
+    "bernoulli": fl.bernoulli_context,
 }
 INVOCATION = ("out", "resume", "sample_only", "json", "threads", "smoke")
+CONDITIONING = ("prompt", "infill", "guidance", "block")
+"""Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
 MODEL = ("task", "text", "length", "dim", "depth", "heads", "clock")
 """What a checkpoint's network is: flags that contradict it are refused on --resume."""
 SHOWN_SAMPLES = 3
@@ -92,12 +104,16 @@ class Config:
     checkpoint_every: int = 500
     sample_steps: tuple[int, ...] = (1, 2, 4, 8)
     solver: str = "euler"
+    context: str = "none"  # training contexts (known tokens at time 1): prefix, spans, bernoulli
+    p_uncond: float = 0.1  # with a context: rows trained with none (the unconditional model)
     samples: int = 32  # per step count in the final report
 
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the flag of the first setting that cannot work."""
         positive = "length dim depth heads steps batch_size samples log_every eval_every sample_every checkpoint_every"
         train.check_settings(self, world_size, positive.split())
+        if not 0 <= self.p_uncond <= 1:
+            raise ValueError(f"--p-uncond must lie in [0, 1], got {self.p_uncond}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(
                 f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
@@ -113,11 +129,21 @@ def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any
     parser.add_argument("--json", type=Path, help="write the final metrics here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (CI)")
+    parser.add_argument("--prompt", help="sample continuations of this text")
+    parser.add_argument("--infill", help="sample the ____ holes (and the rest) of this text")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight W >= 0")
+    parser.add_argument("--block", type=int, help="sample in blocks of B positions, in order")
     train.add_settings(parser, Config, CHOICES)  # --task, --length, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = Namespace(**{name: given.pop(name) for name in INVOCATION})
+    options = Namespace(**{name: given.pop(name) for name in INVOCATION + CONDITIONING})
     if options.threads < 1:
         train.fail(f"--threads must be at least 1, got {options.threads}")
+    if options.prompt is not None and options.infill is not None:
+        train.fail("--prompt and --infill both give the known tokens: give one of them")
+    if options.guidance is not None and not options.guidance >= 0:
+        train.fail(f"--guidance must be at least 0, got {options.guidance}")
+    if options.block is not None and options.block < 1:
+        train.fail(f"--block must be at least 1, got {options.block}")
     if (options.resume or options.sample_only) and options.out is None:
         train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
     return options, given
@@ -185,23 +211,59 @@ def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpol
     return fl.Midpoint(velocity) if solver == "midpoint" else fl.Heun(velocity)
 
 
+def known_tokens(options: Namespace, task: Task, count: int, device: torch.device):
+    """The --prompt or --infill text as a context of ``count`` rows (None without one)."""
+    template = options.prompt if options.prompt is not None else options.infill
+    if template is None:
+        return None
+    try:
+        return fl.Context.from_template(
+            template, task.tokenizer.encode, task.length, count, device=device
+        )
+    except ValueError as error:
+        train.fail(f"--{'prompt' if options.prompt is not None else 'infill'}: {error}")
+
+
 def sample(
-    flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: Config, device: torch.device
+    flow_map: fl.FlowMap,
+    n_steps: int,
+    count: int,
+    task: Task,
+    config: Config,
+    device: torch.device,
+    context: fl.Context | None = None,
+    block: int | None = None,
 ) -> fl.Trajectory:
-    """``count`` samples in ``n_steps`` steps, from the same starting noise at every call."""
+    """``count`` samples in ``n_steps`` steps, from the same starting noise at every call.
+
+    ``context``: known tokens held at time 1; ``block``: generate blocks of that many
+    positions in order, after the known prefix (one rollout per block).
+    """
     generator = train.seeded_generator(config.seed, "sample", device=device)
     noise = torch.randn((count, task.length, task.vocab_size), generator=generator, device=device)
-    return fl.rollout(flow_map, noise, fl.time_grid(n_steps))
+    if block is None:
+        return fl.rollout(flow_map, noise, fl.time_grid(n_steps), context=context)
+    prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
+    first = min(prefix, task.length - 1)
+    return fl.block_rollout(
+        flow_map, noise, fl.time_grid(n_steps), block, context=context, first=first
+    )
 
 
 def sample_report(
-    flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
+    flow_map: fl.FlowMap,
+    label: str,
+    task: Task,
+    config: Config,
+    device: torch.device,
+    context: fl.Context | None = None,
+    block: int | None = None,
 ):
     """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
     report: dict[str, dict[str, Any]] = {}
     for n_steps in config.sample_steps:
         started = time.perf_counter()
-        trajectory = sample(flow_map, n_steps, config.samples, task, config, device)
+        trajectory = sample(flow_map, n_steps, config.samples, task, config, device, context, block)
         tokens = fl.decode(trajectory.x).cpu()
         metrics = {"nfe": trajectory.nfe, "entropy": token_entropy(tokens).mean().item()}
         metrics |= task.quality(tokens)
@@ -248,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         device, vocab = procs.device, task.vocab_size
+        prompt = known_tokens(options, task, config.samples, device)  # fails before training
         torch.manual_seed(config.seed)  # the same initial weights on every process
         backbone = DiT(vocab, config.dim, config.depth, config.heads, dropout=config.dropout).to(
             device
@@ -281,9 +344,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for step in progress:
                 torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
                 tokens, noise, t = draw_batch(task, config, step, procs)
+                unknown = None
+                if config.context != "none":  # known tokens at time 1, the loss on the others
+                    known = CONTEXTS[config.context](
+                        tokens,
+                        p_uncond=config.p_uncond,
+                        generator=train.seeded_generator(
+                            config.seed, "context", step, procs.rank, device=device
+                        ),
+                    )
+                    t, unknown = known.times(t), known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = fl.masked_mean(fl.cross_entropy(predictor.logits(x_t, t), tokens))
+                    logits = predictor.logits(x_t, t)
+                    loss = fl.masked_mean(fl.cross_entropy(logits, tokens), unknown)
                 lr = train.learning_rate(
                     step, config.lr, config.warmup, config.steps, config.schedule
                 )
@@ -344,9 +418,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result |= {"train_steps": max(start, config.steps), "train_seconds": seconds}
             result |= {"train_loss": train_loss, "validation": validation}
         if procs.is_main:
-            sampler = make_sampler(config.solver, fl.XPredictor(ema.module), interpolant)
-            result["solver"] = config.solver
-            result["steps"] = sample_report(sampler, f"FLM {config.solver}", task, config, device)
+            network = ema.module
+            if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
+                network = fl.Guidance(network, options.guidance)
+            sampler = make_sampler(config.solver, fl.XPredictor(network), interpolant)
+            flags = {k: vars(options)[k] for k in CONDITIONING if vars(options)[k] is not None}
+            result |= {"solver": config.solver} | flags  # the conditioning flags given
+            result["steps"] = sample_report(
+                sampler, f"FLM {config.solver}", task, config, device, prompt, options.block
+            )
             if options.json is not None:
                 train.atomic_write(options.json, json.dumps(result, indent=2).encode())
         return procs.share(result)

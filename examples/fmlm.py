@@ -8,6 +8,8 @@ reports NFE, entropy and the task's measures next to the teacher's 1- and 8-step
     python examples/fmlm.py --teacher runs/flm.pt --method lagrangian --out runs/fmlm.pt
     python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only
     python examples/fmlm.py --teacher runs/flm.pt --smoke            # seconds, for CI
+    python examples/fmlm.py --teacher runs/flm.pt --context prefix --out runs/fmlm.pt
+    python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only --prompt "And"
 
 Methods (--method), one branch each in the loop below:
 
@@ -59,8 +61,16 @@ CHOICES = {
     "method": METHODS,
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "heun"),
+    "context": ("none", "prefix", "spans", "bernoulli"),
+}
+CONTEXTS = {
+    "prefix": fl.prefix_context,
+    "spans": fl.span_context,
+    "bernoulli": fl.bernoulli_context,
 }
 INVOCATION = ("teacher", "out", "resume", "sample_only", "json", "threads", "smoke")
+CONDITIONING = ("prompt", "infill", "guidance", "block")
+"""Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
 MODEL = ("task", "text", "length", "dim", "depth", "heads", "clock")
 """The teacher's settings: the student's network starts from the teacher's weights."""
 BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}
@@ -101,6 +111,8 @@ class Config:
     checkpoint_every: int = 100
     sample_steps: tuple[int, ...] = (1, 2, 4)
     solver: str = "euler"  # the teacher's sampler in the report
+    context: str = "none"  # distil with contexts (teacher and student see the same, t = s = 1)
+    p_uncond: float = 0.1  # with a context: rows distilled with none
     samples: int = 32
 
     def check(self, world_size: int) -> None:
@@ -109,6 +121,8 @@ class Config:
         train.check_settings(self, world_size, positive.split())
         if self.boundary_prob is not None and not 0 <= self.boundary_prob <= 1:
             raise ValueError(f"--boundary-prob must lie in [0, 1], got {self.boundary_prob}")
+        if not 0 <= self.p_uncond <= 1:
+            raise ValueError(f"--p-uncond must lie in [0, 1], got {self.p_uncond}")
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -121,11 +135,21 @@ def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any
     parser.add_argument("--json", type=Path, help="write the final metrics here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
     parser.add_argument("--smoke", action="store_true", help="a few steps (CI)")
+    parser.add_argument("--prompt", help="sample continuations of this text")
+    parser.add_argument("--infill", help="sample the ____ holes (and the rest) of this text")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight W >= 0")
+    parser.add_argument("--block", type=int, help="sample in blocks of B positions, in order")
     train.add_settings(parser, Config, CHOICES)  # --method, --steps, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = Namespace(**{name: given.pop(name) for name in INVOCATION})
+    options = Namespace(**{name: given.pop(name) for name in INVOCATION + CONDITIONING})
     if options.threads < 1:
         train.fail(f"--threads must be at least 1, got {options.threads}")
+    if options.prompt is not None and options.infill is not None:
+        train.fail("--prompt and --infill both give the known tokens: give one of them")
+    if options.guidance is not None and not options.guidance >= 0:
+        train.fail(f"--guidance must be at least 0, got {options.guidance}")
+    if options.block is not None and options.block < 1:
+        train.fail(f"--block must be at least 1, got {options.block}")
     if (options.resume or options.sample_only) and options.out is None:
         train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
     return options, given
@@ -222,10 +246,33 @@ def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
     return network
 
 
+def known_tokens(options: Namespace, task: Task, count: int, device: torch.device):
+    """The --prompt or --infill text as a context of ``count`` rows (None without one)."""
+    template = options.prompt if options.prompt is not None else options.infill
+    if template is None:
+        return None
+    try:
+        return fl.Context.from_template(
+            template, task.tokenizer.encode, task.length, count, device=device
+        )
+    except ValueError as error:
+        train.fail(f"--{'prompt' if options.prompt is not None else 'infill'}: {error}")
+
+
 def sample_report(
-    flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device
+    flow_map: fl.FlowMap,
+    label: str,
+    task: Task,
+    config: Config,
+    device: torch.device,
+    context: fl.Context | None = None,
+    block: int | None = None,
 ):
-    """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
+    """Per step count: NFE, mean entropy, the task's measures and every decoded sample.
+
+    ``context``: known tokens held at time 1; ``block``: generate blocks of that many
+    positions in order, after the known prefix (one rollout per block).
+    """
     generator = train.seeded_generator(config.seed, "sample", device=device)
     noise = torch.randn(
         (config.samples, task.length, task.vocab_size), generator=generator, device=device
@@ -233,7 +280,15 @@ def sample_report(
     report: dict[str, dict[str, Any]] = {}
     for n_steps in config.sample_steps:
         started = time.perf_counter()
-        trajectory = fl.rollout(flow_map, noise, fl.time_grid(n_steps))
+        grid = fl.time_grid(n_steps)
+        if block is None:
+            trajectory = fl.rollout(flow_map, noise, grid, context=context)
+        else:
+            prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
+            first = min(prefix, task.length - 1)
+            trajectory = fl.block_rollout(
+                flow_map, noise, grid, block, context=context, first=first
+            )
         tokens = fl.decode(trajectory.x).cpu()
         entropy = token_entropy(tokens).mean().item()
         metrics: dict[str, Any] = {"nfe": trajectory.nfe, "entropy": entropy} | task.quality(tokens)
@@ -259,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         vocab, device = task.vocab_size, procs.device
+        prompt = known_tokens(options, task, config.samples, device)  # fails before training
         teacher_network = DiT(vocab, config.dim, config.depth, config.heads, dropout=0.0)
         teacher_network.load_state_dict(teacher_state["ema"])  # the teacher's EMA weights
         teacher_network = teacher_network.to(device).eval().requires_grad_(False)
@@ -311,6 +367,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ):
                 torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
                 tokens, noise, (t, s) = draw_batch(task, config, stage, step, procs)
+                unknown = None
+                if config.context != "none":  # teacher and student: t = s = 1 on known tokens
+                    known = CONTEXTS[config.context](
+                        tokens,
+                        p_uncond=config.p_uncond,
+                        generator=train.seeded_generator(
+                            config.seed, "context", step, procs.rank, device=device
+                        ),
+                    )
+                    t, s, unknown = known.times(t), known.times(s), known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     if stage == "v2":
@@ -327,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         token_loss = weighting(distill.taylor_semigroup_loss(taylor, x_t, t, s), t)
                     else:
                         token_loss = distill.map_regression_loss(student, frozen_taylor, x_t, t, s)
-                    loss = fl.masked_mean(token_loss)
+                    loss = fl.masked_mean(token_loss, unknown)
                 lr = train.learning_rate(
                     step, config.lr, config.warmup, config.steps, config.schedule
                 )
@@ -367,18 +433,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["train_steps"] += start if options.sample_only else max(start, config.steps)
 
         if procs.is_main:
-            student = fl.XPredMap(fl.XPredictor(networks[stages[-1]]), interpolant, two_time=True)
-            result["steps"] = sample_report(student, f"FMLM {config.method}", task, config, device)
+            network = networks[stages[-1]]
+            if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
+                network = fl.Guidance(network, options.guidance)
+            student = fl.XPredMap(fl.XPredictor(network), interpolant, two_time=True)
+            conditioning = (prompt, options.block)  # the teacher's report too, unguided
+            flags = {k: vars(options)[k] for k in CONDITIONING if vars(options)[k] is not None}
+            result |= flags  # the conditioning flags given
+            label = f"FMLM {config.method}"
+            result["steps"] = sample_report(student, label, task, config, device, *conditioning)
             if config.method == "v1":
                 taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
                 label = "v1 stage-1 Taylor map"
-                result["stage1_steps"] = sample_report(taylor, label, task, config, device)
+                result["stage1_steps"] = sample_report(
+                    taylor, label, task, config, device, *conditioning
+                )
             sampler = (
                 fl.Heun(velocity) if config.solver == "heun" else fl.XPredMap(teacher, interpolant)
             )
             teacher_config = replace(config, sample_steps=TEACHER_STEPS)
             label = f"teacher FLM {config.solver}"
-            result["teacher_steps"] = sample_report(sampler, label, task, teacher_config, device)
+            result["teacher_steps"] = sample_report(
+                sampler, label, task, teacher_config, device, *conditioning
+            )
             if options.json is not None:
                 train.atomic_write(options.json, json.dumps(result, indent=2).encode())
         return procs.share(result)

@@ -17,6 +17,14 @@ from flowlm._types import (
     Tokens,
     TokenTime,
 )
+from flowlm.conditioning import Guidance, Replacement, block_rollout
+from flowlm.context import (
+    ConditionalMap,
+    Context,
+    bernoulli_context,
+    prefix_context,
+    span_context,
+)
 from flowlm.embeddings import TimeEmbedding, sinusoidal_features
 from flowlm.gamma_sampling import GammaSampling
 from flowlm.heads import LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
@@ -72,12 +80,15 @@ from flowlm.times import TimePair, time_pairs, uniform_times
 __all__ = [
     "Backbone",
     "Composed",
+    "ConditionalMap",
+    "Context",
     "CosineInterpolant",
     "Euler",
     "ExampleTime",
     "FlowMap",
     "GammaSampling",
     "Grid",
+    "Guidance",
     "Heun",
     "Identity",
     "Interpolant",
@@ -89,6 +100,7 @@ __all__ = [
     "Power",
     "Predictor",
     "Probs",
+    "Replacement",
     "SelfConditionedMap",
     "SoftCapped",
     "SqrtNoiseInterpolant",
@@ -113,6 +125,8 @@ __all__ = [
     "XPredMap",
     "XPredVelocity",
     "XPredictor",
+    "bernoulli_context",
+    "block_rollout",
     "count_network_calls",
     "cross_entropy",
     "decode",
@@ -123,12 +137,14 @@ __all__ = [
     "linear_snr",
     "masked_mean",
     "one_hot",
+    "prefix_context",
     "record_network_call",
     "rollout",
     "sample_time_pairs",
     "self_conditioned_logits",
     "sinusoidal_features",
     "soft_cap",
+    "span_context",
     "split_state",
     "time_grid",
     "time_pairs",

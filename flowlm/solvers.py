@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from flowlm._checks import check_finite, check_state
 from flowlm._tensors import broadcast_time, float32_or_wider
 from flowlm._types import Grid, State, Time, Tokens
+from flowlm.context import Context
 from flowlm.heads import XPredictor
 from flowlm.interpolants import Interpolant
 from flowlm.network_calls import count_network_calls, record_network_call
@@ -335,6 +336,7 @@ def rollout(
     save_states: bool = False,
     grad: bool = False,
     networks: Sequence[nn.Module] | None = None,
+    context: Context | None = None,
 ) -> Trajectory:
     r"""Apply ``flow_map`` along ``grid``: $x \leftarrow X_{t_i \to t_{i+1}}(x)$ for each step.
 
@@ -355,6 +357,8 @@ def rollout(
         save_states: keep the state at every grid time.
         grad: record the autograd graph (e.g. to differentiate through sampling).
         networks: count the forward calls of these modules instead of the recorded calls.
+        context: known tokens, held one-hot at time 1 through every step while the network
+            sees per-token times (1 on known positions); see `Context.hold`.
 
     Raises:
         TypeError: if ``grid`` is not a tensor.
@@ -378,6 +382,8 @@ def rollout(
     handles: list[RemovableHandle] = (
         [] if networks is None else [m.register_forward_hook(count) for m in networks]
     )
+    if context is not None:
+        flow_map, x_init = context.hold(flow_map), context.impose(x_init)
     times = grid.to(x_init.device, float32_or_wider(x_init.dtype))
     batch = x_init.shape[0]
     x = x_init
