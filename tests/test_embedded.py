@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 from jaxtyping import TypeCheckError
+from live_tensors import LiveTensorBytes
 from torch import nn
 
 import flowlm as fl
-from live_tensors import LiveTensorBytes
 from flowlm.backbones import DiT
 from flowlm.distill import semigroup_kl_loss
 from flowlm.embedded import (
