@@ -14,9 +14,9 @@ few positions at a time (`flowlm.chunked`). Section 4 and the flow-map
 sections of the paper (arXiv 2602.16813) give the dense formulas that this reproduces exactly.
 
 What is lost: token-space intermediate states. The state between steps is $h$ (a ``dim``-wide
-vector per position), not a point of $\mathbb{R}^V$, so nothing can be decoded before the last
-step, and samplers or targets that are not linear in $x$ (e.g. anything reading $\arg\max x_t$
-mid-path) need the dense path.
+vector per position), not a point of $\mathbb{R}^V$: each step gives the argmax of its
+prediction, not of $x_t$, and samplers or targets that are not linear in $x$ (e.g. anything
+reading $\arg\max x_t$ mid-path) need the dense path.
 """
 
 from collections.abc import Sequence
