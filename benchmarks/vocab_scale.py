@@ -7,7 +7,9 @@ each repeat, and the medians over repeats are written. Per row:
 - ``peak_mib``: the peak of live tensor bytes allocated during the call, tracked by a
   ``TorchDispatchMode`` that follows every storage an operator creates until it is freed
   (weights, the optimizer-free inputs and anything made before the call are not counted);
-- ``rss_mib``: peak resident-set growth of the process over its first two calls (``ru_maxrss``);
+- ``rss_mib``: peak resident-set growth of the process over its first two calls (``VmHWM``
+  of ``/proc/self/status``, which belongs to this process's address space; ``ru_maxrss``
+  would carry the parent's peak over ``fork``/``exec``);
 - ``cpu_s``: thread CPU seconds of the call (one intra-op thread; the harness's
   `stopwatch`), after a warm-up call and without the tracker.
 
@@ -26,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -184,6 +185,14 @@ def build_row(what: str, path: str, vocab: int, settings: Settings) -> Callable[
     return lambda: sampled_tokens(fl.rollout(embedded_map, embedded.noise(b, seq), grid).x)
 
 
+def _peak_rss_mib() -> float:
+    """The peak resident set of this process's address space (``VmHWM``, in MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: the RSS figures need Linux")
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
@@ -200,7 +209,7 @@ def measure_row(what: str, path: str, vocab: int, settings: Settings) -> dict[st
     call()  # one-time costs: lookup tables of the clock, allocator pools, lazy kernels
     with stopwatch() as seconds:
         call()
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss_peak = _peak_rss_mib()
     tracker = LiveBytes()
     with tracker:
         call()
