@@ -176,7 +176,7 @@ def _side_by_side(tables: Sequence[Tensor]) -> Tensor:
     vocabularies = {table.shape[0] for table in tables}
     if len(vocabularies) != 1:
         raise ValueError(f"the tables must share one vocabulary, got sizes {sorted(vocabularies)}")
-    return torch.cat(list(tables), dim=1)
+    return tables[0] if len(tables) == 1 else torch.cat(list(tables), dim=1)
 
 
 class EmbeddedXPredictor(XPredictor):
