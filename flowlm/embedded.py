@@ -394,6 +394,18 @@ class EmbeddedXPredMap(nn.Module):
         return torch.cat([h_s, tokens.unsqueeze(-1).to(h_s.dtype)], dim=-1)
 
 
+def sampler_state(h: Embedded) -> SamplerState:
+    """$h$ as a `SamplerState` with token 0 (no prediction yet), to start a rollout on.
+
+    A rollout from it keeps one width throughout, as ``save_states=True`` needs.
+
+    Examples:
+        >>> sampler_state(torch.ones(1, 2, 3)).shape
+        torch.Size([1, 2, 4])
+    """
+    return torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
+
+
 def sampled_tokens(state: SamplerState) -> Tokens:
     """The tokens of an `EmbeddedXPredMap` state: after the step onto the data, the sample.
 

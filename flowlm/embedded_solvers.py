@@ -82,7 +82,7 @@ class EmbeddedODEMap(nn.Module):
         >>> ours = rollout(EmbeddedODEMap(Heun, predictor, path), predictor.embed(x0), time_grid(3))
         >>> dense = rollout(Heun(XPredVelocity(XPredictor(predictor.backbone), path)), x0, time_grid(3))
         >>> ours.nfe, torch.allclose(ours.x[..., 8:], dense.x, atol=1e-6)
-        (5, True)
+        (6, True)
     """
 
     def __init__(

@@ -16,6 +16,7 @@ from flowlm.embedded import (
     embedded_sample,
     noise_factor,
     sampled_tokens,
+    sampler_state,
 )
 from flowlm.embedded_distill import embedded_semigroup_kl_loss
 from flowlm.embedded_solvers import EmbeddedODEMap
@@ -223,7 +224,7 @@ def test_intermediate_states_are_the_embedding_of_the_dense_ones():
     x0 = torch.randn(B, L, V, dtype=torch.float64)
     grid = fl.time_grid(4, dtype=torch.float64)[:-1]  # stop before the data: states stay h
     dense = fl.rollout(fl.XPredMap(fl.XPredictor(model), path), x0, grid, save_states=True)
-    h0 = x0 @ model.input_table
+    h0 = sampler_state(x0 @ model.input_table)  # one width for every saved state
     ours = fl.rollout(EmbeddedXPredMap(predictor, path), h0, grid, save_states=True)
     assert dense.states is not None and ours.states is not None
     for h, x in zip(ours.states, dense.states, strict=True):
