@@ -7,27 +7,30 @@ each repeat, and the medians over repeats are written. Per row:
 - ``peak_mib``: the peak of live tensor bytes allocated during the call, tracked by a
   ``TorchDispatchMode`` that follows every storage an operator creates until it is freed
   (weights, the optimizer-free inputs and anything made before the call are not counted);
-- ``rss_mib``: peak resident-set growth of the process over its first two calls (``ru_maxrss``);
-- ``cpu_s``: process CPU seconds of the call (one intra-op thread), after a warm-up call and
-  without the tracker.
+- ``rss_mib``: peak resident-set growth of the process over its first two calls (``VmHWM``
+  of ``/proc/self/status``, which belongs to this process's address space; ``ru_maxrss``
+  would carry the parent's peak over ``fork``/``exec``);
+- ``cpu_s``: thread CPU seconds of the call (one intra-op thread; the harness's
+  `stopwatch`), after a warm-up call and without the tracker.
 
-``tokens_identical``: the embedded and the dense 8-step rollouts from the same noise decode to
-the same tokens. The issue's targets are written into the results, pass or fail.
+The CPU target (embedded FLM step vs AR step, largest vocabulary) is also timed head to head
+in one process with the harness's `time_interleaved` (shuffled order over repeats), so both
+share the machine's noise. ``tokens_identical``: the embedded and the dense 8-step rollouts
+from the same noise decode to the same tokens. The issue's targets are written into the
+results (JSON and markdown) and printed as PASS/FAIL lines, pass or fail; the results are
+rewritten after every repeat.
 
-    python benchmarks/vocab_scale.py            # the full run (about half an hour on 2 cores)
-    python benchmarks/vocab_scale.py --smoke    # seconds: small vocabularies, a tiny model
+    python benchmarks/vocab_scale.py            # the full run (10-15 min per repeat on 2 cores)
+    python benchmarks/vocab_scale.py --quick    # seconds: small vocabularies, a tiny model
 """
 
 import argparse
 import json
 import os
-import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,13 +38,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from harness import (
+    describe_machine,
+    machine_context,
+    parse_flags,
+    positive_int,
+    print_verdicts,
+    stopwatch,
+    time_interleaved,
+    verdict,
+    write_results,
+)
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import flowlm as fl
 from flowlm.backbones import CausalTransformer, DiT
-from flowlm.embedded import EmbeddedXPredictor, EmbeddedXPredMap
+from flowlm.embedded import EmbeddedXPredictor, EmbeddedXPredMap, embedded_sample, sampled_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -154,7 +168,9 @@ def build_row(what: str, path: str, vocab: int, settings: Settings) -> Callable[
 
         def embedded_step() -> object:
             model.zero_grad(set_to_none=True)
-            h_t = interpolant.sample(embedded.noise(b, seq), embedded.embed_tokens(tokens), t)
+            h_t = embedded_sample(
+                interpolant, embedded.noise(b, seq), embedded.embed_tokens(tokens), t
+            )
             embedded.cross_entropy(h_t, t, tokens).mean().backward()
             return None
 
@@ -166,7 +182,15 @@ def build_row(what: str, path: str, vocab: int, settings: Settings) -> Callable[
         return lambda: fl.decode(fl.rollout(dense_map, torch.randn(b, seq, vocab), grid).x)
     embedded = EmbeddedXPredictor(model)
     embedded_map = EmbeddedXPredMap(embedded, interpolant, two_time)
-    return lambda: fl.decode(fl.rollout(embedded_map, embedded.noise(b, seq), grid).x)
+    return lambda: sampled_tokens(fl.rollout(embedded_map, embedded.noise(b, seq), grid).x)
+
+
+def _peak_rss_mib() -> float:
+    """The peak resident set of this process's address space (``VmHWM``, in MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: the RSS figures need Linux")
 
 
 def _rss_mib() -> float:
@@ -183,10 +207,9 @@ def measure_row(what: str, path: str, vocab: int, settings: Settings) -> dict[st
     call = build_row(what, path, vocab, settings)
     rss_before = _rss_mib()
     call()  # one-time costs: lookup tables of the clock, allocator pools, lazy kernels
-    cpu_before = time.process_time()
-    call()
-    cpu_s = time.process_time() - cpu_before
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    with stopwatch() as seconds:
+        call()
+    rss_peak = _peak_rss_mib()
     tracker = LiveBytes()
     with tracker:
         call()
@@ -196,7 +219,7 @@ def measure_row(what: str, path: str, vocab: int, settings: Settings) -> dict[st
         "path": path,
         "peak_mib": tracker.peak / MIB,
         "rss_mib": max(rss_peak - rss_before, 0.0),
-        "cpu_s": cpu_s,
+        "cpu_s": seconds.cpu,
     }
 
 
@@ -214,7 +237,7 @@ def tokens_identical(settings: Settings) -> bool:
     with torch.no_grad():
         h0 = embedded.embed(x0)
     ours = fl.rollout(EmbeddedXPredMap(embedded, interpolant), h0, grid).x
-    return bool(torch.equal(fl.decode(ours), fl.decode(dense)))
+    return bool(torch.equal(sampled_tokens(ours), fl.decode(dense)))
 
 
 def xt_units(settings: Settings) -> float:
@@ -234,7 +257,7 @@ def row_in_subprocess(what: str, path: str, vocab: int, smoke: bool) -> dict[str
     """Measure one row in a fresh Python process (``--row``), so its RSS growth is its own."""
     command = [sys.executable, __file__, "--row", what, path, str(vocab)]
     if smoke:
-        command.append("--smoke")
+        command.append("--quick")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -254,8 +277,26 @@ def _find(rows: list[dict[str, Any]], what: str, path: str, vocab: int) -> dict[
     return next(r for r in rows if (r["what"], r["path"], r["vocab_size"]) == (what, path, vocab))
 
 
+def head_to_head_cpu(settings: Settings, repeats: int) -> dict[str, float]:
+    """Median thread CPU seconds of the embedded FLM and the AR training step, interleaved."""
+    vocab = settings.vocab_sizes[-1]
+    torch.manual_seed(0)
+    timings = time_interleaved(
+        {
+            "flm_train_step/embedded": build_row("flm_train_step", "embedded", vocab, settings),
+            "ar_train_step/dense": build_row("ar_train_step", "dense", vocab, settings),
+        },
+        repeats=repeats,
+    )
+    return {name: timing.cpu_median for name, timing in timings.items()}
+
+
 def targets(
-    rows: list[dict[str, Any]], identical: bool, units_xt: float, settings: Settings
+    rows: list[dict[str, Any]],
+    identical: bool,
+    units_xt: float,
+    cpu: dict[str, float],
+    settings: Settings,
 ) -> list[dict[str, Any]]:
     """The issue's targets at the largest vocabulary, each with its measured figure."""
     vocab = settings.vocab_sizes[-1]
@@ -264,10 +305,7 @@ def targets(
     def get(what: str, path: str, key: str) -> float:
         return _find(rows, what, path, vocab)[key]
 
-    ar_peak, ar_cpu = (
-        get("ar_train_step", "dense", "peak_mib"),
-        get("ar_train_step", "dense", "cpu_s"),
-    )
+    ar_peak = get("ar_train_step", "dense", "peak_mib")
     checks = [
         (
             "embedded FLM training step: peak <= 1.0x the AR step's",
@@ -276,8 +314,8 @@ def targets(
             "x",
         ),
         (
-            "embedded FLM training step: CPU time <= 1.1x the AR step's",
-            get("flm_train_step", "embedded", "cpu_s") / ar_cpu,
+            "embedded FLM training step: CPU time <= 1.1x the AR step's (interleaved)",
+            cpu["flm_train_step/embedded"] / cpu["ar_train_step/dense"],
             1.1,
             "x",
         ),
@@ -312,44 +350,36 @@ def targets(
     result = [
         {
             "target": name,
-            "measured": round(value, 3),
+            "value": round(value, 3),
             "limit": limit,
             "unit": what,
-            "status": "PASS" if value <= limit else "FAIL",
+            "pass": value <= limit,
+            "status": verdict(value <= limit),
         }
         for name, value, limit, what in checks
     ]
     result.append(
         {
             "target": f"embedded vs dense 8-step rollout tokens identical (V = {settings.identical_vocab})",
-            "measured": identical,
+            "value": identical,
             "limit": True,
             "unit": "",
-            "status": "PASS" if identical else "FAIL",
+            "pass": identical,
+            "status": verdict(identical),
         }
     )
     return result
 
 
-def _machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": 1,
-        "dtype": "float32",
-        "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def write_markdown(results: dict[str, Any], path: Path) -> None:
+def markdown(results: dict[str, Any]) -> str:
+    """The rows and the targets as two markdown tables, with the settings and the machine."""
     s = results["settings"]
     lines = [
         f"DiT / CausalTransformer {s['dim']}x{s['depth']}, batch {s['batch']}, L = {s['seq']}, "
-        f"fp32 CPU, one thread; medians of {s['repeats']} shuffled repeat(s), each row in a fresh "
-        f"process (peak: live tensor bytes; RSS: resident growth; CPU: process seconds). Load average before / after: {results['machine']['load_before']} / "
-        f"{results['machine']['load_after']}.",
+        f"fp32 CPU, one thread; medians of {results['repeats_done']} shuffled repeat(s), each "
+        "row in a fresh process (peak: live tensor bytes; RSS: resident growth; CPU: thread "
+        f"seconds). Machine: {describe_machine(results['machine'])}; load average at the "
+        f"start {results['load_at_start']}.",
         "",
         "| what | V | path | peak live tensors (MiB) | RSS growth (MiB) | CPU s |",
         "|---|---|---|---|---|---|",
@@ -361,8 +391,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         )
     lines += ["", "| target | measured | status |", "|---|---|---|"]
     for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['measured']} {t['unit']} | {t['status']} |")
-    path.write_text("\n".join(lines) + "\n")
+        lines.append(f"| {t['target']} | {t['value']} {t['unit']} | {t['status']} |")
+    return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -399,55 +429,55 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="small vocabularies, tiny model")
-    parser.add_argument("--out", type=Path, default=ROOT / "results", help="results directory")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "assets" / "vocab_scale.png")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats per row")
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plot", type=Path, default=ROOT / "docs" / "assets" / "vocab_scale.png", help="figure"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=None, help="repeats per row")
     parser.add_argument("--row", nargs=3, metavar=("WHAT", "PATH", "V"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    settings = SMOKE if args.smoke else FULL
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_flags(__doc__, _flags, argv)
+    settings = SMOKE if args.quick else FULL
     if args.repeats is not None:
-        if args.repeats < 1:
-            print(f"error: --repeats must be at least 1, got {args.repeats}", file=sys.stderr)
-            return 2
         settings = Settings(**{**asdict(settings), "repeats": args.repeats})
     if args.row is not None:
         what, path, vocab = args.row
         print(json.dumps(measure_row(what, path, int(vocab), settings)))
         return 0
-    load_before = os.getloadavg()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    identical = tokens_identical(settings)
+    units_xt = xt_units(settings)
+    cpu = head_to_head_cpu(settings, repeats=5)
     keys = [(w, p, v) for v in settings.vocab_sizes for w in WHATS for p in PATHS[w]]
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {key: [] for key in keys}
-    order = random.Random(0)
+    order = random.Random(args.seed)
     for repeat in range(settings.repeats):
         shuffled = keys.copy()
         order.shuffle(shuffled)
         for key in shuffled:
-            # the smoke run stays in one process (seconds); RSS figures are then only indicative
-            if args.smoke:
+            # the quick run stays in one process (seconds); RSS figures are then only indicative
+            if args.quick:
                 runs[key].append(measure_row(*key, settings))
             else:
                 runs[key].append(row_in_subprocess(*key, smoke=False))
             print(f"repeat {repeat + 1}: {runs[key][-1]}", file=sys.stderr, flush=True)
-    rows = [_medians(runs[key]) for key in keys]
-    identical = tokens_identical(settings)
-    results = {
-        "rows": rows,
-        "tokens_identical": identical,
-        "machine": _machine(load_before),
-        "settings": asdict(settings),
-        "targets": targets(rows, identical, xt_units(settings), settings),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vocab_scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out / "vocab_scale.md")
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    plot(results, args.plot)
-    for target in results["targets"]:
-        print(f"{target['status']}  {target['target']}: {target['measured']} {target['unit']}")
+        rows = [_medians(runs[key]) for key in keys]
+        results = {
+            "rows": rows,
+            "tokens_identical": identical,
+            "machine": machine_context(),
+            "load_at_start": load_at_start,
+            "settings": asdict(settings),
+            "repeats_done": repeat + 1,
+            "head_to_head_cpu_s": cpu,
+            "targets": targets(rows, identical, units_xt, cpu, settings),
+        }
+        write_results(args.out_dir, "vocab_scale", results, markdown(results))
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(results, args.plot)
+        print_verdicts(results["targets"])
     return 0
 
 

@@ -169,3 +169,42 @@ def chunked_softmax(
         output[:, start : start + probs.shape[1]] = probs
     assert output is not None
     return output
+
+
+def chunked_expectation_and_argmax(
+    head: Head,
+    features: Features,
+    table: Float[Tensor, "vocab width"],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Float[Tensor, "batch seq width"], Tokens]:
+    r"""$pE$ and $\arg\max_v p_v$ for $p = \mathrm{softmax}(\mathrm{head}(f_i))$, chunk by chunk.
+
+    The expectation of the table's rows under the predicted distribution (in the table's
+    dtype) and the most likely token, at every position; neither the logits nor the
+    probabilities of more than ``chunk_size`` positions exist at a time, so no
+    ``(batch, seq, vocab)`` tensor is allocated.
+
+    Examples:
+        >>> head, table = torch.nn.Linear(3, 6), torch.randn(6, 2)
+        >>> features = torch.randn(2, 5, 3)
+        >>> mean, tokens = chunked_expectation_and_argmax(head, features, table, chunk_size=2)
+        >>> probs = torch.softmax(head(features), -1)
+        >>> torch.allclose(mean, probs @ table, atol=1e-6), torch.equal(tokens, probs.argmax(-1))
+        (True, True)
+    """
+    _check_chunk_size(chunk_size)
+    if features.ndim != 3:
+        raise ValueError(f"features must have shape (batch, seq, dim), got {tuple(features.shape)}")
+    means: list[Tensor] = []
+    tokens: list[Tensor] = []
+    for start in range(0, features.shape[1], chunk_size):
+        probs = _wide_softmax(head(features[:, start : start + chunk_size]))
+        if probs.shape[-1] != table.shape[0]:
+            raise ValueError(
+                f"the head predicts {probs.shape[-1]} entries but the table has "
+                f"{table.shape[0]} rows"
+            )
+        means.append(probs.to(table.dtype) @ table)
+        tokens.append(probs.argmax(-1))
+    return torch.cat(means, dim=1), torch.cat(tokens, dim=1)

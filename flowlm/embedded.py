@@ -7,16 +7,16 @@ $$h_t = x_t E = \sigma\,x_0E + \alpha\,E[x],\qquad x_0E \sim N(0, E^\top E)\ \te
 
 so the noise can be drawn exactly as $zR$, $z \sim N(0, I_d)$, with $R^\top R = E^\top E$
 (`noise_factor`). Every step rule of `flowlm.Interpolant.step` is linear in the state and the
-prediction, so a sampler can carry $h$: $h_s = \mathrm{step}(h, \hat x_1E)$; the step onto the
-data ($\gamma_s = 1$) returns $\hat x_1$ itself, whose argmax is the tokens. Training, sampling
-and the two-time (FMLM) map then hold no ``(batch, seq, vocab)`` tensor but the head's output,
-which `flowlm.chunked` computes a few positions at a time. Section 4 and the flow-map
+prediction, so a sampler can carry $h$: $h_s = \mathrm{step}(h, \hat x_1E)$, and on the step onto the
+data ($\gamma_s = 1$) the tokens are $\arg\max \hat x_1$. Training, sampling and the two-time
+(FMLM) map then hold no ``(batch, seq, vocab)`` tensor at all: the head's output exists a
+few positions at a time (`flowlm.chunked`). Section 4 and the flow-map
 sections of the paper (arXiv 2602.16813) give the dense formulas that this reproduces exactly.
 
 What is lost: token-space intermediate states. The state between steps is $h$ (a ``dim``-wide
-vector per position), not a point of $\mathbb{R}^V$, so nothing can be decoded before the last
-step, and samplers or targets that are not linear in $x$ (e.g. anything reading $\arg\max x_t$
-mid-path) need the dense path.
+vector per position), not a point of $\mathbb{R}^V$: each step gives the argmax of its
+prediction, not of $x_t$, and samplers or targets that are not linear in $x$ (e.g. anything
+reading $\arg\max x_t$ mid-path) need the dense path.
 """
 
 from collections.abc import Sequence
@@ -27,18 +27,20 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flowlm._checks import check_same_batch, check_time, check_tokens, device_assert
+from flowlm._checks import check_time, check_tokens, device_assert
+from flowlm._tensors import broadcast_time
 from flowlm._types import Logits, Probs, Time, TokenLoss, Tokens
 from flowlm.chunked import (
     DEFAULT_CHUNK_SIZE,
     Features,
     chunked_cross_entropy,
+    chunked_expectation_and_argmax,
     chunked_kl_divergence,
     chunked_softmax,
 )
 from flowlm.heads import XPredictor
 from flowlm.interpolants import Interpolant
-from flowlm.reparam import TimeReparam
+from flowlm.network_calls import record_network_call
 
 Embedded = Float[Tensor, "batch seq dim"]
 """An embedded state $h = xE$: one ``dim``-wide vector per position."""
@@ -142,6 +144,29 @@ def embedded_noise(
     return draw.split([table.shape[1] for table in tables], dim=-1)
 
 
+def embedded_sample(interpolant: Interpolant, noise: Embedded, data: Embedded, t: Time) -> Embedded:
+    r"""$h_t = \sigma(\gamma)\,x_0E + \alpha(\gamma)\,E[x]$: `flowlm.Interpolant.sample` on embeddings.
+
+    Equal to ``interpolant.sample(x0, one_hot(x), t) @ E`` when ``noise`` $= x_0E$ and
+    ``data`` $= E[x]$ (`EmbeddedXPredictor.noise` and `EmbeddedXPredictor.embed_tokens`), with
+    no ``(batch, seq, vocab)`` tensor; the path's vocabulary is not checked against the width.
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, one_hot
+        >>> table, path = torch.randn(5, 2), LinearInterpolant()
+        >>> x0, tokens, t = torch.randn(1, 3, 5), torch.tensor([[0, 4, 2]]), torch.rand(1)
+        >>> h_t = embedded_sample(path, x0 @ table, table[tokens], t)
+        >>> torch.allclose(h_t, path.sample(x0, one_hot(tokens, 5), t) @ table, atol=1e-6)
+        True
+    """
+    if noise.shape != data.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != data shape {tuple(data.shape)}")
+    check_time(t, data)
+    gamma = interpolant.reparam(t)
+    out = torch.mul(noise, broadcast_time(interpolant.sigma(gamma), noise))
+    return out.addcmul_(data, broadcast_time(interpolant.alpha(gamma), out))
+
+
 def _side_by_side(tables: Sequence[Tensor]) -> Tensor:
     if not tables:
         raise ValueError("pass at least one input table")
@@ -151,7 +176,7 @@ def _side_by_side(tables: Sequence[Tensor]) -> Tensor:
     vocabularies = {table.shape[0] for table in tables}
     if len(vocabularies) != 1:
         raise ValueError(f"the tables must share one vocabulary, got sizes {sorted(vocabularies)}")
-    return torch.cat(list(tables), dim=1)
+    return tables[0] if len(tables) == 1 else torch.cat(list(tables), dim=1)
 
 
 class EmbeddedXPredictor(XPredictor):
@@ -215,20 +240,27 @@ class EmbeddedXPredictor(XPredictor):
         return embedded_noise([self.table], batch, seq, generator=generator)[0]
 
     def features(self, h: Embedded, t: Time, s: Time | None = None) -> Features:
-        """The backbone's features before its output head, after checking the inputs."""
+        """The backbone's features before its output head, after checking the inputs.
+
+        This is the network call (recorded with `flowlm.record_network_call`, so `rollout`
+        counts it); every prediction and loss here makes exactly one.
+        """
         if h.ndim != 3 or not h.is_floating_point():
             raise ValueError(f"h must be a float (batch, seq, dim) state, got {tuple(h.shape)}")
         if h.shape[-1] != self.table.shape[1]:
             raise ValueError(
                 f"h has width {h.shape[-1]} but the input table embeds into {self.table.shape[1]}"
             )
-        check_time(t)
-        check_same_batch(h, t)
-        if s is None:
-            return self.network.embedded_features(h, t)
-        check_time(s, "s")
-        check_same_batch(h, s, "s")
-        return self.network.embedded_features(h, t, s)
+        check_time(t, h)
+        if s is not None:
+            check_time(s, h, "s")
+        features = (
+            self.network.embedded_features(h, t)
+            if s is None
+            else self.network.embedded_features(h, t, s)
+        )
+        record_network_call()
+        return features
 
     def logits(self, x_t: Embedded, t: Time, s: Time | None = None) -> Logits:
         """All logits at once (a ``(batch, seq, vocab)`` tensor; the losses avoid it)."""
@@ -238,6 +270,17 @@ class EmbeddedXPredictor(XPredictor):
         r"""Predicted data $\hat x_1$ from the embedded state ``x_t``, chunk by chunk."""
         return chunked_softmax(
             self.network.output_head, self.features(x_t, t, s), chunk_size=self.chunk_size
+        )
+
+    def embedded_prediction(
+        self, h: Embedded, t: Time, s: Time | None = None
+    ) -> tuple[Embedded, Tokens]:
+        r"""$\hat x_1E$ and the tokens $\arg\max\hat x_1$, chunk by chunk: no ``(batch, seq, vocab)`` tensor.
+
+        What a sampler on $h$ needs from one network call (`EmbeddedXPredMap`).
+        """
+        return chunked_expectation_and_argmax(
+            self.network.output_head, self.features(h, t, s), self.table, chunk_size=self.chunk_size
         )
 
     def cross_entropy(
@@ -277,33 +320,45 @@ class EmbeddedXPredictor(XPredictor):
         )
 
 
-class EmbeddedXPredMap(nn.Module):
-    r"""`flowlm.XPredMap` carried on $h = xE$: $h_s = \mathrm{step}(h, \hat x_1E)$, then $\hat x_1$.
+SamplerState = Float[Tensor, "batch seq _"]
+r"""What `EmbeddedXPredMap` returns: $[h_s, \text{token}]$, width ``dim + 1`` per position.
 
-    Below the data it returns $h_s = \sigma(\gamma_s)\hat h_0 + \alpha(\gamma_s)\hat x_1E$, the
-    image under $E$ of the dense step; a step onto the data ($\gamma_s = 1$, every example)
-    returns the probabilities $\hat x_1$, exactly what the dense map returns there. So
-    ``rollout(EmbeddedXPredMap(...), noise_h, grid)`` ends on the same probabilities as the
-    dense rollout from noise $x_0$ with $x_0E$ = ``noise_h``. With ``two_time=True`` the
-    prediction is the two-time denoiser $\delta_{t,s}$ (FMLM; one call from noise to data).
-    Deciding whether a step lands on the data reads one number on the host per step.
+The first ``dim`` entries are the embedded state $h_s$; the last is the id (as a float) of
+$\arg\max\hat x_1$ from the step's prediction, which after the step onto the data is the
+sample (`sampled_tokens`).
+"""
+
+
+class EmbeddedXPredMap(nn.Module):
+    r"""`flowlm.XPredMap` carried on $h = xE$: $h_s = \mathrm{step}(h, \hat x_1E)$, plus the tokens.
+
+    It returns the `SamplerState` $[h_s, \arg\max\hat x_1]$ with
+    $h_s = a\,h + b\,\hat x_1E$ (`flowlm.Interpolant.step_weights`), the image under $E$ of the
+    dense step, and the most likely token of the step's prediction. On the step onto the data
+    ($\gamma_s = 1$, where $(a, b) = (0, 1)$) the dense map returns $\hat x_1$, so the token
+    entry is exactly the dense rollout's `flowlm.decode`: read it with `sampled_tokens`. Both
+    come from one chunked pass of the head (`EmbeddedXPredictor.embedded_prediction`), so no
+    ``(batch, seq, vocab)`` tensor is ever allocated, and nothing is read on the host: every
+    step has the same output, whatever its times (per example or per token). With
+    ``two_time=True`` the prediction is the two-time denoiser $\delta_{t,s}$ (FMLM; one call
+    from noise to data). The input is $h$ (width ``dim``) or a previous `SamplerState`.
+
+    Token ids are stored in the state's dtype, so it must represent every id exactly
+    (float32 up to $2^{24}$ tokens; bfloat16 only 256).
 
     Args:
         predictor: the embedded x-predictor.
         interpolant: the path (any `flowlm.Interpolant`: their steps are linear).
         two_time: feed the target time to the predictor.
 
-    Raises:
-        ValueError: from `forward`, if only some examples of a batch step onto the data.
-
     Examples:
-        >>> from flowlm import LinearInterpolant, XPredMap, rollout, time_grid
+        >>> from flowlm import LinearInterpolant, XPredMap, decode, rollout, time_grid
         >>> from flowlm.backbones import DiT
         >>> predictor = EmbeddedXPredictor(DiT(9, dim=8, depth=1, heads=2).eval())
         >>> path, x0 = LinearInterpolant(), torch.randn(2, 4, 9)
         >>> embedded = rollout(EmbeddedXPredMap(predictor, path), predictor.embed(x0), time_grid(3))
         >>> dense = rollout(XPredMap(XPredictor(predictor.backbone), path), x0, time_grid(3))
-        >>> embedded.nfe, torch.allclose(embedded.x, dense.x, atol=1e-6)
+        >>> embedded.nfe, torch.equal(sampled_tokens(embedded.x), decode(dense.x))
         (3, True)
     """
 
@@ -315,26 +370,56 @@ class EmbeddedXPredMap(nn.Module):
         self.interpolant = interpolant
         self.two_time = two_time
 
-    def forward(self, x: Embedded, t: Time, s: Time) -> Float[Tensor, "batch seq _"]:
-        r"""$h_s$, or $\hat x_1$ when $\gamma_s = 1$: one network call."""
-        check_time(s, "s")
-        check_same_batch(x, s, "s")
-        x1_hat = self.predictor(x, t, s) if self.two_time else self.predictor(x, t)
-        if steps_onto_data(self.interpolant.reparam, x, s):
-            return x1_hat
-        return self.interpolant.step(x, self.predictor.embed(x1_hat), t, s)
-
-
-def steps_onto_data(reparam: TimeReparam, h: Embedded, s: Time) -> bool:
-    r"""Whether every example steps onto the data ($\gamma_s = 1$): one host read.
-
-    Raises:
-        ValueError: if only some do (their states would change width mid-batch).
-    """
-    at_data = int((reparam(s) >= 1).sum())
-    if at_data and at_data != h.shape[0]:
-        raise ValueError(
-            f"{at_data} of {h.shape[0]} examples step onto the data: the embedded path "
-            "needs every example of a batch to reach gamma = 1 on the same step"
+    def forward(self, x: Embedded | SamplerState, t: Time, s: Time) -> SamplerState:
+        r"""$[h_s, \arg\max\hat x_1]$ from $h$ (or a `SamplerState`): one network call."""
+        vocab, width = self.predictor.table.shape
+        if x.ndim != 3 or x.shape[-1] not in (width, width + 1):
+            raise ValueError(
+                f"expected an embedded state (batch, seq, {width}) or a sampler state "
+                f"(batch, seq, {width + 1}), got {tuple(x.shape)}"
+            )
+        if vocab > _exact_integers(x.dtype):
+            raise ValueError(
+                f"a {x.dtype} state cannot hold token ids up to {vocab - 1} exactly; sample "
+                "the embedded path in float32 or wider"
+            )
+        h = x[..., :width]
+        check_time(s, h, "s")
+        x1_embedded, tokens = (
+            self.predictor.embedded_prediction(h, t, s)
+            if self.two_time
+            else self.predictor.embedded_prediction(h, t)
         )
-    return at_data == h.shape[0]
+        h_s = self.interpolant.step(h, x1_embedded, t, s)
+        return torch.cat([h_s, tokens.unsqueeze(-1).to(h_s.dtype)], dim=-1)
+
+
+def sampler_state(h: Embedded) -> SamplerState:
+    """$h$ as a `SamplerState` with token 0 (no prediction yet), to start a rollout on.
+
+    A rollout from it keeps one width throughout, as ``save_states=True`` needs.
+
+    Examples:
+        >>> sampler_state(torch.ones(1, 2, 3)).shape
+        torch.Size([1, 2, 4])
+    """
+    return torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
+
+
+def sampled_tokens(state: SamplerState) -> Tokens:
+    """The tokens of an `EmbeddedXPredMap` state: after the step onto the data, the sample.
+
+    Examples:
+        >>> sampled_tokens(torch.tensor([[[0.5, -1.0, 3.0]]]))
+        tensor([[3]])
+    """
+    if state.ndim != 3 or state.shape[-1] < 2:
+        raise ValueError(
+            f"expected a sampler state (batch, seq, dim + 1), got {tuple(state.shape)}"
+        )
+    return state[..., -1].long()
+
+
+def _exact_integers(dtype: torch.dtype) -> int:
+    """How many consecutive integers from 0 a float dtype represents exactly: 2 / eps."""
+    return round(2 / torch.finfo(dtype).eps)

@@ -9,8 +9,9 @@ one for the same $x_t$, without any ``(batch, seq, vocab)`` state; targets stay 
 """
 
 import torch
-from einops import rearrange
 
+from flowlm._checks import check_jump, check_time
+from flowlm._tensors import broadcast_time
 from flowlm._types import Time, TokenLoss
 from flowlm.distill import semigroup_weight
 from flowlm.embedded import Embedded, EmbeddedXPredictor, EmbeddedXPredMap
@@ -40,9 +41,9 @@ def embedded_semigroup_kl_loss(
         teacher: the frozen FLM predictor.
         h_student: $x_tE_S$, the state as the student embeds it.
         h_teacher: $x_tE_T$, the same state as the teacher embeds it.
-        t: start times.
-        s: end times ($s \ge t$).
-        u: intermediate times.
+        t: start times, per example or per token.
+        s: end times, $s > t$ ($t = s = 1$ on known positions).
+        u: intermediate times in $[t, s]$.
 
     Examples:
         >>> from flowlm import LinearInterpolant
@@ -60,12 +61,15 @@ def embedded_semigroup_kl_loss(
     """
     if not student.two_time:
         raise ValueError("the student of a semigroup loss is a two-time map: two_time=True")
+    check_time(s, h_student, "s")
+    check_jump(t, s)
     u = 0.5 * (t + s) if u is None else u
+    check_time(u, h_student, "u")
     predictor, interpolant = student.predictor, student.interpolant
     with torch.no_grad():
         first = predictor(h_student, t, u)
         h_u = interpolant.step(h_student, predictor.embed(first), t, u)
-        w = rearrange(semigroup_weight(interpolant.reparam, t, u, s), "batch -> batch 1 1")
+        w = broadcast_time(semigroup_weight(interpolant.reparam, t, u, s), first)
         target = torch.lerp(predictor(h_u, u, s), first, w)
         teacher_probs = teacher(h_teacher, t)
     jump = predictor.kl_divergence(target, h_student, t, s)

@@ -4,7 +4,12 @@ from jaxtyping import TypeCheckError
 from torch import nn
 
 from flowlm import cross_entropy
-from flowlm.chunked import chunked_cross_entropy, chunked_kl_divergence, chunked_softmax
+from flowlm.chunked import (
+    chunked_cross_entropy,
+    chunked_expectation_and_argmax,
+    chunked_kl_divergence,
+    chunked_softmax,
+)
 from flowlm.distill import kl_divergence
 
 B, L, D, V = 3, 11, 5, 17
@@ -103,3 +108,24 @@ def test_bad_shapes_and_types_are_named(checks: str):
         chunked_cross_entropy(head, features, tokens.double())
     with pytest.raises((TypeCheckError, ValueError), match="'target'" if jaxtyping else "disagree"):
         chunked_kl_divergence(torch.ones(B, L + 1, V), head, features)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, L, 2 * L])
+def test_expectation_and_argmax_equal_the_dense_ones(chunk_size: int):
+    head, features = head_and_features(seed=3)
+    table = torch.randn(V, 4, dtype=torch.float64)
+    probs = torch.softmax(head(features), -1)
+    mean, tokens = chunked_expectation_and_argmax(head, features, table, chunk_size=chunk_size)
+    torch.testing.assert_close(mean, probs @ table, rtol=1e-12, atol=1e-12)
+    assert torch.equal(tokens, probs.argmax(-1))
+    assert tokens.unique().numel() > 1  # the argmax varies: the comparison is not trivial
+    # the gradient reaches the head through the expectation
+    (gradient,) = torch.autograd.grad(mean.sum(), [head.weight])
+    (expected,) = torch.autograd.grad((probs @ table).sum(), [head.weight])
+    torch.testing.assert_close(gradient, expected)
+
+
+def test_expectation_with_a_table_of_another_vocabulary_is_refused():
+    head, features = head_and_features()
+    with pytest.raises(ValueError, match="predicts 17 entries but the table has 16 rows"):
+        chunked_expectation_and_argmax(head, features, torch.randn(V - 1, 4, dtype=torch.float64))

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from jaxtyping import TypeCheckError
+from live_tensors import LiveTensorBytes
 from torch import nn
 
 import flowlm as fl
@@ -12,7 +13,10 @@ from flowlm.embedded import (
     EmbeddedXPredictor,
     EmbeddedXPredMap,
     embedded_noise,
+    embedded_sample,
     noise_factor,
+    sampled_tokens,
+    sampler_state,
 )
 from flowlm.embedded_distill import embedded_semigroup_kl_loss
 from flowlm.embedded_solvers import EmbeddedODEMap
@@ -136,7 +140,7 @@ def test_loss_on_h_equals_the_dense_loss_for_the_same_noise():
     tokens, t = torch.randint(V, (B, L)), torch.rand(B, dtype=torch.float64)
     x0 = torch.randn(B, L, V, dtype=torch.float64)
     x_t = path.sample(x0, fl.one_hot(tokens, V, torch.float64), t)
-    h_t = path.sample(embedded.embed(x0), embedded.embed_tokens(tokens), t)
+    h_t = embedded_sample(path, embedded.embed(x0), embedded.embed_tokens(tokens), t)
     expected = fl.cross_entropy(dense.logits(x_t, t), tokens)
     torch.testing.assert_close(embedded.cross_entropy(h_t, t, tokens), expected)
     grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
@@ -161,7 +165,7 @@ def test_training_loss_agrees_in_expectation_with_the_dense_path():
             model(path.sample(x0, fl.one_hot(tokens, V, torch.float64), t), t), tokens
         ).mean(1)
         noise = embedded.noise(n, length, generator=generator)
-        h_t = path.sample(noise, embedded.embed_tokens(tokens), t)
+        h_t = embedded_sample(path, noise, embedded.embed_tokens(tokens), t)
         ours = embedded.cross_entropy(h_t, t, tokens).mean(1)
     error = math.sqrt((dense.var() + ours.var()) / n)
     assert abs(float(dense.mean() - ours.mean())) < 4 * error
@@ -181,8 +185,9 @@ def test_rollout_on_h_equals_the_dense_rollout(two_time: bool, n_steps: int):
     grid = fl.time_grid(n_steps, dtype=torch.float64)
     dense = fl.rollout(fl.XPredMap(fl.XPredictor(model), path, two_time), x0, grid)
     ours = fl.rollout(EmbeddedXPredMap(predictor, path, two_time), predictor.embed(x0), grid)
-    torch.testing.assert_close(ours.x, dense.x, rtol=1e-10, atol=1e-12)
-    assert torch.equal(fl.decode(ours.x), fl.decode(dense.x))
+    # the state ends on x1_hat E with x1_hat the dense result, and on its tokens
+    torch.testing.assert_close(ours.x[..., :D], dense.x @ model.input_table, rtol=1e-10, atol=1e-12)
+    assert torch.equal(sampled_tokens(ours.x), fl.decode(dense.x))
     assert ours.nfe == dense.nfe == n_steps
     assert dense.x.std() > 1e-3  # predictions are far from uniform
 
@@ -199,16 +204,17 @@ def test_ode_rules_on_h_equal_the_dense_rules(rule, n_steps: int):
     ours = fl.rollout(EmbeddedODEMap(rule, predictor, path), predictor.embed(x0), grid)
     # Midpoint's dense last step keeps a ~1e-8 share of its noise (the clock's round trip
     # kappa(kappa^-1(gamma_m)) != gamma_m); h cannot carry that share back
-    torch.testing.assert_close(ours.x, dense.x, rtol=0, atol=1e-6)
-    assert torch.equal(fl.decode(ours.x), fl.decode(dense.x))
+    torch.testing.assert_close(ours.x[..., D:], dense.x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.x[..., :D], dense.x @ model.input_table, rtol=0, atol=1e-5)
+    assert torch.equal(fl.decode(ours.x[..., D:]), fl.decode(dense.x))
     assert ours.nfe == dense.nfe
     assert dense.x.std() > 1e-3  # predictions are far from uniform
 
 
 def test_ode_rules_refuse_a_path_that_keeps_its_state_at_the_data():
     predictor = EmbeddedXPredictor(perturbed_dit())
-    with pytest.raises(ValueError, match="linear path"):
-        EmbeddedODEMap(fl.Euler, predictor, fl.SqrtNoiseInterpolant())
+    with pytest.raises((TypeCheckError, ValueError), match=r"linear path|interpolant"):
+        EmbeddedODEMap(fl.Euler, predictor, fl.SqrtNoiseInterpolant())  # type: ignore[arg-type]
 
 
 def test_intermediate_states_are_the_embedding_of_the_dense_ones():
@@ -218,20 +224,81 @@ def test_intermediate_states_are_the_embedding_of_the_dense_ones():
     x0 = torch.randn(B, L, V, dtype=torch.float64)
     grid = fl.time_grid(4, dtype=torch.float64)[:-1]  # stop before the data: states stay h
     dense = fl.rollout(fl.XPredMap(fl.XPredictor(model), path), x0, grid, save_states=True)
-    h0 = x0 @ model.input_table
+    h0 = sampler_state(x0 @ model.input_table)  # one width for every saved state
     ours = fl.rollout(EmbeddedXPredMap(predictor, path), h0, grid, save_states=True)
     assert dense.states is not None and ours.states is not None
     for h, x in zip(ours.states, dense.states, strict=True):
-        torch.testing.assert_close(h, x @ model.input_table)
+        torch.testing.assert_close(h[..., :D], x @ model.input_table)
+    # each step's token entry is the argmax of the prediction it made from the dense state
+    for index, (h, x) in enumerate(zip(ours.states[1:], dense.states[:-1], strict=True)):
+        with torch.no_grad():
+            x1_hat = fl.XPredictor(model)(x, grid[index].expand(B))
+        assert torch.equal(sampled_tokens(h), x1_hat.argmax(-1))
 
 
-def test_a_batch_partly_at_the_data_is_refused():
-    predictor = EmbeddedXPredictor(perturbed_dit())
+@pytest.mark.parametrize("two_time", [False, True])
+def test_a_step_with_per_token_times_partly_at_the_data_is_the_dense_step(two_time: bool):
+    model = perturbed_dit(two_time, seed=12)
+    path = fl.LinearInterpolant(reparam=fl.TokenAccuracy(V))
+    predictor = EmbeddedXPredictor(model, chunk_size=4)
+    x = torch.randn(B, L, V, dtype=torch.float64)
+    t = torch.rand(B, L, dtype=torch.float64) * 0.5
+    s = torch.where(torch.rand(B, L) < 0.5, 1.0, 0.5 + 0.4 * torch.rand(B, L)).double()
+    s[0, 0], s[0, 1] = 1.0, 0.7  # positions onto the data and below it, in one example
+    dense_predictor = fl.XPredictor(model)
+    with torch.no_grad():
+        x1_hat = dense_predictor(x, t, s) if two_time else dense_predictor(x, t)
+        dense = fl.XPredMap(dense_predictor, path, two_time)(x, t, s)
+        ours = EmbeddedXPredMap(predictor, path, two_time)(x @ model.input_table, t, s)
+    torch.testing.assert_close(ours[..., :D], dense @ model.input_table, rtol=1e-10, atol=1e-12)
+    assert torch.equal(sampled_tokens(ours), x1_hat.argmax(-1))
+    at_data = s == 1  # there the dense step is the prediction itself
+    assert torch.equal(sampled_tokens(ours)[at_data], fl.decode(dense)[at_data])
+
+
+def test_an_embedded_step_makes_no_vocabulary_sized_tensor_and_no_host_read(monkeypatch):
+    vocab, chunk = 4000, 2
+    model = perturbed_dit(seed=13, vocab=vocab).float()
+    predictor = EmbeddedXPredictor(model, chunk_size=chunk)
+    step = EmbeddedXPredMap(predictor, fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab)))
+    seq = 24  # 12 chunks
+    h, t, s = torch.randn(B, seq, D), torch.zeros(B), torch.ones(B)
+    for name in ("item", "__bool__", "cpu", "tolist", "numpy", "__int__", "__float__"):
+
+        def refuse(*_: object, _name: str = name) -> None:
+            raise AssertionError(f"host read: Tensor.{_name}")
+
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with torch.no_grad(), LiveTensorBytes() as tracker:
+        state = step(step(h, t, torch.full((B,), 0.5)), torch.full((B,), 0.5), s)
+    monkeypatch.undo()
+    chunk_unit = B * chunk * vocab * 4  # one float32 chunk of logits
+    assert max(size for size, _ in tracker.allocations) <= chunk_unit
+    # at most a chunk's logits and two chunks' probabilities at once: a quarter of one
+    # (batch, seq, vocab) tensor (12 chunk units), whatever the length
+    assert tracker.peak < 4 * chunk_unit
+    assert state.shape == (B, seq, D + 1)
+
+
+def test_every_network_call_of_the_embedded_predictor_is_counted():
+    predictor = EmbeddedXPredictor(perturbed_dit(two_time=True))
+    h, t = torch.randn(B, L, D, dtype=torch.float64), torch.rand(B, dtype=torch.float64)
+    tokens = torch.randint(V, (B, L))
+    with fl.count_network_calls() as calls:
+        predictor(h, t, t)
+        predictor.logits(h, t, t)
+        predictor.cross_entropy(h, t, tokens, t)
+        predictor.kl_divergence(torch.full((B, L, V), 1 / V, dtype=torch.float64), h, t, t)
+        predictor.embedded_prediction(h, t, t)
+    assert calls.count == 5
+
+
+def test_a_state_that_cannot_hold_the_token_ids_is_refused():
+    predictor = EmbeddedXPredictor(perturbed_dit(vocab=300).to(torch.bfloat16))
     step = EmbeddedXPredMap(predictor, fl.LinearInterpolant())
-    h = torch.randn(2, L, D, dtype=torch.float64)
-    t = torch.zeros(2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="1 of 2 examples"):
-        step(h, t, torch.tensor([0.5, 1.0], dtype=torch.float64))
+    h = torch.randn(B, L, D, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot hold token ids up to 299"):
+        step(h, torch.zeros(B), torch.ones(B))
 
 
 # ---------------------------------------------------------------- distillation

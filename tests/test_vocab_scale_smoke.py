@@ -15,9 +15,10 @@ import vocab_scale  # noqa: E402
 @pytest.mark.timeout(600)
 def test_smoke_run_writes_every_row_target_and_the_plot(tmp_path: Path, one_thread: None):
     plot = tmp_path / "vocab_scale.png"
-    assert vocab_scale.main(["--smoke", "--out", str(tmp_path), "--plot", str(plot)]) == 0
+    assert vocab_scale.main(["--quick", "--out-dir", str(tmp_path), "--plot", str(plot)]) == 0
     results = json.loads((tmp_path / "vocab_scale.json").read_text())
-    assert set(results) >= {"rows", "tokens_identical", "machine", "targets"}
+    assert set(results) >= {"rows", "tokens_identical", "machine", "targets", "repeats_done"}
+    assert "load_average_1_5_15min" in results["machine"]
     settings = vocab_scale.SMOKE
     expected = {
         (what, path, vocab)
@@ -32,6 +33,8 @@ def test_smoke_run_writes_every_row_target_and_the_plot(tmp_path: Path, one_thre
         assert row["peak_mib"] > 0 and row["cpu_s"] > 0
     assert results["tokens_identical"] is True
     assert {t["status"] for t in results["targets"]} <= {"PASS", "FAIL"}
+    assert all(t["status"] == ("PASS" if t["pass"] else "FAIL") for t in results["targets"])
+    assert set(results["head_to_head_cpu_s"]) == {"flm_train_step/embedded", "ar_train_step/dense"}
     assert "| target |" in (tmp_path / "vocab_scale.md").read_text()
     assert plot.stat().st_size > 0
 
@@ -56,10 +59,12 @@ def test_one_row_in_a_fresh_process():
 
 def test_bad_repeats_is_a_one_line_error():
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "vocab_scale.py"), "--smoke", "--repeats", "0"],
+        [sys.executable, str(ROOT / "benchmarks" / "vocab_scale.py"), "--quick", "--repeats", "0"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: --repeats must be at least 1, got 0"]
+    assert done.stderr.strip().splitlines() == [
+        "error: argument --repeats: must be at least 1, got 0"
+    ]
