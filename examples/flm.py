@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with train.processes() as procs:
         try:
             config, task, saved = settle(options, given, procs)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError, ImportError) as error:  # one line: bad data or tokenizer
             train.fail(str(error))
         if procs.is_main and options.out is not None:
             for stale in train.remove_partial_files(options.out):

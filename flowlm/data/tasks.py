@@ -15,7 +15,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
@@ -95,6 +95,7 @@ class Task:
         return tokens != self.tokenizer.pad_id if self.padded else None
 
 
+@runtime_checkable
 class DataSettings(Protocol):
     """The settings of a run that make its task: the examples' ``Config`` has them all."""
 
@@ -285,7 +286,7 @@ def build_task(
         elif text is None:
             source, documents = "the King James Bible", load_kjv()
         else:
-            source, documents = str(text), _enough_documents(load_text(text))
+            source, documents = str(text), load_text(text)
         if lines:
             return _line_task(source, documents, tokenizer, length)
         if dataset is not None:
@@ -298,6 +299,7 @@ def _window_task(
     source: str, documents: list[Document], tokenizer: str | Tokenizer, length: int
 ) -> Task:
     """Random windows of the concatenated documents of the training split."""
+    documents = _enough_documents(documents)
     tokenizer, training = _tokenizer_and_training_texts(documents, tokenizer, ())
     corpus = TextCorpus.split(documents, VALIDATION_FRACTION, tokenizer)
     for split in ("train", "validation"):

@@ -58,7 +58,7 @@ def test_your_text_is_cut_into_enough_documents_and_judged_by_its_words(tmp_path
             "markov",
             8,
             Path("x.txt"),
-            "--text gives the corpus task its text; it has no use with markov",
+            "--text is an option of the corpus task; it has no use with markov",
         ),
     ],
 )
