@@ -20,7 +20,14 @@ from typing import Literal, Protocol, get_args, runtime_checkable
 import torch
 
 from flowlm._types import TokenMask, Tokens
-from flowlm.data.corpus import Document, TextCorpus, load_kjv, load_text, validation_positions
+from flowlm.data.corpus import (
+    DOCUMENT_SEPARATOR,
+    Document,
+    TextCorpus,
+    load_kjv,
+    load_text,
+    validation_positions,
+)
 from flowlm.data.hf_datasets import load_dataset_documents
 from flowlm.data.protocol import Tokenizer
 from flowlm.data.sequences import SequenceCorpus
@@ -300,7 +307,9 @@ def _window_task(
 ) -> Task:
     """Random windows of the concatenated documents of the training split."""
     documents = _enough_documents(documents)
-    tokenizer, training = _tokenizer_and_training_texts(documents, tokenizer, ())
+    tokenizer, training = _tokenizer_and_training_texts(
+        documents, tokenizer, (), separator=DOCUMENT_SEPARATOR
+    )
     corpus = TextCorpus.split(documents, VALIDATION_FRACTION, tokenizer)
     for split in ("train", "validation"):
         available = corpus.tokens(split).numel()
@@ -381,16 +390,20 @@ def _sequence_task(
 
 
 def _tokenizer_and_training_texts(
-    documents: list[Document], tokenizer: str | Tokenizer, specials: tuple[str, ...]
+    documents: list[Document],
+    tokenizer: str | Tokenizer,
+    specials: tuple[str, ...],
+    separator: str = "",
 ) -> tuple[Tokenizer, list[str]]:
     """The tokenizer, and the texts of the documents the corpora train on.
 
-    A spec is built on the training texts, ``char`` on all the text (so every character encodes).
+    A spec is built on the training texts, ``char`` on all the text and the ``separator``
+    placed between documents (so every character encodes).
     """
     held_out = validation_positions(len(documents), VALIDATION_FRACTION, "documents")
     training = [text for i, (_, text) in enumerate(documents) if i not in held_out]
     if isinstance(tokenizer, str):
-        texts = [text for _, text in documents] if tokenizer == "char" else training
+        texts = [separator, *(text for _, text in documents)] if tokenizer == "char" else training
         tokenizer = build_tokenizer(tokenizer, texts, specials)
     return tokenizer, training
 
