@@ -13,6 +13,7 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --dataset notes.jsonl --split train   # a `datasets` name or file,
         # packed into windows of --length (--lines: one row per sequence)
     torchrun --nproc_per_node=8 examples/flm.py --preset lm1b --out lm1b.pt   # the paper's
+        # LM1B run (--preset owt: OpenWebText); docs: the "Reproducing the paper" guide
     python examples/flm.py --smoke                  # seconds, for CI
     python examples/flm.py --out flm.pt --json flm.json --resume   # continue after a crash
     python examples/flm.py --out flm.pt --sample-only --sample-steps 1 4 16 --solver heun
@@ -60,7 +61,7 @@ SMOKE = dict(dim=32, depth=1, heads=2, steps=8, batch_size=8, warmup=2, samples=
 PAPER = dict(dim=768, depth=12, heads=12, dropout=0.1, steps=1_000_000, batch_size=512, lr=3e-4,
              warmup=2500, grad_clip=1.0, ema_decay=0.9999, bf16=True, eval_every=10_000,
              sample_every=50_000, checkpoint_every=10_000, samples=64)
-PAPER_PRESETS: dict[str, dict[str, Any]] = {  # the paper's DiT small runs (§8 of the paper)
+PAPER_PRESETS: dict[str, dict[str, Any]] = {  # the paper's LM1B and OpenWebText runs
     "lm1b": PAPER | dict(tokenizer="hf:bert-base-uncased", dataset="lm1b", lines=True,
                          length=128),
     "owt": PAPER | dict(tokenizer="hf:gpt2", dataset="Skylion007/openwebtext", split="train",
