@@ -8,6 +8,12 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --task alpha-repeat      # 26 letters repeated 8 times: valid rate
     python examples/flm.py --task markov            # a Markov chain: exact perplexity of samples
     python examples/flm.py --text my_books/         # your own .txt file or folder
+    python examples/flm.py --tokenizer bpe:2048     # a BPE trained on the text (or a
+        # PATH/tokenizer.json, hf:bert-base-uncased); --lines: one padded sequence per line
+    python examples/flm.py --dataset notes.jsonl --split train   # a `datasets` name or file,
+        # packed into windows of --length (--lines: one row per sequence)
+    torchrun --nproc_per_node=8 examples/flm.py --preset lm1b --out lm1b.pt   # the paper's
+        # LM1B run (--preset owt: OpenWebText); docs: the "Reproducing the paper" guide
     python examples/flm.py --smoke                  # seconds, for CI
     python examples/flm.py --out flm.pt --json flm.json --resume   # continue after a crash
     python examples/flm.py --out flm.pt --sample-only --sample-steps 1 4 16 --solver heun
@@ -23,7 +29,8 @@ from a generator seeded by (seed, k). So a resumed run replays the uninterrupted
 and N processes train on a global batch with the same distribution as one process's (i.i.d.
 rows, the same strata of times), not on the same numbers. Flags override the task's preset, or
 with --resume / --sample-only the settings saved in the checkpoint. Checkpoints (model, EMA,
-optimizer, step, vocabulary, settings) are replaced atomically and carry a checksum.
+optimizer, step, the tokenizer's state, settings) are replaced atomically and carry a
+checksum; --resume and --sample-only reuse the saved tokenizer (no retraining, no download).
 """
 
 import json
@@ -40,8 +47,8 @@ from tqdm import tqdm
 import flowlm as fl
 from flowlm import train
 from flowlm.backbones import DiT
-from flowlm.data import CharTokenizer
-from flowlm.data.tasks import TASKS, Task, build_task
+from flowlm.data import tokenizer_from_state
+from flowlm.data.tasks import TASKS, Task, task_of
 from flowlm.metrics import token_entropy
 
 # ---------------------------------------------------------------------------- settings
@@ -55,9 +62,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 SMOKE = dict(dim=32, depth=1, heads=2, steps=8, batch_size=8, warmup=2, samples=8, log_every=1,
              eval_every=4, sample_every=4, checkpoint_every=4)
+PAPER = dict(dim=768, depth=12, heads=12, dropout=0.1, steps=1_000_000, batch_size=512, lr=3e-4,
+             warmup=2500, grad_clip=1.0, ema_decay=0.9999, bf16=True, eval_every=10_000,
+             sample_every=50_000, checkpoint_every=10_000, samples=64)
+PAPER_PRESETS: dict[str, dict[str, Any]] = {  # the paper's LM1B and OpenWebText runs
+    "lm1b": PAPER | dict(tokenizer="hf:bert-base-uncased", dataset="lm1b", lines=True,
+                         length=128),
+    "owt": PAPER | dict(tokenizer="hf:gpt2", dataset="Skylion007/openwebtext", split="train",
+                        length=1024),
+}
+PAPER_SMOKE = dict(limit=400, bf16=False)  # --smoke of a paper preset: 400 rows, fp32 on CPU
 # fmt: on
 CHOICES = {
     "task": TASKS,
+    "preset": tuple(PAPER_PRESETS),
     "clock": ("token-accuracy", "identity"),
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "midpoint", "heun"),
@@ -71,7 +89,8 @@ CONTEXTS = {
 INVOCATION = ("out", "resume", "sample_only", "json", "threads", "smoke")
 CONDITIONING = ("prompt", "infill", "guidance", "block")
 """Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
-MODEL = ("task", "text", "length", "dim", "depth", "heads", "clock")
+MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "length", "dim", "depth",
+         "heads", "clock")  # fmt: skip
 """What a checkpoint's network is: flags that contradict it are refused on --resume."""
 SHOWN_SAMPLES = 3
 VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -83,6 +102,14 @@ class Config:
 
     task: str = "corpus"
     text: str | None = None  # a .txt file or a folder of them, for the corpus task
+    preset: str | None = None  # a paper run (lm1b, owt): its model, data and optimizer
+    tokenizer: str = "char"  # char | bpe:N | PATH/tokenizer.json | hf:NAME
+    lines: bool = False  # one sequence per line (or dataset row), padded; loss masked
+    dataset: str | None = None  # a Hugging Face dataset or a local .txt/.json/.jsonl/.csv
+    split: str = "train"
+    column: str = "text"
+    streaming: bool = False
+    limit: int | None = None  # read at most this many dataset rows
     length: int = 64  # tokens per sequence
     dim: int = 128  # DiT width, blocks and heads
     depth: int = 4
@@ -163,10 +190,10 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
         elif options.sample_only:
             raise FileNotFoundError(f"--sample-only: no checkpoint at {options.out}")
     if saved is None:
-        name = given.get("task", Config.task)
-        config = replace(
-            Config(task=name, **PRESETS[name] | (SMOKE if options.smoke else {})), **given
-        )
+        name, paper = given.get("task", Config.task), given.get("preset")
+        preset = PRESETS[name] | (PAPER_PRESETS[paper] if paper else {})
+        preset |= (SMOKE | (PAPER_SMOKE if paper else {})) if options.smoke else {}
+        config = replace(Config(task=name, **preset), **given)
     else:
         config = Config(
             **saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
@@ -179,9 +206,7 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
                 )
         config = replace(config, **given)
     config.check(procs.world_size)
-    task = build_task(config.task, config.length, config.text and Path(config.text), config.seed)
-    if saved is not None and CharTokenizer.from_state_dict(saved["tokenizer"]) != task.tokenizer:
-        raise ValueError(f"{options.out} was trained on another vocabulary than {config.task}'s")
+    task = task_of(config, None if saved is None else tokenizer_from_state(saved["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
     needed = train.transformer_step_bytes(
         rows, config.length, task.vocab_size, config.dim, config.depth, config.heads
@@ -195,12 +220,13 @@ def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
     """This process's rows of step ``step``'s batch: sequences, noise (on the device), times."""
     rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
     tokens = task.draw(rows, train.seeded_generator(config.seed, "data", step, rank)).to(device)
+    mask = task.mask(tokens)  # padding does not count (--lines)
     noise_generator = train.seeded_generator(config.seed, "noise", step, rank, device=device)
     shape = (rows, task.length, task.vocab_size)
     noise = torch.randn(shape, generator=noise_generator, device=device)
     strata = train.seeded_generator(config.seed, "times", step)  # one for the global batch
     t = fl.uniform_times(rows, rank=rank, world_size=procs.world_size, generator=strata)
-    return tokens, noise, t.to(device)
+    return tokens, mask, noise, t.to(device)
 
 
 def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpolant) -> fl.FlowMap:
@@ -292,7 +318,7 @@ def validation_loss(
         noise = torch.randn(x1.shape, generator=generator, device=device)
         t = torch.full((len(x1),), time_value, device=device)
         logits = predictor.logits(interpolant.sample(noise, x1, t), t)
-        losses.append(fl.masked_mean(fl.cross_entropy(logits, tokens)))
+        losses.append(fl.masked_mean(fl.cross_entropy(logits, tokens), task.mask(tokens)))
     return torch.stack(losses).mean().item()
 
 
@@ -304,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with train.processes() as procs:
         try:
             config, task, saved = settle(options, given, procs)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError, ImportError) as error:  # one line: bad data or tokenizer
             train.fail(str(error))
         if procs.is_main and options.out is not None:
             for stale in train.remove_partial_files(options.out):
@@ -343,8 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             for step in progress:
                 torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
-                tokens, noise, t = draw_batch(task, config, step, procs)
-                unknown = None
+                tokens, mask, noise, t = draw_batch(task, config, step, procs)
                 if config.context != "none":  # known tokens at time 1, the loss on the others
                     known = CONTEXTS[config.context](
                         tokens,
@@ -353,11 +378,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             config.seed, "context", step, procs.rank, device=device
                         ),
                     )
-                    t, unknown = known.times(t), known.unknown
+                    t = known.times(t)
+                    mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    logits = predictor.logits(x_t, t)
-                    loss = fl.masked_mean(fl.cross_entropy(logits, tokens), unknown)
+                    loss = fl.cross_entropy(predictor.logits(x_t, t), tokens)
+                    loss = fl.masked_mean(loss, mask)
                 lr = train.learning_rate(
                     step, config.lr, config.warmup, config.steps, config.schedule
                 )
@@ -404,9 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                 if checkpoint:
                     state = dict(kind="flm", smoke=options.smoke, step=done, config=asdict(config))
-                    state |= dict(
-                        tokenizer=task.tokenizer.state_dict(), model=backbone.state_dict()
-                    )
+                    state |= dict(tokenizer=task.tokenizer.state(), model=backbone.state_dict())
                     train.save_checkpoint(
                         options.out,
                         state | dict(ema=ema.state_dict(), optimizer=optimizer.state_dict()),

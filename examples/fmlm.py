@@ -21,8 +21,10 @@ Methods (--method), one branch each in the loop below:
   stage 2 regresses a one-network student onto that frozen map.
 
 The student is the teacher's DiT plus a second time embedding that starts at zero, so before
-training it *is* the teacher's Euler step; the network's flags (--task, --length, --dim, ...)
-are the teacher's and may only repeat them. --steps counts distillation steps (per stage).
+training it *is* the teacher's Euler step; the network's and data's flags (--task, --length,
+--dim, --tokenizer, --dataset, ...) are the teacher's and may only repeat them, and the
+teacher's tokenizer is reused from its checkpoint. A teacher trained with --preset lm1b or owt
+is distilled with the paper's settings for it. --steps counts distillation steps (per stage).
 The student's checkpoint stores the teacher's checksum: a teacher retrained at the same path
 is refused on --resume and --sample-only. Randomness and resumption work as in flm.py.
 """
@@ -41,8 +43,8 @@ from tqdm import tqdm
 import flowlm as fl
 from flowlm import distill, train
 from flowlm.backbones import DiT
-from flowlm.data import CharTokenizer
-from flowlm.data.tasks import TASKS, Task, build_task
+from flowlm.data import tokenizer_from_state
+from flowlm.data.tasks import TASKS, Task, task_of
 from flowlm.metrics import token_entropy
 
 # ---------------------------------------------------------------------------- settings
@@ -54,6 +56,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "markov": dict(steps=400, lr=1e-3, warmup=20, ema_decay=0.99, samples=128),
 }
 SMOKE = dict(steps=4, batch_size=8, warmup=1, samples=8, log_every=1, checkpoint_every=2)
+PAPER = dict(method="v2", steps=100_000, lr=3e-4, warmup=2500, ema_decay=0.9999, bf16=True,
+             boundary_prob=1 / 32, checkpoint_every=5000, samples=64)
+PAPER_PRESETS: dict[str, dict[str, Any]] = {  # by the teacher's --preset
+    "lm1b": PAPER | dict(batch_size=512),
+    "owt": PAPER | dict(batch_size=128),
+}
 # fmt: on
 METHODS = ("v2", "lagrangian", "eulerian", "self", "regression", "v1")
 CHOICES = {
@@ -71,7 +79,8 @@ CONTEXTS = {
 INVOCATION = ("teacher", "out", "resume", "sample_only", "json", "threads", "smoke")
 CONDITIONING = ("prompt", "infill", "guidance", "block")
 """Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
-MODEL = ("task", "text", "length", "dim", "depth", "heads", "clock")
+MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "split", "column", "streaming",
+         "limit", "length", "dim", "depth", "heads", "clock")  # fmt: skip
 """The teacher's settings: the student's network starts from the teacher's weights."""
 BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}
 """P(the jump is the whole path (0, 1)) per example: the paper's values for v1; the other
@@ -89,6 +98,14 @@ class Config:
 
     task: str = "corpus"  # the first fields are the teacher's (MODEL)
     text: str | None = None
+    preset: str | None = None
+    tokenizer: str = "char"
+    lines: bool = False
+    dataset: str | None = None
+    split: str = "train"
+    column: str = "text"
+    streaming: bool = False
+    limit: int | None = None
     length: int = 64
     dim: int = 128
     depth: int = 4
@@ -188,14 +205,13 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
         raise FileNotFoundError(f"--sample-only: no student checkpoint at {options.out}")
     if saved is None:
         base = {name: teacher["config"][name] for name in MODEL}
-        base |= PRESETS[base["task"]] | (SMOKE if options.smoke else {})
+        base |= PRESETS[base["task"]] | PAPER_PRESETS.get(base["preset"], {})
+        base |= (SMOKE | ({"bf16": False} if base["preset"] else {})) if options.smoke else {}
     else:
         base = saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
     config = replace(Config(**base), **given)
     config.check(procs.world_size)
-    task = build_task(config.task, config.length, config.text and Path(config.text), config.seed)
-    if CharTokenizer.from_state_dict(teacher["tokenizer"]) != task.tokenizer:
-        raise ValueError(f"{options.teacher} was trained on another vocabulary than its task's")
+    task = task_of(config, tokenizer_from_state(teacher["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
     needed = train.transformer_step_bytes(
         rows, config.length, task.vocab_size, config.dim, 2 * config.depth, config.heads
@@ -209,6 +225,7 @@ def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.P
     """This process's rows of a step's batch: sequences, noise (on the device), time pairs."""
     rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
     tokens = task.draw(rows, train.seeded_generator(config.seed, stage, step, rank)).to(device)
+    mask = task.mask(tokens)  # padding does not count (--lines)
     noise_generator = train.seeded_generator(
         config.seed, f"noise {stage}", step, rank, device=device
     )
@@ -227,7 +244,7 @@ def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.P
         generator=strata,
         device=device,
     )
-    return tokens, noise, pair
+    return tokens, mask, noise, pair
 
 
 def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
@@ -308,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with train.processes() as procs:
         try:
             config, task, teacher_state, teacher_digest, saved = settle(options, given, procs)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError, ImportError) as error:  # one line: bad data or tokenizer
             train.fail(str(error))
         if procs.is_main and options.out is not None and not options.sample_only:
             for stale in train.remove_partial_files(options.out):
@@ -331,9 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         stages = ["v1-stage1", "v1-stage2"] if config.method == "v1" else [config.method]
         checkpoint_state = saved or dict(kind="fmlm", smoke=options.smoke, config=asdict(config))
-        checkpoint_state |= dict(
-            teacher_digest=teacher_digest, tokenizer=task.tokenizer.state_dict()
-        )
+        checkpoint_state |= dict(teacher_digest=teacher_digest, tokenizer=task.tokenizer.state())
         checkpoint_state.setdefault("stages", {})
         result: dict[str, Any] = {"task": config.task, "method": config.method, "train_steps": 0}
         networks: dict[str, DiT] = {}
@@ -366,8 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 todo, stage, initial=start, total=config.steps, disable=not procs.is_main
             ):
                 torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
-                tokens, noise, (t, s) = draw_batch(task, config, stage, step, procs)
-                unknown = None
+                tokens, mask, noise, (t, s) = draw_batch(task, config, stage, step, procs)
                 if config.context != "none":  # teacher and student: t = s = 1 on known tokens
                     known = CONTEXTS[config.context](
                         tokens,
@@ -376,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             config.seed, "context", step, procs.rank, device=device
                         ),
                     )
-                    t, s, unknown = known.times(t), known.times(s), known.unknown
+                    t, s = known.times(t), known.times(s)
+                    mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     if stage == "v2":
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         token_loss = weighting(distill.taylor_semigroup_loss(taylor, x_t, t, s), t)
                     else:
                         token_loss = distill.map_regression_loss(student, frozen_taylor, x_t, t, s)
-                    loss = fl.masked_mean(token_loss, unknown)
+                    loss = fl.masked_mean(token_loss, mask)
                 lr = train.learning_rate(
                     step, config.lr, config.warmup, config.steps, config.schedule
                 )

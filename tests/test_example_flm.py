@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +22,8 @@ import pytest
 import torch
 
 import flowlm as fl
+from flowlm.backbones import DiT
+from flowlm.data import SubwordTokenizer, tokenizer_from_state
 from flowlm.train import Processes, load_checkpoint, save_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -133,22 +136,23 @@ def test_the_ranks_draw_their_own_rows_and_the_strata_of_one_global_batch(
     are not the rows one process would draw); the times of the two ranks together hold exactly one
     time in each of the 2B strata [i / 2B, (i + 1) / 2B), as one process's batch of 2B does.
     """
-    task = flm.build_task("alpha-repeat", 8)
     config = flm.Config(task="alpha-repeat", length=8, batch_size=16)
+    task = flm.task_of(config)
     cpu = torch.device("cpu")
     draws = [flm.draw_batch(task, config, 3, Processes(rank, 2, cpu)) for rank in (0, 1)]
-    (tokens0, noise0, t0), (tokens1, noise1, t1) = draws
+    (tokens0, mask0, noise0, t0), (tokens1, _, noise1, t1) = draws
     assert tokens0.shape == (8, 8) and noise0.shape == (8, 8, 26)
+    assert mask0 is None  # nothing is padding
     assert not torch.equal(noise0, noise1)
     assert not torch.equal(tokens0, tokens1)
     strata = torch.floor(torch.cat([t0, t1]) * 16).long()
     assert torch.equal(strata, torch.arange(16))
-    _, alone_noise, alone_t = flm.draw_batch(task, config, 3, Processes(0, 1, cpu))
+    _, _, alone_noise, alone_t = flm.draw_batch(task, config, 3, Processes(0, 1, cpu))
     assert torch.equal(torch.floor(alone_t * 16).long(), torch.arange(16))
     assert torch.equal(alone_noise[:8], noise0)  # rank 0 draws from one process's generators
     assert not torch.equal(alone_noise[8:], noise1)
     again = flm.draw_batch(task, config, 3, Processes(1, 2, cpu))
-    assert all(torch.equal(a, b) for a, b in zip(again, draws[1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(again, draws[1], strict=True) if a is not None)
 
 
 def test_two_processes_train_under_torchrun(flm: ModuleType, tmp_path: Path) -> None:
@@ -274,7 +278,12 @@ def test_a_killed_write_leaves_no_partial_file_after_the_next_start(
         (["--task", "poetry"], "argument --task: invalid choice: 'poetry'"),
         (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
         (["--resume"], "--resume and --sample-only read the checkpoint at --out: give --out"),
-        (["--task", "markov", "--text", "."], "--text gives the corpus task its text"),
+        (["--task", "markov", "--text", "."], "--text is an option of the corpus task"),
+        (["--task", "markov", "--tokenizer", "bpe:300"], "--tokenizer is an option of the corpus"),
+        (["--tokenizer", "word"], "unknown tokenizer 'word': expected char | bpe:N | PATH/"),
+        (["--tokenizer", "bpe:12"], "a byte-level BPE needs vocab_size >= 258"),
+        (["--text", ".", "--dataset", "x.json"], "--text and --dataset both give the corpus"),
+        (["--preset", "gpt5"], "argument --preset: invalid choice: 'gpt5'"),
     ],
 )
 def test_configuration_errors_are_one_line_and_exit_code_2(
@@ -360,3 +369,140 @@ def test_a_sequence_longer_than_the_text_is_refused(
 def test_flm_learns_alpha_repeat(flm: ModuleType) -> None:
     result = run(flm, "--task", "alpha-repeat")
     assert result["steps"]["8"]["valid_rate"] >= 0.9
+
+
+# ---------------------------------------------------------------------------- tokenizers and data
+VERSES = (
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void; and darkness was upon the face of the deep.",
+    "And the Spirit of God moved upon the face of the waters.",
+    "And God said, Let there be light: and there was light.",
+    "And God saw the light, that it was good: and God divided the light from the darkness.",
+)
+
+
+@pytest.fixture(scope="module")
+def verses(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text of 40 lines, each a verse followed by its line number (so the lines differ)."""
+    path = tmp_path_factory.mktemp("text") / "verses.txt"
+    path.write_text("".join(f"{VERSES[i % 5]} {i}\n" for i in range(40)))
+    return path
+
+
+def test_a_bpe_run_keeps_its_tokenizer_through_resume_and_sample_only(
+    flm: ModuleType, tmp_path: Path, verses: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint holds the BPE; resuming and sampling reuse it and never retrain one."""
+    common = ["--smoke", "--text", verses, "--tokenizer", "bpe:300", "--length", "16"]
+    straight = run(flm, *common, "--steps", "6", "--out", tmp_path / "straight.pt")
+    run(flm, *common, "--steps", "3", "--checkpoint-every", "3", "--out", tmp_path / "bpe.pt")
+    saved = tokenizer_from_state(load_checkpoint(tmp_path / "bpe.pt", kind="flm")["tokenizer"])
+    assert isinstance(saved, SubwordTokenizer) and 258 < saved.vocab_size <= 300
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("a BPE was trained again")
+
+    monkeypatch.setattr("flowlm.data.specs.train_bpe", no_training)
+    resumed = run(flm, *common, "--steps", "6", "--out", tmp_path / "bpe.pt", "--resume")
+    assert resumed["train_loss"] == {step: straight["train_loss"][step] for step in "456"}
+    assert resumed["steps"] == straight["steps"]
+    sampled = run(flm, "--sample-only", "--out", tmp_path / "bpe.pt")
+    assert sampled["steps"] == straight["steps"]
+
+    # The JSON's samples are the saved tokenizer's text of the EMA model's samples.
+    state = load_checkpoint(tmp_path / "bpe.pt", kind="flm")
+    config = flm.Config(**state["config"] | {"sample_steps": (8,)})
+    backbone = DiT(saved.vocab_size, config.dim, config.depth, config.heads)
+    backbone.load_state_dict(state["ema"])
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(saved.vocab_size))
+    sampler = flm.make_sampler("euler", fl.XPredictor(backbone), interpolant)
+    task = flm.task_of(config, saved)
+    trajectory = flm.sample(sampler, 8, config.samples, task, config, torch.device("cpu"))
+    assert saved.decode_batch(fl.decode(trajectory.x)) == sampled["steps"]["8"]["samples"]
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "char.pt"
+    run(flm, "--smoke", "--steps", "1", "--out", checkpoint)
+    for mode in ("--resume", "--sample-only"):
+        message = refused(
+            flm, capsys, "--smoke", mode, "--out", checkpoint, "--tokenizer", "bpe:512"
+        )
+        assert message == (
+            "error: --tokenizer bpe:512 contradicts the checkpoint's char: drop it or give "
+            "another --out"
+        )
+
+
+class NoisyAt(torch.nn.Module):
+    """A backbone whose logits get large random noise where ``where`` is True."""
+
+    def __init__(self, inner: torch.nn.Module, where: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.where = inner, where
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x, t)
+        return logits + 50 * torch.randn_like(logits) * self.where[..., None]
+
+
+def test_lines_are_padded_sequences_whose_padding_the_loss_ignores(
+    flm: ModuleType, tmp_path: Path, verses: Path
+) -> None:
+    """--lines: each line one row, padded; validation holds out whole lines; padding is masked."""
+    checkpoint = tmp_path / "lines.pt"
+    result = run(flm, "--smoke", "--text", verses, "--lines", "--length", "96", "--out", checkpoint)
+    state = load_checkpoint(checkpoint, kind="flm")
+    config = flm.Config(**state["config"] | {"sample_steps": (1,)})
+    assert config.lines and config.tokenizer == "char"
+    task = flm.task_of(config)
+    assert all(len(text) <= 96 for text in result["steps"]["1"]["samples"])
+    lines, pad_id = verses.read_text().splitlines(), task.tokenizer.pad_id
+    assert pad_id is not None
+    validation = task.decode(task.validation)
+    assert validation == [lines[10], lines[30]]  # 5% of 40 lines, evenly spaced
+    cpu = torch.device("cpu")
+    draw_config = replace(config, batch_size=64)
+    tokens, mask, _, _ = flm.draw_batch(task, draw_config, 0, Processes(0, 1, cpu))
+    assert mask is not None and torch.equal(mask, tokens != pad_id)
+    assert mask[:, 0].all() and not mask[:, -1].any()  # every line is shorter than 96
+    assert set(task.decode(tokens)) <= set(lines) - set(validation)
+
+    # The validation loss ignores the logits at padded positions, and only those.
+    backbone = DiT(task.vocab_size, config.dim, config.depth, config.heads)
+    backbone.load_state_dict(state["ema"])
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(task.vocab_size))
+    clean = flm.validation_loss(fl.XPredictor(backbone), interpolant, task, config, cpu)
+    padding = task.validation == pad_id
+    noisy = fl.XPredictor(NoisyAt(backbone, padding))
+    assert flm.validation_loss(noisy, interpolant, task, config, cpu) == pytest.approx(clean)
+    noisy = fl.XPredictor(NoisyAt(backbone, ~padding))
+    assert flm.validation_loss(noisy, interpolant, task, config, cpu) > clean + 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_a_local_dataset_file_is_packed_into_windows(
+    flm: ModuleType, tmp_path: Path, suffix: str
+) -> None:
+    """--dataset FILE: records (or lines) are documents, each ended by <eos>, cut into windows."""
+    documents = [f"{VERSES[i % 5]} {i}" for i in range(40)]
+    path = tmp_path / f"notes{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"body": text}) + "\n" for text in documents))
+        column = ["--column", "body"]
+    else:
+        path.write_text("".join(text + "\n" for text in documents))
+        column = []
+    checkpoint = tmp_path / "data.pt"
+    result = run(flm, "--smoke", "--dataset", path, *column, "--length", "32", "--out", checkpoint)
+    assert result["steps"]["8"]["nfe"] == 8
+    config = flm.Config(**load_checkpoint(checkpoint, kind="flm")["config"])
+    task = flm.task_of(config)
+    assert "packed into windows of 32" in task.description
+    assert task.mask(task.validation) is None
+    eos = torch.tensor([task.tokenizer.eos_id])
+    held_out = [torch.cat([task.tokenizer.encode(documents[i]), eos]) for i in (10, 30)]  # 5%
+    stream = torch.cat(held_out)
+    assert torch.equal(task.validation.flatten(), stream[: task.validation.numel()])

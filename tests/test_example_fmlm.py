@@ -20,6 +20,7 @@ import torch
 
 import flowlm as fl
 from flowlm.backbones import DiT
+from flowlm.data import tokenizer_from_state, train_bpe
 from flowlm.train import load_checkpoint, save_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -355,3 +356,98 @@ def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
         run(fmlm, "--smoke", "--teacher", teacher, "--method", method, "--steps", steps, *flags)
         counts.append(len(calls))
     assert counts[0] > 0 and counts[0] == counts[1]
+
+
+# ---------------------------------------------------------------------------- tokenizers, presets
+def verse_lines(count: int) -> list[str]:
+    """``count`` distinct lines of Genesis 1 (each verse with its line number)."""
+    verses = [
+        "In the beginning God created the heaven and the earth.",
+        "And the earth was without form, and void; and darkness was upon the face of the deep.",
+        "And the Spirit of God moved upon the face of the waters.",
+        "And God said, Let there be light: and there was light.",
+    ]
+    return [f"{verses[i % len(verses)]} {i}" for i in range(count)]
+
+
+def test_a_bpe_teacher_is_distilled_with_its_own_tokenizer(
+    examples: dict[str, ModuleType],
+    fmlm: ModuleType,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "verses.txt").write_text("\n".join(verse_lines(40)))
+    flags = ["--text", str(tmp_path / "verses.txt"), "--tokenizer", "bpe:300", "--length", "16"]
+    teacher = train_teacher(examples["flm"], "corpus", tmp_path / "flm.pt", *flags)
+    teacher_tokenizer = load_checkpoint(teacher, kind="flm")["tokenizer"]
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("a BPE was trained again")
+
+    monkeypatch.setattr("flowlm.data.specs.train_bpe", no_training)  # the teacher's is reused
+    student = tmp_path / "fmlm.pt"
+    common = [*RESUME_FLAGS, "--teacher", teacher, "--out", student]
+    straight = run(fmlm, *common, "--steps", "4", "--out", tmp_path / "straight.pt")
+    run(fmlm, *common, "--steps", "2")
+    assert load_checkpoint(student, kind="fmlm")["tokenizer"] == teacher_tokenizer
+    resumed = run(fmlm, *common, "--steps", "4", "--resume")
+    assert resumed["v2"]["train_loss"] == {
+        step: straight["v2"]["train_loss"][step] for step in "34"
+    }
+    sampled = run(fmlm, *common, "--steps", "4", "--sample-only")
+    assert sampled["steps"] == resumed["steps"] == straight["steps"]
+    assert all(isinstance(text, str) for text in sampled["steps"]["1"]["samples"])
+    message = refused(fmlm, capsys, "--teacher", teacher, "--tokenizer", "char")
+    assert message == (
+        "error: --tokenizer char contradicts the teacher's bpe:300: the student is the "
+        "teacher's network"
+    )
+
+
+@pytest.mark.parametrize(("preset", "length"), [("lm1b", 128), ("owt", 1024)])
+def test_each_paper_presets_smoke_version_builds_the_papers_shapes_scaled_down(
+    examples: dict[str, ModuleType], fmlm: ModuleType, tmp_path: Path, preset: str, length: int
+) -> None:
+    """--preset P --smoke: P's sequence length and data layout, a tiny DiT, P's distillation.
+
+    A BPE saved as a tokenizer.json stands in for bert-base-uncased / gpt2 and a local JSON
+    Lines file for LM1B / OpenWebText (nothing is downloaded).
+    """
+    flm = examples["flm"]
+    stand_in = train_bpe(verse_lines(200), 400)
+    (tmp_path / "tokenizer.json").write_text(stand_in.definition)
+    rows = [" ".join(verse_lines(200)[i : i + 16]) for i in range(0, 200, 2)]  # 100 documents
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    data = [
+        "--tokenizer",
+        str(tmp_path / "tokenizer.json"),
+        "--dataset",
+        str(tmp_path / "data.jsonl"),
+    ]
+    teacher = train_teacher(flm, "corpus", tmp_path / "flm.pt", "--preset", preset, *data)
+    state = load_checkpoint(teacher, kind="flm")
+    config = state["config"]
+    full = flm.PAPER_PRESETS[preset]
+    assert (config["length"], config["lines"], config["dataset"]) == (
+        length,
+        preset == "lm1b",  # LM1B: one padded sentence per row; OpenWebText: packed
+        str(tmp_path / "data.jsonl"),
+    )
+    assert config["limit"] == flm.PAPER_SMOKE["limit"] and not config["bf16"]
+    assert tokenizer_from_state(state["tokenizer"]) == stand_in.__class__.from_file(
+        tmp_path / "tokenizer.json"
+    )
+    vocab = stand_in.vocab_size
+    dim = flm.SMOKE["dim"]
+    assert dim < full["dim"] and flm.SMOKE["depth"] < full["depth"]
+    assert state["model"]["output.weight"].shape == (vocab, dim)
+    network = DiT(vocab, dim, flm.SMOKE["depth"], flm.SMOKE["heads"])
+    network.load_state_dict(state["model"])  # exactly the scaled-down DiT, nothing else
+    result = run(fmlm, "--smoke", "--teacher", teacher, "--out", tmp_path / "fmlm.pt")
+    samples = result["steps"]["1"]["samples"]
+    assert len(samples) == fmlm.SMOKE["samples"] and all(isinstance(s, str) for s in samples)
+    student = load_checkpoint(tmp_path / "fmlm.pt", kind="fmlm")["config"]
+    paper = fmlm.PAPER_PRESETS[preset]
+    assert student["boundary_prob"] == paper["boundary_prob"] == 1 / 32
+    assert student["ema_decay"] == paper["ema_decay"] and student["length"] == length

@@ -1,7 +1,11 @@
 """The examples' tasks: sequences to learn, fixed validation sequences and quality measures.
 
-- ``corpus``: windows of characters of the embedded King James Bible (or your own text),
-  judged by the fraction of distinct character bigrams and of whole words seen in training.
+- ``corpus``: text, tokenized by any `Tokenizer` (characters by default, or a BPE, a
+  ``tokenizer.json``, a Hugging Face tokenizer), judged by the fraction of distinct token
+  bigrams and of whole words seen in training. Its text is the embedded King James Bible or
+  your own files, cut into random windows; or one sequence per line, padded (``lines``,
+  LM1B's unwrapped form); or a ``datasets`` dataset packed into windows (the reference's
+  ``lm1b-wrap``) or one row per sequence.
 - ``alpha-repeat``: one of 26 letters repeated; judged by the valid rate and mode coverage.
 - ``markov``: a fixed order-1 chain over 16 symbols; judged by the exact perplexity.
 """
@@ -11,17 +15,28 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
-from flowlm._types import Tokens
-from flowlm.data.corpus import Document, TextCorpus, load_kjv, load_text
+from flowlm._types import TokenMask, Tokens
+from flowlm.data.corpus import (
+    DOCUMENT_SEPARATOR,
+    Document,
+    TextCorpus,
+    load_kjv,
+    load_text,
+    validation_positions,
+)
+from flowlm.data.hf_datasets import load_dataset_documents
+from flowlm.data.protocol import Tokenizer
+from flowlm.data.sequences import SequenceCorpus
+from flowlm.data.specs import build_tokenizer
 from flowlm.data.synthetic import AlphaRepeat, MarkovChain
-from flowlm.data.tokenizer import CharTokenizer
+from flowlm.data.tokenizer import EOS, PAD, CharTokenizer
 from flowlm.metrics import distinct_n
 
-__all__ = ["TASKS", "Task", "TaskName", "build_task"]
+__all__ = ["TASKS", "DataSettings", "Task", "TaskName", "build_task", "task_of"]
 
 TaskName = Literal["corpus", "alpha-repeat", "markov"]
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
@@ -33,6 +48,8 @@ MARKOV_SEED = 0
 MIN_DOCUMENTS = 20
 """Your text is cut into this many pieces when it has fewer files, so 5% can be held out."""
 VALIDATION_SEQUENCES = 64
+VALIDATION_FRACTION = 0.05
+"""The share of documents (or lines) of the corpus task held out for validation."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +59,13 @@ class Task:
     Attributes:
         name: one of `TASKS`.
         description: one line for a run's header.
-        tokenizer: the vocabulary; checkpoints store it.
+        tokenizer: the vocabulary; checkpoints store its state.
         length: positions per sequence.
         draw: ``draw(batch_size, generator)`` returns training sequences (a CPU generator).
         validation: fixed sequences for the validation loss.
         quality: the task's measures of a batch of samples (entropy comes separately).
+        padded: whether sequences end in padding (``lines``): then `mask` leaves it out of
+            the loss.
 
     Examples:
         >>> task = build_task("alpha-repeat", length=4)
@@ -57,11 +76,12 @@ class Task:
 
     name: TaskName
     description: str
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     length: int
     draw: Callable[[int, torch.Generator], Tokens]
     validation: Tokens
     quality: Callable[[Tokens], dict[str, float]]
+    padded: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -69,12 +89,138 @@ class Task:
         return self.tokenizer.vocab_size
 
     def decode(self, tokens: Tokens) -> list[str]:
-        """The text of each sequence."""
+        """The text of each sequence (padding dropped)."""
         return self.tokenizer.decode_batch(tokens)
 
+    def mask(self, tokens: Tokens) -> TokenMask | None:
+        """True where a token counts in the loss: not padding; ``None`` when all count.
 
-def build_task(name: str, length: int, text: Path | None = None, seed: int = 0) -> Task:
+        Examples:
+            >>> build_task("markov", length=4).mask(torch.zeros(2, 4, dtype=torch.long)) is None
+            True
+        """
+        return tokens != self.tokenizer.pad_id if self.padded else None
+
+
+@runtime_checkable
+class DataSettings(Protocol):
+    """The settings of a run that make its task: the examples' ``Config`` has them all."""
+
+    @property
+    def task(self) -> str:
+        """One of `TASKS`."""
+        ...
+
+    @property
+    def length(self) -> int:
+        """Tokens per sequence."""
+        ...
+
+    @property
+    def seed(self) -> int:
+        """Seeds the synthetic tasks' validation sequences."""
+        ...
+
+    @property
+    def text(self) -> str | None:
+        """A ``.txt`` file or folder for the corpus task."""
+        ...
+
+    @property
+    def tokenizer(self) -> str:
+        """A spec: ``char | bpe:N | PATH/tokenizer.json | hf:NAME``."""
+        ...
+
+    @property
+    def lines(self) -> bool:
+        """One sequence per line (or dataset row), padded."""
+        ...
+
+    @property
+    def dataset(self) -> str | None:
+        """A ``datasets`` name or a local file."""
+        ...
+
+    @property
+    def split(self) -> str:
+        """The dataset's split."""
+        ...
+
+    @property
+    def column(self) -> str:
+        """The dataset's text column."""
+        ...
+
+    @property
+    def streaming(self) -> bool:
+        """Read the dataset lazily."""
+        ...
+
+    @property
+    def limit(self) -> int | None:
+        """Read at most this many dataset rows."""
+        ...
+
+
+def task_of(settings: DataSettings, tokenizer: Tokenizer | None = None) -> Task:
+    """The task of a run's settings, with a saved ``tokenizer`` (else the spec's new one).
+
+    A checkpoint's tokenizer is reused as it is, so a BPE is not retrained and a Hub
+    tokenizer is not downloaded on ``--resume``.
+
+    Raises:
+        ValueError: settings `build_task` refuses, or a synthetic task's saved vocabulary is
+            not the task's.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> settings = SimpleNamespace(task="markov", length=8, seed=0, text=None,
+        ...     tokenizer="char", lines=False, dataset=None, split="train", column="text",
+        ...     streaming=False, limit=None)
+        >>> task_of(settings).vocab_size
+        16
+    """
+    task = build_task(
+        settings.task,
+        settings.length,
+        None if settings.text is None else Path(settings.text),
+        settings.seed,
+        tokenizer=settings.tokenizer if tokenizer is None else tokenizer,
+        lines=settings.lines,
+        dataset=settings.dataset,
+        split=settings.split,
+        column=settings.column,
+        streaming=settings.streaming,
+        limit=settings.limit,
+    )
+    if tokenizer is not None and task.tokenizer != tokenizer:
+        raise ValueError(f"the checkpoint was trained on another vocabulary than {task.name}'s")
+    return task
+
+
+def build_task(
+    name: str,
+    length: int,
+    text: Path | None = None,
+    seed: int = 0,
+    *,
+    tokenizer: str | Tokenizer = "char",
+    lines: bool = False,
+    dataset: str | None = None,
+    split: str = "train",
+    column: str = "text",
+    streaming: bool = False,
+    limit: int | None = None,
+) -> Task:
     """The task ``name`` with sequences of ``length`` tokens.
+
+    The corpus task's data: ``dataset`` if given (`load_dataset_documents`), else ``text``,
+    else the King James Bible. Its sequences: one per line (or dataset row) cut and padded
+    to ``length`` with ``lines`` (`SequenceCorpus.from_lines`); else a dataset's rows packed
+    into windows (`SequenceCorpus.packed`); else random windows of the text
+    (`TextCorpus.sample_windows`). 5% of the documents (or lines) are held out, and a
+    tokenizer spec is trained on the other 95% (``char``: on all the text, so that every
+    character encodes).
 
     Args:
         name: one of `TASKS`.
@@ -82,10 +228,18 @@ def build_task(name: str, length: int, text: Path | None = None, seed: int = 0) 
         text: a ``.txt`` file or a folder of them for the corpus task (default: the King
             James Bible).
         seed: seeds the synthetic tasks' validation sequences.
+        tokenizer: the corpus task's tokenizer, or its spec (`flowlm.data.build_tokenizer`).
+        lines: one sequence per line, padded; the loss leaves the padding out (`Task.mask`).
+        dataset: a Hugging Face dataset name or a local ``.txt``/``.json``/``.jsonl``/
+            ``.csv`` file, for the corpus task.
+        split: the dataset's split.
+        column: the dataset's text column.
+        streaming: read the dataset lazily (with ``limit``, only the rows used).
+        limit: read at most this many dataset rows.
 
     Raises:
-        ValueError: an unknown task, a text given to a synthetic task, or a text shorter than
-            a window.
+        ValueError: an unknown task, corpus options given to a synthetic task, both a text
+            and a dataset, or too little text for ``length``.
 
     Examples:
         >>> build_task("markov", length=8).quality(torch.zeros(2, 8, dtype=torch.long)) == {}
@@ -93,8 +247,11 @@ def build_task(name: str, length: int, text: Path | None = None, seed: int = 0) 
     """
     if length < 1:
         raise ValueError(f"--length must be at least 1, got {length}")
-    if text is not None and name != "corpus":
-        raise ValueError(f"--text gives the corpus task its text; it has no use with {name}")
+    if name != "corpus":
+        given = {"--text": text is not None, "--dataset": dataset is not None, "--lines": lines}
+        given["--tokenizer"] = tokenizer != "char" and not isinstance(tokenizer, CharTokenizer)
+        for flag in (flag for flag, present in given.items() if present):
+            raise ValueError(f"{flag} is an option of the corpus task; it has no use with {name}")
     validation_generator = torch.Generator().manual_seed(seed)
     if name == "alpha-repeat":
         alpha = AlphaRepeat(ALPHA_SYMBOLS, length)
@@ -126,47 +283,144 @@ def build_task(name: str, length: int, text: Path | None = None, seed: int = 0) 
             quality=lambda tokens: {"exact_ppl": chain.exact_perplexity(tokens)},
         )
     if name == "corpus":
-        return _corpus_task(length, text)
+        if text is not None and dataset is not None:
+            raise ValueError("--text and --dataset both give the corpus text: give one")
+        if dataset is not None:
+            source = f"{dataset} ({split})"
+            documents = load_dataset_documents(
+                dataset, split, column, streaming=streaming, limit=limit
+            )
+        elif text is None:
+            source, documents = "the King James Bible", load_kjv()
+        else:
+            source, documents = str(text), load_text(text)
+        if lines:
+            return _line_task(source, documents, tokenizer, length)
+        if dataset is not None:
+            return _packed_task(source, documents, tokenizer, length)
+        return _window_task(source, documents, tokenizer, length)
     raise ValueError(f"unknown task {name!r}: choose one of {TASKS}")
 
 
-def _corpus_task(length: int, text: Path | None) -> Task:
-    if text is None:
-        source, documents = "the King James Bible", load_kjv()
-    else:
-        source, documents = str(text), _enough_documents(load_text(text))
-    corpus = TextCorpus.split(documents)
+def _window_task(
+    source: str, documents: list[Document], tokenizer: str | Tokenizer, length: int
+) -> Task:
+    """Random windows of the concatenated documents of the training split."""
+    documents = _enough_documents(documents)
+    tokenizer, training = _tokenizer_and_training_texts(
+        documents, tokenizer, (), separator=DOCUMENT_SEPARATOR
+    )
+    corpus = TextCorpus.split(documents, VALIDATION_FRACTION, tokenizer)
     for split in ("train", "validation"):
         available = corpus.tokens(split).numel()
         if available < length:
             raise ValueError(
                 f"--length {length} is longer than the {split} split of {source} "
-                f"({available} characters): lower --length or give more text"
+                f"({available} tokens): lower --length or give more text"
             )
     windows = min(VALIDATION_SEQUENCES, corpus.tokens("validation").numel() // length)
-    vocab_size = corpus.tokenizer.vocab_size
-    known_words = {word for _, document in corpus.train for word in document.split()}
-
-    def quality(tokens: Tokens) -> dict[str, float]:
-        return {
-            "distinct_2": distinct_n(tokens, 2, vocab_size).item(),
-            "known_words": _known_word_rate(corpus.tokenizer.decode_batch(tokens), known_words),
-        }
-
     return Task(
         name="corpus",
         description=(
             f"corpus: {source}, {len(corpus.train)} training and {len(corpus.validation)} "
-            f"validation documents, {vocab_size} characters, windows of {length}"
+            f"validation documents, {tokenizer.vocab_size} tokens, windows of {length}"
         ),
-        tokenizer=corpus.tokenizer,
+        tokenizer=tokenizer,
         length=length,
         draw=lambda batch_size, generator: corpus.sample_windows(
             "train", batch_size, length, generator
         ),
         validation=corpus.fixed_windows("validation", length, count=windows),
-        quality=quality,
+        quality=_word_quality(tokenizer, training),
     )
+
+
+def _line_task(
+    source: str, documents: list[Document], tokenizer: str | Tokenizer, length: int
+) -> Task:
+    """One sequence per non-empty line of the documents, cut and padded to ``length``."""
+    lines = [line for _, text in documents for line in text.split("\n") if line.strip()]
+    tokenizer, training = _tokenizer_and_training_texts(
+        [(str(i), line) for i, line in enumerate(lines)], tokenizer, (PAD,)
+    )
+    corpus = SequenceCorpus.from_lines(lines, tokenizer, length, VALIDATION_FRACTION)
+    return _sequence_task(
+        f"corpus: {source}, {len(training)} training and {len(lines) - len(training)} "
+        f"validation lines, {tokenizer.vocab_size} tokens, padded to {length}",
+        corpus,
+        training,
+        padded=True,
+    )
+
+
+def _packed_task(
+    source: str, documents: list[Document], tokenizer: str | Tokenizer, length: int
+) -> Task:
+    """The documents' tokens, each followed by a separator, cut into windows of ``length``."""
+    tokenizer, training = _tokenizer_and_training_texts(documents, tokenizer, (EOS,))
+    corpus = SequenceCorpus.packed(documents, tokenizer, length, VALIDATION_FRACTION)
+    return _sequence_task(
+        f"corpus: {source}, {len(training)} training and {len(documents) - len(training)} "
+        f"validation documents, {tokenizer.vocab_size} tokens, packed into windows of {length}",
+        corpus,
+        training,
+        padded=False,
+    )
+
+
+def _sequence_task(
+    description: str, corpus: SequenceCorpus, training: list[str], padded: bool
+) -> Task:
+    """A task drawing rows of ``corpus``, validated on up to `VALIDATION_SEQUENCES` of its own."""
+    held_out = corpus.validation.shape[0]
+    if held_out == 0:
+        raise ValueError(f"{description}: no validation sequence; give more text")
+    picks = torch.arange(min(VALIDATION_SEQUENCES, held_out)) * held_out
+    picks = picks // min(VALIDATION_SEQUENCES, held_out)  # evenly through the held-out rows
+    return Task(
+        name="corpus",
+        description=description,
+        tokenizer=corpus.tokenizer,
+        length=corpus.length,
+        draw=lambda batch_size, generator: corpus.sample("train", batch_size, generator)[0],
+        validation=corpus.validation[picks],
+        quality=_word_quality(corpus.tokenizer, training),
+        padded=padded,
+    )
+
+
+def _tokenizer_and_training_texts(
+    documents: list[Document],
+    tokenizer: str | Tokenizer,
+    specials: tuple[str, ...],
+    separator: str = "",
+) -> tuple[Tokenizer, list[str]]:
+    """The tokenizer, and the texts of the documents the corpora train on.
+
+    A spec is built on the training texts, ``char`` on all the text and the ``separator``
+    placed between documents (so every character encodes).
+    """
+    held_out = validation_positions(len(documents), VALIDATION_FRACTION, "documents")
+    training = [text for i, (_, text) in enumerate(documents) if i not in held_out]
+    if isinstance(tokenizer, str):
+        texts = [separator, *(text for _, text in documents)] if tokenizer == "char" else training
+        tokenizer = build_tokenizer(tokenizer, texts, specials)
+    return tokenizer, training
+
+
+def _word_quality(
+    tokenizer: Tokenizer, training: list[str]
+) -> Callable[[Tokens], dict[str, float]]:
+    """The corpus measures: distinct token bigrams, and whole words of the text seen in training."""
+    known_words = {word for text in training for word in text.split()}
+
+    def quality(tokens: Tokens) -> dict[str, float]:
+        return {
+            "distinct_2": distinct_n(tokens, 2, tokenizer.vocab_size).item(),
+            "known_words": _known_word_rate(tokenizer.decode_batch(tokens), known_words),
+        }
+
+    return quality
 
 
 def _enough_documents(documents: list[Document]) -> list[Document]:

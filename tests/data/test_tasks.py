@@ -2,11 +2,13 @@
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from flowlm.data.tasks import MIN_DOCUMENTS, TASKS, build_task
+from flowlm.data import CharTokenizer, SubwordTokenizer
+from flowlm.data.tasks import MIN_DOCUMENTS, TASKS, build_task, task_of
 
 
 def test_alpha_repeat_draws_valid_sequences_and_judges_them() -> None:
@@ -58,7 +60,7 @@ def test_your_text_is_cut_into_enough_documents_and_judged_by_its_words(tmp_path
             "markov",
             8,
             Path("x.txt"),
-            "--text gives the corpus task its text; it has no use with markov",
+            "--text is an option of the corpus task; it has no use with markov",
         ),
     ],
 )
@@ -75,3 +77,52 @@ def test_a_window_longer_than_the_text_is_refused(tmp_path: Path) -> None:
 
 def test_every_task_is_buildable_by_name() -> None:
     assert TASKS == ("corpus", "alpha-repeat", "markov")
+
+
+def settings(**fields: object) -> SimpleNamespace:
+    """DataSettings of the corpus task with `fields` changed."""
+    defaults = dict(task="corpus", length=16, seed=0, text=None, tokenizer="char", lines=False)
+    defaults |= dict(dataset=None, split="train", column="text", streaming=False, limit=None)
+    return SimpleNamespace(**defaults | fields)
+
+
+def test_a_bpe_corpus_task_judges_the_decoded_words(tmp_path: Path) -> None:
+    text = "the cat sat on the mat and the dog sat on the log. " * 40
+    (tmp_path / "one.txt").write_text(text)
+    task = task_of(settings(text=str(tmp_path / "one.txt"), tokenizer="bpe:300"))
+    assert isinstance(task.tokenizer, SubwordTokenizer) and task.vocab_size <= 300
+    words = task.tokenizer.encode(" on the cat sat on the mat on").unsqueeze(0)
+    assert words.numel() < len(" on the cat sat on the mat on")  # merges shorten the text
+    assert task.quality(words)["known_words"] == 1.0
+    nonsense = task.tokenizer.encode(" on tha cot sda an tho mta on").unsqueeze(0)
+    assert task.quality(nonsense)["known_words"] == 0.0
+    again = task_of(settings(text=str(tmp_path / "one.txt")), tokenizer=task.tokenizer)
+    assert again.tokenizer is task.tokenizer  # a saved tokenizer is used as it is
+    assert torch.equal(again.validation, task.validation)
+
+
+def test_a_saved_vocabulary_must_be_the_synthetic_tasks() -> None:
+    with pytest.raises(ValueError, match="trained on another vocabulary than markov's"):
+        task_of(settings(task="markov"), tokenizer=CharTokenizer("ab"))
+    assert task_of(settings(task="markov")).tokenizer == build_task("markov", 16).tokenizer
+
+
+@pytest.mark.parametrize("flag", ["--tokenizer", "--lines", "--dataset"])
+def test_corpus_options_are_refused_by_the_synthetic_tasks(flag: str) -> None:
+    given = {"--tokenizer": {"tokenizer": "bpe:300"}, "--lines": {"lines": True}}
+    given["--dataset"] = {"dataset": "x.jsonl"}
+    with pytest.raises(ValueError, match=f"{flag} is an option of the corpus task"):
+        task_of(settings(task="alpha-repeat", **given[flag]))
+
+
+def test_lines_hold_out_whole_lines_and_mask_padding(tmp_path: Path) -> None:
+    lines = [f"line number {i} " + "x" * (i % 7) for i in range(40)]
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n\n")
+    task = task_of(settings(text=str(tmp_path / "lines.txt"), lines=True, length=24))
+    assert task.decode(task.validation) == [lines[10], lines[30]]
+    tokens = task.draw(200, torch.Generator().manual_seed(0))
+    mask = task.mask(tokens)
+    assert mask is not None and torch.equal(mask, tokens != task.tokenizer.pad_id)
+    lengths = mask.sum(1).tolist()
+    assert lengths == [len(text) for text in task.decode(tokens)]
+    assert set(task.decode(tokens)) == set(lines) - {lines[10], lines[30]}  # 200 draws of 38
