@@ -86,7 +86,12 @@ SMOKE = Settings((63, 300), 300, 32, 1, 2, 2, 16, 1)
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak of the bytes held by storages that operators create while the mode is active."""
+    """Peak of the bytes held by storages that operators create while the mode is active.
+
+    An output that shares the storage of one of the operator's inputs (a view such as the
+    transposed weight inside ``linear``, or an in-place result) allocates nothing and is not
+    counted: counting it would charge every parameter the model reads as a new allocation.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,9 +100,15 @@ class LiveBytes(TorchDispatchMode):
         self._storages: dict[int, weakref.ref[torch.UntypedStorage]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        inputs = {
+            leaf.untyped_storage()._cdata
+            for leaf in tree_leaves((args, kwargs))
+            if isinstance(leaf, Tensor)
+        }
+        out = func(*args, **kwargs)
         for leaf in tree_leaves(out):
-            if isinstance(leaf, Tensor):
+            if isinstance(leaf, Tensor) and leaf.untyped_storage()._cdata not in inputs:
                 self._track(leaf.untyped_storage())
         return out
 
