@@ -34,11 +34,10 @@ checksum; --resume and --sample-only reuse the saved tokenizer (no retraining, n
 """
 
 import json
-import math
 import time
 from argparse import Namespace, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,7 +47,7 @@ import flowlm as fl
 from flowlm import train
 from flowlm.backbones import DiT
 from flowlm.data import tokenizer_from_state
-from flowlm.data.tasks import TASKS, Task, task_of
+from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
 from flowlm.metrics import token_entropy
 
 # ---------------------------------------------------------------------------- settings
@@ -86,9 +85,6 @@ CONTEXTS = {
     "spans": fl.span_context,
     "bernoulli": fl.bernoulli_context,
 }
-INVOCATION = ("out", "resume", "sample_only", "json", "threads", "smoke")
-CONDITIONING = ("prompt", "infill", "guidance", "block")
-"""Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
 MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "length", "dim", "depth",
          "heads", "clock")  # fmt: skip
 """What a checkpoint's network is: flags that contradict it are refused on --resume."""
@@ -97,20 +93,10 @@ VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length, ...
     """Everything that defines a run; saved in its checkpoints and restored on --resume."""
 
-    task: str = "corpus"
-    text: str | None = None  # a .txt file or a folder of them, for the corpus task
     preset: str | None = None  # a paper run (lm1b, owt): its model, data and optimizer
-    tokenizer: str = "char"  # char | bpe:N | PATH/tokenizer.json | hf:NAME
-    lines: bool = False  # one sequence per line (or dataset row), padded; loss masked
-    dataset: str | None = None  # a Hugging Face dataset or a local .txt/.json/.jsonl/.csv
-    split: str = "train"
-    column: str = "text"
-    streaming: bool = False
-    limit: int | None = None  # read at most this many dataset rows
-    length: int = 64  # tokens per sequence
     dim: int = 128  # DiT width, blocks and heads
     depth: int = 4
     heads: int = 4
@@ -138,9 +124,7 @@ class Config:
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the flag of the first setting that cannot work."""
         positive = "length dim depth heads steps batch_size samples log_every eval_every sample_every checkpoint_every"
-        train.check_settings(self, world_size, positive.split())
-        if not 0 <= self.p_uncond <= 1:
-            raise ValueError(f"--p-uncond must lie in [0, 1], got {self.p_uncond}")
+        train.check_settings(self, world_size, positive.split())  # and --lr, --p-uncond, ...
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(
                 f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
@@ -150,61 +134,25 @@ class Config:
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
     """The invocation's options, and the run settings given on the command line (only those)."""
     parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="checkpoint file")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
-    parser.add_argument("--json", type=Path, help="write the final metrics here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (CI)")
-    parser.add_argument("--prompt", help="sample continuations of this text")
-    parser.add_argument("--infill", help="sample the ____ holes (and the rest) of this text")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight W >= 0")
-    parser.add_argument("--block", type=int, help="sample in blocks of B positions, in order")
+    train.add_run_flags(parser)  # --out, --resume, --sample-only, --json, --smoke, --prompt, ...
     train.add_settings(parser, Config, CHOICES)  # --task, --length, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = Namespace(**{name: given.pop(name) for name in INVOCATION + CONDITIONING})
-    if options.threads < 1:
-        train.fail(f"--threads must be at least 1, got {options.threads}")
-    if options.prompt is not None and options.infill is not None:
-        train.fail("--prompt and --infill both give the known tokens: give one of them")
-    if options.guidance is not None and not options.guidance >= 0:
-        train.fail(f"--guidance must be at least 0, got {options.guidance}")
-    if options.block is not None and options.block < 1:
-        train.fail(f"--block must be at least 1, got {options.block}")
-    if (options.resume or options.sample_only) and options.out is None:
-        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
-    return options, given
+    return train.run_flags(given), given  # the flags checked, and the settings given
 
 
 def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
     """The run's settings, task and saved state (or None); ValueError on a bad input."""
-    saved = None
-    if options.out is not None and (options.resume or options.sample_only):
-        if options.out.exists():
-            saved = train.load_checkpoint(options.out, kind="flm")  # refuses damaged files
-            if options.resume and saved["smoke"] != options.smoke:
-                kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
-                raise ValueError(
-                    f"{options.out} holds {kind}: it is not resumed by this one (another --out)"
-                )
-        elif options.sample_only:
-            raise FileNotFoundError(f"--sample-only: no checkpoint at {options.out}")
+    saved = train.saved_run(options, kind="flm")  # refuses damaged files and smoke/real mixes
     if saved is None:
         name, paper = given.get("task", Config.task), given.get("preset")
         preset = PRESETS[name] | (PAPER_PRESETS[paper] if paper else {})
         preset |= (SMOKE | (PAPER_SMOKE if paper else {})) if options.smoke else {}
         config = replace(Config(task=name, **preset), **given)
     else:
-        config = Config(
-            **saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
-        )
-        for name in MODEL:
-            if name in given and given[name] != getattr(config, name):
-                raise ValueError(
-                    f"--{name} {given[name]} contradicts the checkpoint's "
-                    f"{getattr(config, name)}: drop it or give another --out"
-                )
-        config = replace(config, **given)
+        advice = "drop it or give another --out"
+        train.check_unchanged(given, saved["config"], MODEL, "the checkpoint's", advice)
+        sample_steps = tuple(saved["config"]["sample_steps"])
+        config = replace(Config(**saved["config"] | {"sample_steps": sample_steps}), **given)
     config.check(procs.world_size)
     task = task_of(config, None if saved is None else tokenizer_from_state(saved["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
@@ -235,19 +183,6 @@ def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpol
         return fl.XPredMap(predictor, interpolant)  # x + (γ_s - γ_t)(x̂₁ - x)/(1 - γ_t)
     velocity = fl.XPredVelocity(predictor, interpolant)
     return fl.Midpoint(velocity) if solver == "midpoint" else fl.Heun(velocity)
-
-
-def known_tokens(options: Namespace, task: Task, count: int, device: torch.device):
-    """The --prompt or --infill text as a context of ``count`` rows (None without one)."""
-    template = options.prompt if options.prompt is not None else options.infill
-    if template is None:
-        return None
-    try:
-        return fl.Context.from_template(
-            template, task.tokenizer.encode, task.length, count, device=device
-        )
-    except ValueError as error:
-        train.fail(f"--{'prompt' if options.prompt is not None else 'infill'}: {error}")
 
 
 def sample(
@@ -336,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         device, vocab = procs.device, task.vocab_size
-        prompt = known_tokens(options, task, config.samples, device)  # fails before training
+        encode = task.tokenizer.encode  # --prompt / --infill: checked before training
+        prompt = train.template_context(options, encode, task.length, config.samples, device)
         torch.manual_seed(config.seed)  # the same initial weights on every process
         backbone = DiT(vocab, config.dim, config.depth, config.heads, dropout=config.dropout).to(
             device
@@ -362,21 +298,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             predictor = fl.XPredictor(procs.wrap(backbone))  # DDP averages the gradients
             averaged = fl.XPredictor(ema.module)
             train_loss, validation = {}, {}
+            schedule = partial(train.learning_rate, peak=config.lr, warmup=config.warmup,
+                               total=config.steps, schedule=config.schedule)  # fmt: skip
             backbone.train()
             started = time.perf_counter()
             progress = tqdm(
                 range(start, config.steps), "FLM", initial=start, disable=not procs.is_main
             )
             for step in progress:
-                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
+                seed, rank = config.seed, procs.rank
+                torch.manual_seed(train.derived_seed(seed, "dropout", step, rank))
                 tokens, mask, noise, t = draw_batch(task, config, step, procs)
                 if config.context != "none":  # known tokens at time 1, the loss on the others
+                    generator = train.seeded_generator(seed, "context", step, rank, device=device)
                     known = CONTEXTS[config.context](
-                        tokens,
-                        p_uncond=config.p_uncond,
-                        generator=train.seeded_generator(
-                            config.seed, "context", step, procs.rank, device=device
-                        ),
+                        tokens, p_uncond=config.p_uncond, generator=generator
                     )
                     t = known.times(t)
                     mask = known.unknown if mask is None else mask & known.unknown
@@ -384,15 +320,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = fl.cross_entropy(predictor.logits(x_t, t), tokens)
                     loss = fl.masked_mean(loss, mask)
-                lr = train.learning_rate(
-                    step, config.lr, config.warmup, config.steps, config.schedule
+                lr = schedule(step)
+                train.optimizer_step(
+                    optimizer, loss, [*backbone.parameters()], lr, config.grad_clip
                 )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(backbone.parameters(), config.grad_clip)
-                optimizer.step()
                 ema.update(backbone)
 
                 # Host reads only from here on, at log, eval, sample and checkpoint steps.
@@ -402,12 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     done % config.checkpoint_every == 0 or last
                 )
                 if done % config.log_every == 0 or checkpoint or last:
-                    train_loss[str(done)] = value = procs.mean(loss.detach()).item()
-                    weights = torch.stack([p.isfinite().all() for p in backbone.parameters()])
-                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
-                        raise FloatingPointError(
-                            f"step {done}: the training loss is {value}; stopped without saving (the last checkpoint is kept). Try a lower --lr or float32."
-                        )
+                    value = train.finite_loss(procs, loss, backbone, checkpoint, f"step {done}")
+                    train_loss[str(done)] = value
                     progress.set_postfix(loss=f"{value:.4f}")
                 if not procs.is_main:
                     continue
@@ -446,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
             sampler = make_sampler(config.solver, fl.XPredictor(network), interpolant)
-            flags = {k: vars(options)[k] for k in CONDITIONING if vars(options)[k] is not None}
+            flags = {k: v for k in train.CONDITIONING_FLAGS if (v := vars(options)[k]) is not None}
             result |= {"solver": config.solver} | flags  # the conditioning flags given
             result["steps"] = sample_report(
                 sampler, f"FLM {config.solver}", task, config, device, prompt, options.block
