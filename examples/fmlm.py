@@ -30,10 +30,10 @@ is refused on --resume and --sample-only. Randomness and resumption work as in f
 """
 
 import json
-import math
 import time
 from argparse import Namespace, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import flowlm as fl
 from flowlm import distill, train
 from flowlm.backbones import DiT
 from flowlm.data import tokenizer_from_state
-from flowlm.data.tasks import TASKS, Task, task_of
+from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
 from flowlm.metrics import token_entropy
 
 # ---------------------------------------------------------------------------- settings
@@ -76,9 +76,6 @@ CONTEXTS = {
     "spans": fl.span_context,
     "bernoulli": fl.bernoulli_context,
 }
-INVOCATION = ("teacher", "out", "resume", "sample_only", "json", "threads", "smoke")
-CONDITIONING = ("prompt", "infill", "guidance", "block")
-"""Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
 MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "split", "column", "streaming",
          "limit", "length", "dim", "depth", "heads", "clock")  # fmt: skip
 """The teacher's settings: the student's network starts from the teacher's weights."""
@@ -93,20 +90,10 @@ SHOWN_SAMPLES = 3
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
     """Everything that defines a distillation; saved in its checkpoints."""
 
-    task: str = "corpus"  # the first fields are the teacher's (MODEL)
-    text: str | None = None
     preset: str | None = None
-    tokenizer: str = "char"
-    lines: bool = False
-    dataset: str | None = None
-    split: str = "train"
-    column: str = "text"
-    streaming: bool = False
-    limit: int | None = None
-    length: int = 64
     dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -135,40 +122,19 @@ class Config:
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the flag of the first setting that cannot work."""
         positive = "steps batch_size samples log_every checkpoint_every teacher_steps"
-        train.check_settings(self, world_size, positive.split())
-        if self.boundary_prob is not None and not 0 <= self.boundary_prob <= 1:
-            raise ValueError(f"--boundary-prob must lie in [0, 1], got {self.boundary_prob}")
-        if not 0 <= self.p_uncond <= 1:
-            raise ValueError(f"--p-uncond must lie in [0, 1], got {self.p_uncond}")
+        train.check_settings(self, world_size, positive.split())  # and --lr, --p-uncond, ...
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
     """The invocation's options, and the settings given on the command line (only those)."""
     parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, required=True, help="an FLM checkpoint")
-    parser.add_argument("--out", type=Path, help="the student's checkpoint file")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
-    parser.add_argument("--json", type=Path, help="write the final metrics here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps (CI)")
-    parser.add_argument("--prompt", help="sample continuations of this text")
-    parser.add_argument("--infill", help="sample the ____ holes (and the rest) of this text")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight W >= 0")
-    parser.add_argument("--block", type=int, help="sample in blocks of B positions, in order")
+    train.add_run_flags(parser)  # --out (the student), --resume, --sample-only, --json, ...
     train.add_settings(parser, Config, CHOICES)  # --method, --steps, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = Namespace(**{name: given.pop(name) for name in INVOCATION + CONDITIONING})
-    if options.threads < 1:
-        train.fail(f"--threads must be at least 1, got {options.threads}")
-    if options.prompt is not None and options.infill is not None:
-        train.fail("--prompt and --infill both give the known tokens: give one of them")
-    if options.guidance is not None and not options.guidance >= 0:
-        train.fail(f"--guidance must be at least 0, got {options.guidance}")
-    if options.block is not None and options.block < 1:
-        train.fail(f"--block must be at least 1, got {options.block}")
-    if (options.resume or options.sample_only) and options.out is None:
-        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
+    teacher = given.pop("teacher")
+    options = train.run_flags(given)  # checked; what is left in given: the settings given
+    options.teacher = teacher
     return options, given
 
 
@@ -181,28 +147,18 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
         )
     teacher = train.load_checkpoint(options.teacher, kind="flm")  # refuses damaged files
     digest = train.checkpoint_digest(options.teacher)
-    for name in MODEL:
-        if name in given and given[name] != teacher["config"][name]:
-            raise ValueError(
-                f"--{name} {given[name]} contradicts the teacher's {teacher['config'][name]}: "
-                "the student is the teacher's network"
-            )
-    saved = None
-    if options.out is not None and options.out.exists() and (options.resume or options.sample_only):
-        saved = train.load_checkpoint(options.out, kind="fmlm")
+    advice = "the student is the teacher's network"
+    train.check_unchanged(given, teacher["config"], MODEL, "the teacher's", advice)
+    saved = train.saved_run(options, "fmlm", "student checkpoint")  # and refuses smoke mixes
+    if saved is not None:
         if saved["teacher_digest"] != digest:
             raise ValueError(
                 f"{options.out} was distilled from another teacher than the one now at "
                 f"{options.teacher} (checksum {saved['teacher_digest'][:12]}, now {digest[:12]}): "
                 "retrained? give another --out or delete it"
             )
-        if options.resume and saved["smoke"] != options.smoke:
-            kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
-            raise ValueError(f"{options.out} holds {kind}: it is not resumed by this one")
         if given.get("method", saved["config"]["method"]) != saved["config"]["method"]:
             raise ValueError(f"{options.out} holds a {saved['config']['method']} student")
-    elif options.sample_only:
-        raise FileNotFoundError(f"--sample-only: no student checkpoint at {options.out}")
     if saved is None:
         base = {name: teacher["config"][name] for name in MODEL}
         base |= PRESETS[base["task"]] | PAPER_PRESETS.get(base["preset"], {})
@@ -263,19 +219,6 @@ def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
     return network
 
 
-def known_tokens(options: Namespace, task: Task, count: int, device: torch.device):
-    """The --prompt or --infill text as a context of ``count`` rows (None without one)."""
-    template = options.prompt if options.prompt is not None else options.infill
-    if template is None:
-        return None
-    try:
-        return fl.Context.from_template(
-            template, task.tokenizer.encode, task.length, count, device=device
-        )
-    except ValueError as error:
-        train.fail(f"--{'prompt' if options.prompt is not None else 'infill'}: {error}")
-
-
 def sample_report(
     flow_map: fl.FlowMap,
     label: str,
@@ -331,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         vocab, device = task.vocab_size, procs.device
-        prompt = known_tokens(options, task, config.samples, device)  # fails before training
+        encode = task.tokenizer.encode  # --prompt / --infill: checked before training
+        prompt = train.template_context(options, encode, task.length, config.samples, device)
         teacher_network = DiT(vocab, config.dim, config.depth, config.heads, dropout=0.0)
         teacher_network.load_state_dict(teacher_state["ema"])  # the teacher's EMA weights
         teacher_network = teacher_network.to(device).eval().requires_grad_(False)
@@ -374,21 +318,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if stage == "v1-stage2":  # regress onto stage 1's frozen EMA Taylor map
                 frozen_taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
             train_loss: dict[str, float] = {}
+            schedule = partial(train.learning_rate, peak=config.lr, warmup=config.warmup,
+                               total=config.steps, schedule=config.schedule)  # fmt: skip
             started = time.perf_counter()
             network.train()
             todo = range(start, 0 if options.sample_only else config.steps)
             for step in tqdm(
                 todo, stage, initial=start, total=config.steps, disable=not procs.is_main
             ):
-                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
+                seed, rank = config.seed, procs.rank
+                torch.manual_seed(train.derived_seed(seed, "dropout", step, rank))
                 tokens, mask, noise, (t, s) = draw_batch(task, config, stage, step, procs)
                 if config.context != "none":  # teacher and student: t = s = 1 on known tokens
+                    generator = train.seeded_generator(seed, "context", step, rank, device=device)
                     known = CONTEXTS[config.context](
-                        tokens,
-                        p_uncond=config.p_uncond,
-                        generator=train.seeded_generator(
-                            config.seed, "context", step, procs.rank, device=device
-                        ),
+                        tokens, p_uncond=config.p_uncond, generator=generator
                     )
                     t, s = known.times(t), known.times(s)
                     mask = known.unknown if mask is None else mask & known.unknown
@@ -409,15 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     else:
                         token_loss = distill.map_regression_loss(student, frozen_taylor, x_t, t, s)
                     loss = fl.masked_mean(token_loss, mask)
-                lr = train.learning_rate(
-                    step, config.lr, config.warmup, config.steps, config.schedule
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                optimizer.step()
+                train.optimizer_step(optimizer, loss, parameters, schedule(step), config.grad_clip)
                 ema.update(network)
 
                 # Host reads only from here on, at log and checkpoint steps.
@@ -427,13 +363,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     done % config.checkpoint_every == 0 or last
                 )
                 if done % config.log_every == 0 or checkpoint or last:
-                    train_loss[str(done)] = value = procs.mean(loss.detach()).item()
-                    weights = torch.stack([p.isfinite().all() for p in network.parameters()])
-                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
-                        raise FloatingPointError(
-                            f"{stage} step {done}: the loss is {value}; stopped without "
-                            "saving (the last checkpoint is kept). Try a lower --lr."
-                        )
+                    where = f"{stage} step {done}"
+                    train_loss[str(done)] = train.finite_loss(
+                        procs, loss, network, checkpoint, where
+                    )
                 if checkpoint and procs.is_main:
                     saved_stage = dict(step=done, model=network.state_dict(), ema=ema.state_dict())
                     saved_stage |= dict(
@@ -453,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 network = fl.Guidance(network, options.guidance)
             student = fl.XPredMap(fl.XPredictor(network), interpolant, two_time=True)
             conditioning = (prompt, options.block)  # the teacher's report too, unguided
-            flags = {k: vars(options)[k] for k in CONDITIONING if vars(options)[k] is not None}
+            flags = {k: v for k in train.CONDITIONING_FLAGS if (v := vars(options)[k]) is not None}
             result |= flags  # the conditioning flags given
             label = f"FMLM {config.method}"
             result["steps"] = sample_report(student, label, task, config, device, *conditioning)

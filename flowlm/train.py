@@ -703,7 +703,7 @@ def run_flags(given: dict[str, Any]) -> argparse.Namespace:
 
 def template_context(
     flags: argparse.Namespace,
-    encode: Callable[[str], list[int]],
+    encode: Callable[[str], Sequence[int] | Tensor],
     length: int,
     count: int,
     device: torch.device,
@@ -810,7 +810,9 @@ def finite_loss(
     return value
 
 
-def saved_run(flags: argparse.Namespace, kind: str) -> dict[str, Any] | None:
+def saved_run(
+    flags: argparse.Namespace, kind: str, described: str = "checkpoint"
+) -> dict[str, Any] | None:
     """The checkpoint at ``--out`` that ``--resume`` or ``--sample-only`` continues, if any.
 
     Damaged files are refused (`load_checkpoint`), and so is resuming a ``--smoke`` run as a
@@ -819,6 +821,7 @@ def saved_run(flags: argparse.Namespace, kind: str) -> dict[str, Any] | None:
     Args:
         flags: from `run_flags`.
         kind: the checkpoint's expected kind (e.g. ``"flm"``).
+        described: what the file is, for the message when it is missing.
 
     Returns:
         The saved state, or None for a new run (no ``--resume``/``--sample-only``, or
@@ -844,7 +847,7 @@ def saved_run(flags: argparse.Namespace, kind: str) -> dict[str, Any] | None:
         return None
     if not flags.out.exists():
         if flags.sample_only:
-            raise FileNotFoundError(f"--sample-only: no checkpoint at {flags.out}")
+            raise FileNotFoundError(f"--sample-only: no {described} at {flags.out}")
         return None
     saved = load_checkpoint(flags.out, kind=kind)
     if flags.resume and saved["smoke"] != flags.smoke:
