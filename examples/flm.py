@@ -8,10 +8,8 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --task alpha-repeat      # 26 letters repeated 8 times: valid rate
     python examples/flm.py --task markov            # a Markov chain: exact perplexity of samples
     python examples/flm.py --text my_books/         # your own .txt file or folder
-    python examples/flm.py --tokenizer bpe:2048     # a BPE trained on the text (or a
-        # PATH/tokenizer.json, hf:bert-base-uncased); --lines: one padded sequence per line
-    python examples/flm.py --dataset notes.jsonl --split train   # a `datasets` name or file,
-        # packed into windows of --length (--lines: one row per sequence)
+    python examples/flm.py --tokenizer bpe:2048     # or PATH/tokenizer.json, hf:bert-base-uncased
+    python examples/flm.py --dataset notes.jsonl --lines   # a `datasets` name or file, by row
     torchrun --nproc_per_node=8 examples/flm.py --preset lm1b --out lm1b.pt   # the paper's
         # LM1B run (--preset owt: OpenWebText); docs: the "Reproducing the paper" guide
     python examples/flm.py --smoke                  # seconds, for CI
@@ -48,7 +46,6 @@ from flowlm import train
 from flowlm.backbones import DiT
 from flowlm.data import tokenizer_from_state
 from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
-from flowlm.metrics import token_entropy
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
@@ -61,15 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 SMOKE = dict(dim=32, depth=1, heads=2, steps=8, batch_size=8, warmup=2, samples=8, log_every=1,
              eval_every=4, sample_every=4, checkpoint_every=4)
-PAPER = dict(dim=768, depth=12, heads=12, dropout=0.1, steps=1_000_000, batch_size=512, lr=3e-4,
-             warmup=2500, grad_clip=1.0, ema_decay=0.9999, bf16=True, eval_every=10_000,
-             sample_every=50_000, checkpoint_every=10_000, samples=64)
-PAPER_PRESETS: dict[str, dict[str, Any]] = {  # the paper's LM1B and OpenWebText runs
-    "lm1b": PAPER | dict(tokenizer="hf:bert-base-uncased", dataset="lm1b", lines=True,
-                         length=128),
-    "owt": PAPER | dict(tokenizer="hf:gpt2", dataset="Skylion007/openwebtext", split="train",
-                        length=1024),
-}
+PAPER_PRESETS = train.FLM_PAPER_PRESETS  # the paper's LM1B and OpenWebText runs (--preset)
 PAPER_SMOKE = dict(limit=400, bf16=False)  # --smoke of a paper preset: 400 rows, fp32 on CPU
 # fmt: on
 CHOICES = {
@@ -78,12 +67,7 @@ CHOICES = {
     "clock": ("token-accuracy", "identity"),
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "midpoint", "heun"),
-    "context": ("none", "prefix", "spans", "bernoulli"),
-}
-CONTEXTS = {
-    "prefix": fl.prefix_context,
-    "spans": fl.span_context,
-    "bernoulli": fl.bernoulli_context,
+    "context": ("none", *train.TRAINING_CONTEXTS),  # prefix, spans, bernoulli
 }
 MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "length", "dim", "depth",
          "heads", "clock")  # fmt: skip
@@ -185,16 +169,9 @@ def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpol
     return fl.Midpoint(velocity) if solver == "midpoint" else fl.Heun(velocity)
 
 
-def sample(
-    flow_map: fl.FlowMap,
-    n_steps: int,
-    count: int,
-    task: Task,
-    config: Config,
-    device: torch.device,
-    context: fl.Context | None = None,
-    block: int | None = None,
-) -> fl.Trajectory:
+def sample(flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: Config,
+           device: torch.device, context: fl.Context | None = None, block: int | None = None,
+           ) -> fl.Trajectory:  # fmt: skip
     """``count`` samples in ``n_steps`` steps, from the same starting noise at every call.
 
     ``context``: known tokens held at time 1; ``block``: generate blocks of that many
@@ -211,39 +188,22 @@ def sample(
     )
 
 
-def sample_report(
-    flow_map: fl.FlowMap,
-    label: str,
-    task: Task,
-    config: Config,
-    device: torch.device,
-    context: fl.Context | None = None,
-    block: int | None = None,
-):
+def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device,
+                  context: fl.Context | None = None, block: int | None = None):  # fmt: skip
     """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
     report: dict[str, dict[str, Any]] = {}
     for n_steps in config.sample_steps:
         started = time.perf_counter()
         trajectory = sample(flow_map, n_steps, config.samples, task, config, device, context, block)
-        tokens = fl.decode(trajectory.x).cpu()
-        metrics = {"nfe": trajectory.nfe, "entropy": token_entropy(tokens).mean().item()}
-        metrics |= task.quality(tokens)
-        shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
-        print(f"{n_steps} step(s), {label}: {shown} ({time.perf_counter() - started:.2f} s)")
-        texts = task.decode(tokens)
-        print("\n".join(f"    {text!r}" for text in texts[:SHOWN_SAMPLES]))
-        report[str(n_steps)] = metrics | {"samples": texts}
+        seconds, tokens = time.perf_counter() - started, fl.decode(trajectory.x)
+        where = f"{n_steps} step(s), {label}"  # NFE, entropy, the task's measures, the texts:
+        report[str(n_steps)] = train.sample_measures(task, tokens, trajectory.nfe, where, seconds)
     return report
 
 
 @torch.no_grad()
-def validation_loss(
-    predictor: fl.XPredictor,
-    interpolant: fl.Interpolant,
-    task: Task,
-    config: Config,
-    device: torch.device,
-) -> float:
+def validation_loss(predictor: fl.XPredictor, interpolant: fl.Interpolant, task: Task,
+                    config: Config, device: torch.device) -> float:  # fmt: skip
     """Cross-entropy on fixed sequences and noise, averaged over VALIDATION_TIMES (not a bound)."""
     tokens = task.validation.to(device)
     x1 = fl.one_hot(tokens, task.vocab_size)
@@ -274,18 +234,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         encode = task.tokenizer.encode  # --prompt / --infill: checked before training
         prompt = train.template_context(options, encode, task.length, config.samples, device)
         torch.manual_seed(config.seed)  # the same initial weights on every process
-        backbone = DiT(vocab, config.dim, config.depth, config.heads, dropout=config.dropout).to(
-            device
-        )
+        shape = (config.dim, config.depth, config.heads)  # width, blocks, heads
+        backbone = DiT(vocab, *shape, dropout=config.dropout).to(device)
         clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
         interpolant = fl.LinearInterpolant(reparam=clock).to(device)
         ema = train.EMA(backbone, config.ema_decay)  # validation, previews and samples use the EMA
         optimizer = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0)
         start = 0 if saved is None else saved["step"]
         if saved is not None:
-            backbone.load_state_dict(saved["model"])
-            ema.load_state_dict(saved["ema"])
-            optimizer.load_state_dict(saved["optimizer"])
+            for name, part in dict(model=backbone, ema=ema, optimizer=optimizer).items():
+                part.load_state_dict(saved[name])
         if procs.is_main:
             parameters = sum(p.numel() for p in backbone.parameters())
             print(
@@ -302,18 +260,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                total=config.steps, schedule=config.schedule)  # fmt: skip
             backbone.train()
             started = time.perf_counter()
-            progress = tqdm(
-                range(start, config.steps), "FLM", initial=start, disable=not procs.is_main
-            )
+            todo = range(start, config.steps)
+            draw_context = train.TRAINING_CONTEXTS.get(config.context)  # None: --context none
+            progress = tqdm(todo, "FLM", initial=start, disable=not procs.is_main)
             for step in progress:
                 seed, rank = config.seed, procs.rank
                 torch.manual_seed(train.derived_seed(seed, "dropout", step, rank))
                 tokens, mask, noise, t = draw_batch(task, config, step, procs)
-                if config.context != "none":  # known tokens at time 1, the loss on the others
+                if draw_context is not None:  # known tokens at time 1, the loss on the others
                     generator = train.seeded_generator(seed, "context", step, rank, device=device)
-                    known = CONTEXTS[config.context](
-                        tokens, p_uncond=config.p_uncond, generator=generator
-                    )
+                    known = draw_context(tokens, p_uncond=config.p_uncond, generator=generator)
                     t = known.times(t)
                     mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
@@ -329,9 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # Host reads only from here on, at log, eval, sample and checkpoint steps.
                 done = step + 1
                 last = done == config.steps
-                checkpoint = options.out is not None and (
-                    done % config.checkpoint_every == 0 or last
-                )
+                every = config.checkpoint_every
+                checkpoint = options.out is not None and (done % every == 0 or last)
                 if done % config.log_every == 0 or checkpoint or last:
                     value = train.finite_loss(procs, loss, backbone, checkpoint, f"step {done}")
                     train_loss[str(done)] = value
@@ -339,29 +294,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if not procs.is_main:
                     continue
                 if done % config.eval_every == 0 or last:
-                    validation[str(done)] = validation_loss(
-                        averaged, interpolant, task, config, device
-                    )
-                    tqdm.write(
-                        f"step {done}: validation cross-entropy (EMA) {validation[str(done)]:.4f}"
-                    )
+                    value = validation_loss(averaged, interpolant, task, config, device)
+                    validation[str(done)] = value
+                    tqdm.write(f"step {done}: validation cross-entropy (EMA) {value:.4f}")
                 if done % config.sample_every == 0 and not last:
                     sampler = make_sampler(config.solver, averaged, interpolant)
-                    trajectory = sample(
-                        sampler, max(config.sample_steps), SHOWN_SAMPLES, task, config, device
-                    )
+                    n_steps = max(config.sample_steps)
+                    trajectory = sample(sampler, n_steps, SHOWN_SAMPLES, task, config, device)
                     texts = task.decode(fl.decode(trajectory.x).cpu())
                     tqdm.write(
-                        f"step {done}: samples (EMA)\n"
-                        + "\n".join(f"    {text!r}" for text in texts)
+                        f"step {done}: samples (EMA)" + "".join(f"\n    {t!r}" for t in texts)
                     )
                 if checkpoint:
                     state = dict(kind="flm", smoke=options.smoke, step=done, config=asdict(config))
                     state |= dict(tokenizer=task.tokenizer.state(), model=backbone.state_dict())
-                    train.save_checkpoint(
-                        options.out,
-                        state | dict(ema=ema.state_dict(), optimizer=optimizer.state_dict()),
-                    )
+                    state |= dict(ema=ema.state_dict(), optimizer=optimizer.state_dict())
+                    train.save_checkpoint(options.out, state)
             progress.close()
             seconds = time.perf_counter() - started
             if procs.is_main and config.steps > start:
@@ -373,8 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
             sampler = make_sampler(config.solver, fl.XPredictor(network), interpolant)
-            flags = {k: v for k in train.CONDITIONING_FLAGS if (v := vars(options)[k]) is not None}
-            result |= {"solver": config.solver} | flags  # the conditioning flags given
+            result |= {"solver": config.solver} | train.conditioning_flags(options)  # --prompt, ...
             result["steps"] = sample_report(
                 sampler, f"FLM {config.solver}", task, config, device, prompt, options.block
             )

@@ -41,10 +41,15 @@ import torch.distributed
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from flowlm.context import Context
+from flowlm.context import Context, bernoulli_context, prefix_context, span_context
+from flowlm.data.tasks import Task
+from flowlm.metrics import token_entropy
 
 __all__ = [
     "EMA",
+    "FLM_PAPER_PRESETS",
+    "FMLM_PAPER_PRESETS",
+    "TRAINING_CONTEXTS",
     "ArgumentParser",
     "CheckpointError",
     "Processes",
@@ -54,6 +59,7 @@ __all__ = [
     "check_settings",
     "check_unchanged",
     "checkpoint_digest",
+    "conditioning_flags",
     "derived_seed",
     "fail",
     "finite_loss",
@@ -64,12 +70,43 @@ __all__ = [
     "remove_partial_files",
     "require_memory",
     "run_flags",
+    "sample_measures",
     "save_checkpoint",
     "saved_run",
     "seeded_generator",
     "template_context",
     "transformer_step_bytes",
 ]
+
+# fmt: off
+_PAPER_FLM: dict[str, Any] = dict(
+    dim=768, depth=12, heads=12, dropout=0.1, steps=1_000_000, batch_size=512, lr=3e-4,
+    warmup=2500, grad_clip=1.0, ema_decay=0.9999, bf16=True, eval_every=10_000,
+    sample_every=50_000, checkpoint_every=10_000, samples=64,
+)
+FLM_PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "lm1b": _PAPER_FLM | dict(tokenizer="hf:bert-base-uncased", dataset="lm1b", lines=True,
+                              length=128),
+    "owt": _PAPER_FLM | dict(tokenizer="hf:gpt2", dataset="Skylion007/openwebtext", split="train",
+                             length=1024),
+}
+"""The paper's FLM runs on LM1B and OpenWebText (§7): model, data and optimizer settings."""
+_PAPER_FMLM: dict[str, Any] = dict(
+    method="v2", steps=100_000, lr=3e-4, warmup=2500, ema_decay=0.9999, bf16=True,
+    boundary_prob=1 / 32, checkpoint_every=5000, samples=64,
+)
+FMLM_PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "lm1b": _PAPER_FMLM | dict(batch_size=512),
+    "owt": _PAPER_FMLM | dict(batch_size=128),
+}
+"""The paper's distillation settings, by the teacher's preset."""
+# fmt: on
+TRAINING_CONTEXTS: dict[str, Callable[..., Context]] = {
+    "prefix": prefix_context,
+    "spans": span_context,
+    "bernoulli": bernoulli_context,
+}
+"""The ``--context`` choices: random known tokens at time 1 for conditional training."""
 
 MAGIC = b"flowlm checkpoint v1\n"
 """The first bytes of every checkpoint; a SHA-256 digest (32 bytes) of the payload follows."""
@@ -885,3 +922,49 @@ def check_unchanged(
         if name in given and given[name] != fixed[name]:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {given[name]} contradicts {whose} {fixed[name]}: {advice}")
+
+
+def sample_measures(
+    task: Task, tokens: Tensor, nfe: int, label: str, seconds: float, shown: int = 3
+) -> dict[str, Any]:
+    """The report of one set of samples, also printed: a summary line and ``shown`` samples.
+
+    Args:
+        task: what the samples are judged by (its quality measures and decoding).
+        tokens: the decoded samples, ``(batch, length)`` token ids.
+        nfe: the network calls that made them.
+        label: names the sampler in the printed line.
+        seconds: the sampling time, printed.
+        shown: samples printed.
+
+    Returns:
+        ``{"nfe", "entropy" (the mean per-sample token entropy), <the task's measures>,
+        "samples" (every decoded text)}``.
+
+    Examples:
+        >>> from flowlm.data.tasks import build_task
+        >>> task = build_task("alpha-repeat", length=4)
+        >>> report = sample_measures(task, torch.zeros(2, 4, dtype=torch.long), 1, "x", 0.0, 0)
+        x: nfe 1, entropy 0, valid_rate 1, mode_coverage 0.03846 (0.00 s)
+        <BLANKLINE>
+        >>> report["samples"]
+        ['aaaa', 'aaaa']
+    """
+    tokens = tokens.cpu()
+    measures: dict[str, Any] = {"nfe": nfe, "entropy": token_entropy(tokens).mean().item()}
+    measures |= task.quality(tokens)
+    summary = ", ".join(f"{key} {value:.4g}" for key, value in measures.items())
+    print(f"{label}: {summary} ({seconds:.2f} s)")
+    texts = task.decode(tokens)
+    print("\n".join(f"    {text!r}" for text in texts[:shown]))
+    return measures | {"samples": texts}
+
+
+def conditioning_flags(flags: argparse.Namespace) -> dict[str, Any]:
+    """The `CONDITIONING_FLAGS` given in ``flags`` (from `run_flags`), for a run's report.
+
+    Examples:
+        >>> conditioning_flags(argparse.Namespace(prompt="And", infill=None, guidance=None, block=4))
+        {'prompt': 'And', 'block': 4}
+    """
+    return {name: value for name in CONDITIONING_FLAGS if (value := vars(flags)[name]) is not None}
