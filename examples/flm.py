@@ -8,10 +8,8 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --task alpha-repeat      # 26 letters repeated 8 times: valid rate
     python examples/flm.py --task markov            # a Markov chain: exact perplexity of samples
     python examples/flm.py --text my_books/         # your own .txt file or folder
-    python examples/flm.py --tokenizer bpe:2048     # a BPE trained on the text (or a
-        # PATH/tokenizer.json, hf:bert-base-uncased); --lines: one padded sequence per line
-    python examples/flm.py --dataset notes.jsonl --split train   # a `datasets` name or file,
-        # packed into windows of --length (--lines: one row per sequence)
+    python examples/flm.py --tokenizer bpe:2048     # or PATH/tokenizer.json, hf:bert-base-uncased
+    python examples/flm.py --dataset notes.jsonl --lines   # a `datasets` name or file, by row
     torchrun --nproc_per_node=8 examples/flm.py --preset lm1b --out lm1b.pt   # the paper's
         # LM1B run (--preset owt: OpenWebText); docs: the "Reproducing the paper" guide
     python examples/flm.py --smoke                  # seconds, for CI
@@ -34,11 +32,10 @@ checksum; --resume and --sample-only reuse the saved tokenizer (no retraining, n
 """
 
 import json
-import math
 import time
 from argparse import Namespace, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,8 +45,7 @@ import flowlm as fl
 from flowlm import train
 from flowlm.backbones import DiT
 from flowlm.data import tokenizer_from_state
-from flowlm.data.tasks import TASKS, Task, task_of
-from flowlm.metrics import token_entropy
+from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
@@ -62,15 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 SMOKE = dict(dim=32, depth=1, heads=2, steps=8, batch_size=8, warmup=2, samples=8, log_every=1,
              eval_every=4, sample_every=4, checkpoint_every=4)
-PAPER = dict(dim=768, depth=12, heads=12, dropout=0.1, steps=1_000_000, batch_size=512, lr=3e-4,
-             warmup=2500, grad_clip=1.0, ema_decay=0.9999, bf16=True, eval_every=10_000,
-             sample_every=50_000, checkpoint_every=10_000, samples=64)
-PAPER_PRESETS: dict[str, dict[str, Any]] = {  # the paper's LM1B and OpenWebText runs
-    "lm1b": PAPER | dict(tokenizer="hf:bert-base-uncased", dataset="lm1b", lines=True,
-                         length=128),
-    "owt": PAPER | dict(tokenizer="hf:gpt2", dataset="Skylion007/openwebtext", split="train",
-                        length=1024),
-}
+PAPER_PRESETS = train.FLM_PAPER_PRESETS  # the paper's LM1B and OpenWebText runs (--preset)
 PAPER_SMOKE = dict(limit=400, bf16=False)  # --smoke of a paper preset: 400 rows, fp32 on CPU
 # fmt: on
 CHOICES = {
@@ -79,16 +67,8 @@ CHOICES = {
     "clock": ("token-accuracy", "identity"),
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "midpoint", "heun"),
-    "context": ("none", "prefix", "spans", "bernoulli"),
+    "context": ("none", *train.TRAINING_CONTEXTS),  # prefix, spans, bernoulli
 }
-CONTEXTS = {
-    "prefix": fl.prefix_context,
-    "spans": fl.span_context,
-    "bernoulli": fl.bernoulli_context,
-}
-INVOCATION = ("out", "resume", "sample_only", "json", "threads", "smoke")
-CONDITIONING = ("prompt", "infill", "guidance", "block")
-"""Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
 MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "length", "dim", "depth",
          "heads", "clock")  # fmt: skip
 """What a checkpoint's network is: flags that contradict it are refused on --resume."""
@@ -97,20 +77,10 @@ VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length, ...
     """Everything that defines a run; saved in its checkpoints and restored on --resume."""
 
-    task: str = "corpus"
-    text: str | None = None  # a .txt file or a folder of them, for the corpus task
     preset: str | None = None  # a paper run (lm1b, owt): its model, data and optimizer
-    tokenizer: str = "char"  # char | bpe:N | PATH/tokenizer.json | hf:NAME
-    lines: bool = False  # one sequence per line (or dataset row), padded; loss masked
-    dataset: str | None = None  # a Hugging Face dataset or a local .txt/.json/.jsonl/.csv
-    split: str = "train"
-    column: str = "text"
-    streaming: bool = False
-    limit: int | None = None  # read at most this many dataset rows
-    length: int = 64  # tokens per sequence
     dim: int = 128  # DiT width, blocks and heads
     depth: int = 4
     heads: int = 4
@@ -138,9 +108,7 @@ class Config:
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the flag of the first setting that cannot work."""
         positive = "length dim depth heads steps batch_size samples log_every eval_every sample_every checkpoint_every"
-        train.check_settings(self, world_size, positive.split())
-        if not 0 <= self.p_uncond <= 1:
-            raise ValueError(f"--p-uncond must lie in [0, 1], got {self.p_uncond}")
+        train.check_settings(self, world_size, positive.split())  # and --lr, --p-uncond, ...
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(
                 f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
@@ -150,61 +118,25 @@ class Config:
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
     """The invocation's options, and the run settings given on the command line (only those)."""
     parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="checkpoint file")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
-    parser.add_argument("--json", type=Path, help="write the final metrics here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (CI)")
-    parser.add_argument("--prompt", help="sample continuations of this text")
-    parser.add_argument("--infill", help="sample the ____ holes (and the rest) of this text")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight W >= 0")
-    parser.add_argument("--block", type=int, help="sample in blocks of B positions, in order")
+    train.add_run_flags(parser)  # --out, --resume, --sample-only, --json, --smoke, --prompt, ...
     train.add_settings(parser, Config, CHOICES)  # --task, --length, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = Namespace(**{name: given.pop(name) for name in INVOCATION + CONDITIONING})
-    if options.threads < 1:
-        train.fail(f"--threads must be at least 1, got {options.threads}")
-    if options.prompt is not None and options.infill is not None:
-        train.fail("--prompt and --infill both give the known tokens: give one of them")
-    if options.guidance is not None and not options.guidance >= 0:
-        train.fail(f"--guidance must be at least 0, got {options.guidance}")
-    if options.block is not None and options.block < 1:
-        train.fail(f"--block must be at least 1, got {options.block}")
-    if (options.resume or options.sample_only) and options.out is None:
-        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
-    return options, given
+    return train.run_flags(given), given  # the flags checked, and the settings given
 
 
 def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
     """The run's settings, task and saved state (or None); ValueError on a bad input."""
-    saved = None
-    if options.out is not None and (options.resume or options.sample_only):
-        if options.out.exists():
-            saved = train.load_checkpoint(options.out, kind="flm")  # refuses damaged files
-            if options.resume and saved["smoke"] != options.smoke:
-                kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
-                raise ValueError(
-                    f"{options.out} holds {kind}: it is not resumed by this one (another --out)"
-                )
-        elif options.sample_only:
-            raise FileNotFoundError(f"--sample-only: no checkpoint at {options.out}")
+    saved = train.saved_run(options, kind="flm")  # refuses damaged files and smoke/real mixes
     if saved is None:
         name, paper = given.get("task", Config.task), given.get("preset")
         preset = PRESETS[name] | (PAPER_PRESETS[paper] if paper else {})
         preset |= (SMOKE | (PAPER_SMOKE if paper else {})) if options.smoke else {}
         config = replace(Config(task=name, **preset), **given)
     else:
-        config = Config(
-            **saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
-        )
-        for name in MODEL:
-            if name in given and given[name] != getattr(config, name):
-                raise ValueError(
-                    f"--{name} {given[name]} contradicts the checkpoint's "
-                    f"{getattr(config, name)}: drop it or give another --out"
-                )
-        config = replace(config, **given)
+        advice = "drop it or give another --out"
+        train.check_unchanged(given, saved["config"], MODEL, "the checkpoint's", advice)
+        sample_steps = tuple(saved["config"]["sample_steps"])
+        config = replace(Config(**saved["config"] | {"sample_steps": sample_steps}), **given)
     config.check(procs.world_size)
     task = task_of(config, None if saved is None else tokenizer_from_state(saved["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
@@ -237,29 +169,9 @@ def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpol
     return fl.Midpoint(velocity) if solver == "midpoint" else fl.Heun(velocity)
 
 
-def known_tokens(options: Namespace, task: Task, count: int, device: torch.device):
-    """The --prompt or --infill text as a context of ``count`` rows (None without one)."""
-    template = options.prompt if options.prompt is not None else options.infill
-    if template is None:
-        return None
-    try:
-        return fl.Context.from_template(
-            template, task.tokenizer.encode, task.length, count, device=device
-        )
-    except ValueError as error:
-        train.fail(f"--{'prompt' if options.prompt is not None else 'infill'}: {error}")
-
-
-def sample(
-    flow_map: fl.FlowMap,
-    n_steps: int,
-    count: int,
-    task: Task,
-    config: Config,
-    device: torch.device,
-    context: fl.Context | None = None,
-    block: int | None = None,
-) -> fl.Trajectory:
+def sample(flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: Config,
+           device: torch.device, context: fl.Context | None = None, block: int | None = None,
+           ) -> fl.Trajectory:  # fmt: skip
     """``count`` samples in ``n_steps`` steps, from the same starting noise at every call.
 
     ``context``: known tokens held at time 1; ``block``: generate blocks of that many
@@ -276,39 +188,22 @@ def sample(
     )
 
 
-def sample_report(
-    flow_map: fl.FlowMap,
-    label: str,
-    task: Task,
-    config: Config,
-    device: torch.device,
-    context: fl.Context | None = None,
-    block: int | None = None,
-):
+def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device,
+                  context: fl.Context | None = None, block: int | None = None):  # fmt: skip
     """Per step count: NFE, mean entropy, the task's measures and every decoded sample."""
     report: dict[str, dict[str, Any]] = {}
     for n_steps in config.sample_steps:
         started = time.perf_counter()
         trajectory = sample(flow_map, n_steps, config.samples, task, config, device, context, block)
-        tokens = fl.decode(trajectory.x).cpu()
-        metrics = {"nfe": trajectory.nfe, "entropy": token_entropy(tokens).mean().item()}
-        metrics |= task.quality(tokens)
-        shown = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
-        print(f"{n_steps} step(s), {label}: {shown} ({time.perf_counter() - started:.2f} s)")
-        texts = task.decode(tokens)
-        print("\n".join(f"    {text!r}" for text in texts[:SHOWN_SAMPLES]))
-        report[str(n_steps)] = metrics | {"samples": texts}
+        seconds, tokens = time.perf_counter() - started, fl.decode(trajectory.x)
+        where = f"{n_steps} step(s), {label}"  # NFE, entropy, the task's measures, the texts:
+        report[str(n_steps)] = train.sample_measures(task, tokens, trajectory.nfe, where, seconds)
     return report
 
 
 @torch.no_grad()
-def validation_loss(
-    predictor: fl.XPredictor,
-    interpolant: fl.Interpolant,
-    task: Task,
-    config: Config,
-    device: torch.device,
-) -> float:
+def validation_loss(predictor: fl.XPredictor, interpolant: fl.Interpolant, task: Task,
+                    config: Config, device: torch.device) -> float:  # fmt: skip
     """Cross-entropy on fixed sequences and noise, averaged over VALIDATION_TIMES (not a bound)."""
     tokens = task.validation.to(device)
     x1 = fl.one_hot(tokens, task.vocab_size)
@@ -336,20 +231,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         device, vocab = procs.device, task.vocab_size
-        prompt = known_tokens(options, task, config.samples, device)  # fails before training
+        encode = task.tokenizer.encode  # --prompt / --infill: checked before training
+        prompt = train.template_context(options, encode, task.length, config.samples, device)
         torch.manual_seed(config.seed)  # the same initial weights on every process
-        backbone = DiT(vocab, config.dim, config.depth, config.heads, dropout=config.dropout).to(
-            device
-        )
+        shape = (config.dim, config.depth, config.heads)  # width, blocks, heads
+        backbone = DiT(vocab, *shape, dropout=config.dropout).to(device)
         clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
         interpolant = fl.LinearInterpolant(reparam=clock).to(device)
         ema = train.EMA(backbone, config.ema_decay)  # validation, previews and samples use the EMA
         optimizer = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0)
         start = 0 if saved is None else saved["step"]
         if saved is not None:
-            backbone.load_state_dict(saved["model"])
-            ema.load_state_dict(saved["ema"])
-            optimizer.load_state_dict(saved["optimizer"])
+            for name, part in dict(model=backbone, ema=ema, optimizer=optimizer).items():
+                part.load_state_dict(saved[name])
         if procs.is_main:
             parameters = sum(p.numel() for p in backbone.parameters())
             print(
@@ -362,79 +256,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             predictor = fl.XPredictor(procs.wrap(backbone))  # DDP averages the gradients
             averaged = fl.XPredictor(ema.module)
             train_loss, validation = {}, {}
+            schedule = partial(train.learning_rate, peak=config.lr, warmup=config.warmup,
+                               total=config.steps, schedule=config.schedule)  # fmt: skip
             backbone.train()
             started = time.perf_counter()
-            progress = tqdm(
-                range(start, config.steps), "FLM", initial=start, disable=not procs.is_main
-            )
+            todo = range(start, config.steps)
+            draw_context = train.TRAINING_CONTEXTS.get(config.context)  # None: --context none
+            progress = tqdm(todo, "FLM", initial=start, disable=not procs.is_main)
             for step in progress:
-                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
+                seed, rank = config.seed, procs.rank
+                torch.manual_seed(train.derived_seed(seed, "dropout", step, rank))
                 tokens, mask, noise, t = draw_batch(task, config, step, procs)
-                if config.context != "none":  # known tokens at time 1, the loss on the others
-                    known = CONTEXTS[config.context](
-                        tokens,
-                        p_uncond=config.p_uncond,
-                        generator=train.seeded_generator(
-                            config.seed, "context", step, procs.rank, device=device
-                        ),
-                    )
+                if draw_context is not None:  # known tokens at time 1, the loss on the others
+                    generator = train.seeded_generator(seed, "context", step, rank, device=device)
+                    known = draw_context(tokens, p_uncond=config.p_uncond, generator=generator)
                     t = known.times(t)
                     mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = fl.cross_entropy(predictor.logits(x_t, t), tokens)
                     loss = fl.masked_mean(loss, mask)
-                lr = train.learning_rate(
-                    step, config.lr, config.warmup, config.steps, config.schedule
+                lr = schedule(step)
+                train.optimizer_step(
+                    optimizer, loss, [*backbone.parameters()], lr, config.grad_clip
                 )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(backbone.parameters(), config.grad_clip)
-                optimizer.step()
                 ema.update(backbone)
 
                 # Host reads only from here on, at log, eval, sample and checkpoint steps.
                 done = step + 1
                 last = done == config.steps
-                checkpoint = options.out is not None and (
-                    done % config.checkpoint_every == 0 or last
-                )
+                every = config.checkpoint_every
+                checkpoint = options.out is not None and (done % every == 0 or last)
                 if done % config.log_every == 0 or checkpoint or last:
-                    train_loss[str(done)] = value = procs.mean(loss.detach()).item()
-                    weights = torch.stack([p.isfinite().all() for p in backbone.parameters()])
-                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
-                        raise FloatingPointError(
-                            f"step {done}: the training loss is {value}; stopped without saving (the last checkpoint is kept). Try a lower --lr or float32."
-                        )
+                    value = train.finite_loss(procs, loss, backbone, checkpoint, f"step {done}")
+                    train_loss[str(done)] = value
                     progress.set_postfix(loss=f"{value:.4f}")
                 if not procs.is_main:
                     continue
                 if done % config.eval_every == 0 or last:
-                    validation[str(done)] = validation_loss(
-                        averaged, interpolant, task, config, device
-                    )
-                    tqdm.write(
-                        f"step {done}: validation cross-entropy (EMA) {validation[str(done)]:.4f}"
-                    )
+                    value = validation_loss(averaged, interpolant, task, config, device)
+                    validation[str(done)] = value
+                    tqdm.write(f"step {done}: validation cross-entropy (EMA) {value:.4f}")
                 if done % config.sample_every == 0 and not last:
                     sampler = make_sampler(config.solver, averaged, interpolant)
-                    trajectory = sample(
-                        sampler, max(config.sample_steps), SHOWN_SAMPLES, task, config, device
-                    )
+                    n_steps = max(config.sample_steps)
+                    trajectory = sample(sampler, n_steps, SHOWN_SAMPLES, task, config, device)
                     texts = task.decode(fl.decode(trajectory.x).cpu())
                     tqdm.write(
-                        f"step {done}: samples (EMA)\n"
-                        + "\n".join(f"    {text!r}" for text in texts)
+                        f"step {done}: samples (EMA)" + "".join(f"\n    {t!r}" for t in texts)
                     )
                 if checkpoint:
                     state = dict(kind="flm", smoke=options.smoke, step=done, config=asdict(config))
                     state |= dict(tokenizer=task.tokenizer.state(), model=backbone.state_dict())
-                    train.save_checkpoint(
-                        options.out,
-                        state | dict(ema=ema.state_dict(), optimizer=optimizer.state_dict()),
-                    )
+                    state |= dict(ema=ema.state_dict(), optimizer=optimizer.state_dict())
+                    train.save_checkpoint(options.out, state)
             progress.close()
             seconds = time.perf_counter() - started
             if procs.is_main and config.steps > start:
@@ -446,8 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
             sampler = make_sampler(config.solver, fl.XPredictor(network), interpolant)
-            flags = {k: vars(options)[k] for k in CONDITIONING if vars(options)[k] is not None}
-            result |= {"solver": config.solver} | flags  # the conditioning flags given
+            result |= {"solver": config.solver} | train.conditioning_flags(options)  # --prompt, ...
             result["steps"] = sample_report(
                 sampler, f"FLM {config.solver}", task, config, device, prompt, options.block
             )

@@ -6,7 +6,6 @@ reports NFE, entropy and the task's measures next to the teacher's 1- and 8-step
 
     python examples/flm.py --out runs/flm.pt && python examples/fmlm.py --teacher runs/flm.pt
     python examples/fmlm.py --teacher runs/flm.pt --method lagrangian --out runs/fmlm.pt
-    python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only
     python examples/fmlm.py --teacher runs/flm.pt --smoke            # seconds, for CI
     python examples/fmlm.py --teacher runs/flm.pt --context prefix --out runs/fmlm.pt
     python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only --prompt "And"
@@ -20,20 +19,18 @@ Methods (--method), one branch each in the loop below:
 - v1: stage 1 trains a Taylor correction g (2 NFE per step) by semigroup self-distillation;
   stage 2 regresses a one-network student onto that frozen map.
 
-The student is the teacher's DiT plus a second time embedding that starts at zero, so before
-training it *is* the teacher's Euler step; the network's and data's flags (--task, --length,
---dim, --tokenizer, --dataset, ...) are the teacher's and may only repeat them, and the
-teacher's tokenizer is reused from its checkpoint. A teacher trained with --preset lm1b or owt
-is distilled with the paper's settings for it. --steps counts distillation steps (per stage).
-The student's checkpoint stores the teacher's checksum: a teacher retrained at the same path
-is refused on --resume and --sample-only. Randomness and resumption work as in flm.py.
+The student is the teacher's DiT plus a second time embedding that starts at zero: before
+training it *is* the teacher's Euler step. The network's and data's flags (--task, --dim, ...)
+and the tokenizer are the teacher's; a teacher of --preset lm1b or owt is distilled with the
+paper's settings for it. --steps counts steps per stage. The student's checkpoint stores the
+teacher's checksum (a retrained teacher is refused); randomness and resumption are as in flm.py.
 """
 
 import json
-import math
 import time
 from argparse import Namespace, RawDescriptionHelpFormatter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +41,7 @@ import flowlm as fl
 from flowlm import distill, train
 from flowlm.backbones import DiT
 from flowlm.data import tokenizer_from_state
-from flowlm.data.tasks import TASKS, Task, task_of
-from flowlm.metrics import token_entropy
+from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
@@ -56,12 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "markov": dict(steps=400, lr=1e-3, warmup=20, ema_decay=0.99, samples=128),
 }
 SMOKE = dict(steps=4, batch_size=8, warmup=1, samples=8, log_every=1, checkpoint_every=2)
-PAPER = dict(method="v2", steps=100_000, lr=3e-4, warmup=2500, ema_decay=0.9999, bf16=True,
-             boundary_prob=1 / 32, checkpoint_every=5000, samples=64)
-PAPER_PRESETS: dict[str, dict[str, Any]] = {  # by the teacher's --preset
-    "lm1b": PAPER | dict(batch_size=512),
-    "owt": PAPER | dict(batch_size=128),
-}
+PAPER_PRESETS = train.FMLM_PAPER_PRESETS  # the paper's settings, by the teacher's --preset
 # fmt: on
 METHODS = ("v2", "lagrangian", "eulerian", "self", "regression", "v1")
 CHOICES = {
@@ -69,44 +60,27 @@ CHOICES = {
     "method": METHODS,
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "heun"),
-    "context": ("none", "prefix", "spans", "bernoulli"),
+    "context": ("none", *train.TRAINING_CONTEXTS),  # prefix, spans, bernoulli
 }
-CONTEXTS = {
-    "prefix": fl.prefix_context,
-    "spans": fl.span_context,
-    "bernoulli": fl.bernoulli_context,
-}
-INVOCATION = ("teacher", "out", "resume", "sample_only", "json", "threads", "smoke")
-CONDITIONING = ("prompt", "infill", "guidance", "block")
-"""Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
-MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "split", "column", "streaming",
-         "limit", "length", "dim", "depth", "heads", "clock")  # fmt: skip
+MODEL = (
+    *(field.name for field in fields(TaskSettings)),
+    "preset",
+    "dim",
+    "depth",
+    "heads",
+    "clock",
+)
 """The teacher's settings: the student's network starts from the teacher's weights."""
-BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}
-"""P(the jump is the whole path (0, 1)) per example: the paper's values for v1; the other
-methods take 0.1 (more one-step jumps speed up one-step quality)."""
-MIN_GAP = {"v1-stage1": 1e-6, "v1-stage2": 1e-5}
-"""The shortest jump s - t (the other methods: 1e-3)."""
-TEACHER_STEPS = (1, 8)
-"""The teacher's step counts reported beside the student's."""
-SHOWN_SAMPLES = 3
+BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}  # P(jump 0 -> 1); else 0.1
+MIN_GAP = {"v1-stage1": 1e-6, "v1-stage2": 1e-5}  # the shortest jump s - t; else 1e-3
+TEACHER_STEPS = (1, 8)  # the teacher's step counts reported beside the student's
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
     """Everything that defines a distillation; saved in its checkpoints."""
 
-    task: str = "corpus"  # the first fields are the teacher's (MODEL)
-    text: str | None = None
     preset: str | None = None
-    tokenizer: str = "char"
-    lines: bool = False
-    dataset: str | None = None
-    split: str = "train"
-    column: str = "text"
-    streaming: bool = False
-    limit: int | None = None
-    length: int = 64
     dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -135,87 +109,51 @@ class Config:
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the flag of the first setting that cannot work."""
         positive = "steps batch_size samples log_every checkpoint_every teacher_steps"
-        train.check_settings(self, world_size, positive.split())
-        if self.boundary_prob is not None and not 0 <= self.boundary_prob <= 1:
-            raise ValueError(f"--boundary-prob must lie in [0, 1], got {self.boundary_prob}")
-        if not 0 <= self.p_uncond <= 1:
-            raise ValueError(f"--p-uncond must lie in [0, 1], got {self.p_uncond}")
+        train.check_settings(self, world_size, positive.split())  # and --lr, --p-uncond, ...
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
     """The invocation's options, and the settings given on the command line (only those)."""
     parser = train.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, required=True, help="an FLM checkpoint")
-    parser.add_argument("--out", type=Path, help="the student's checkpoint file")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
-    parser.add_argument("--json", type=Path, help="write the final metrics here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps (CI)")
-    parser.add_argument("--prompt", help="sample continuations of this text")
-    parser.add_argument("--infill", help="sample the ____ holes (and the rest) of this text")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight W >= 0")
-    parser.add_argument("--block", type=int, help="sample in blocks of B positions, in order")
+    train.add_run_flags(parser)  # --out (the student), --resume, --sample-only, --json, ...
     train.add_settings(parser, Config, CHOICES)  # --method, --steps, ...: override the preset
     given = vars(parser.parse_args(argv))
-    options = Namespace(**{name: given.pop(name) for name in INVOCATION + CONDITIONING})
-    if options.threads < 1:
-        train.fail(f"--threads must be at least 1, got {options.threads}")
-    if options.prompt is not None and options.infill is not None:
-        train.fail("--prompt and --infill both give the known tokens: give one of them")
-    if options.guidance is not None and not options.guidance >= 0:
-        train.fail(f"--guidance must be at least 0, got {options.guidance}")
-    if options.block is not None and options.block < 1:
-        train.fail(f"--block must be at least 1, got {options.block}")
-    if (options.resume or options.sample_only) and options.out is None:
-        train.fail("--resume and --sample-only read the checkpoint at --out: give --out")
+    options = train.run_flags(given)  # checked; what is left in given: the settings given
+    options.teacher = given.pop("teacher")
     return options, given
 
 
 def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
     """The settings, task, teacher's checkpoint and digest, and the student's saved state."""
     if not options.teacher.is_file():
-        raise FileNotFoundError(
-            f"--teacher: no FLM checkpoint at {options.teacher}; train one with "
-            f"examples/flm.py --out {options.teacher}"
-        )
+        hint = f"train one with examples/flm.py --out {options.teacher}"
+        raise FileNotFoundError(f"--teacher: no FLM checkpoint at {options.teacher}; {hint}")
     teacher = train.load_checkpoint(options.teacher, kind="flm")  # refuses damaged files
     digest = train.checkpoint_digest(options.teacher)
-    for name in MODEL:
-        if name in given and given[name] != teacher["config"][name]:
-            raise ValueError(
-                f"--{name} {given[name]} contradicts the teacher's {teacher['config'][name]}: "
-                "the student is the teacher's network"
-            )
-    saved = None
-    if options.out is not None and options.out.exists() and (options.resume or options.sample_only):
-        saved = train.load_checkpoint(options.out, kind="fmlm")
+    advice = "the student is the teacher's network"
+    train.check_unchanged(given, teacher["config"], MODEL, "the teacher's", advice)
+    saved = train.saved_run(options, "fmlm", "student checkpoint")  # and refuses smoke mixes
+    if saved is None:
+        base = {name: teacher["config"][name] for name in MODEL}
+        base |= PRESETS[base["task"]] | PAPER_PRESETS.get(base["preset"], {})
+        base |= (SMOKE | ({"bf16": False} if base["preset"] else {})) if options.smoke else {}
+    else:
         if saved["teacher_digest"] != digest:
             raise ValueError(
                 f"{options.out} was distilled from another teacher than the one now at "
                 f"{options.teacher} (checksum {saved['teacher_digest'][:12]}, now {digest[:12]}): "
                 "retrained? give another --out or delete it"
             )
-        if options.resume and saved["smoke"] != options.smoke:
-            kind = "a --smoke run" if saved["smoke"] else "a run without --smoke"
-            raise ValueError(f"{options.out} holds {kind}: it is not resumed by this one")
         if given.get("method", saved["config"]["method"]) != saved["config"]["method"]:
             raise ValueError(f"{options.out} holds a {saved['config']['method']} student")
-    elif options.sample_only:
-        raise FileNotFoundError(f"--sample-only: no student checkpoint at {options.out}")
-    if saved is None:
-        base = {name: teacher["config"][name] for name in MODEL}
-        base |= PRESETS[base["task"]] | PAPER_PRESETS.get(base["preset"], {})
-        base |= (SMOKE | ({"bf16": False} if base["preset"] else {})) if options.smoke else {}
-    else:
         base = saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
     config = replace(Config(**base), **given)
     config.check(procs.world_size)
     task = task_of(config, tokenizer_from_state(teacher["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
-    needed = train.transformer_step_bytes(
-        rows, config.length, task.vocab_size, config.dim, 2 * config.depth, config.heads
-    )
+    needed = train.transformer_step_bytes(rows, config.length, task.vocab_size, config.dim,
+                                          2 * config.depth, config.heads)  # fmt: skip
     train.require_memory(needed, procs.device, f"this configuration ({config})")
     return config, task, teacher, digest, saved
 
@@ -225,75 +163,35 @@ def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.P
     """This process's rows of a step's batch: sequences, noise (on the device), time pairs."""
     rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
     tokens = task.draw(rows, train.seeded_generator(config.seed, stage, step, rank)).to(device)
-    mask = task.mask(tokens)  # padding does not count (--lines)
-    noise_generator = train.seeded_generator(
-        config.seed, f"noise {stage}", step, rank, device=device
-    )
-    shape = (rows, task.length, task.vocab_size)
-    noise = torch.randn(shape, generator=noise_generator, device=device)
-    boundary = (
-        BOUNDARY_PROB.get(stage, 0.1) if config.boundary_prob is None else config.boundary_prob
-    )
+    generator = train.seeded_generator(config.seed, f"noise {stage}", step, rank, device=device)
+    noise = torch.randn((rows, task.length, task.vocab_size), generator=generator, device=device)
+    default = BOUNDARY_PROB.get(stage, 0.1)
+    boundary = default if config.boundary_prob is None else config.boundary_prob
     strata = train.seeded_generator(config.seed, f"times {stage}", step)  # for the global batch
-    pair = fl.time_pairs(
-        rows,
-        boundary_prob=boundary,
-        min_gap=MIN_GAP.get(stage, 1e-3),
-        rank=rank,
-        world_size=procs.world_size,
-        generator=strata,
-        device=device,
-    )
-    return tokens, mask, noise, pair
+    pair = fl.time_pairs(rows, boundary_prob=boundary, min_gap=MIN_GAP.get(stage, 1e-3), rank=rank,
+                         world_size=procs.world_size, generator=strata, device=device)  # fmt: skip
+    return tokens, task.mask(tokens), noise, pair  # the mask: padding does not count (--lines)
 
 
 def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
-    """The teacher's DiT with a second time embedding (zero at init): the teacher's Euler step.
-
-    v1's stage 1 also zeroes the output layer: its Taylor correction g starts at 0.
-    """
+    """The teacher's DiT plus a zero second time embedding (v1 stage 1: a zero output, g = 0)."""
     torch.manual_seed(train.derived_seed(config.seed, f"init {stage}"))
     vocab, device = teacher.vocab_size, teacher.output.weight.device
-    network = DiT(
-        vocab, config.dim, config.depth, config.heads, two_time=True, dropout=config.dropout
-    )
-    distill.init_student(
-        network.to(device), teacher, zero=["output"] if stage == "v1-stage1" else []
-    )
+    c, zero = config, ["output"] if stage == "v1-stage1" else []
+    network = DiT(vocab, c.dim, c.depth, c.heads, two_time=True, dropout=c.dropout).to(device)
+    distill.init_student(network, teacher, zero=zero)
     return network
 
 
-def known_tokens(options: Namespace, task: Task, count: int, device: torch.device):
-    """The --prompt or --infill text as a context of ``count`` rows (None without one)."""
-    template = options.prompt if options.prompt is not None else options.infill
-    if template is None:
-        return None
-    try:
-        return fl.Context.from_template(
-            template, task.tokenizer.encode, task.length, count, device=device
-        )
-    except ValueError as error:
-        train.fail(f"--{'prompt' if options.prompt is not None else 'infill'}: {error}")
+def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device,
+                  context: fl.Context | None = None, block: int | None = None):  # fmt: skip
+    """Per step count: NFE, entropy, the task's measures and the samples, from the same noise.
 
-
-def sample_report(
-    flow_map: fl.FlowMap,
-    label: str,
-    task: Task,
-    config: Config,
-    device: torch.device,
-    context: fl.Context | None = None,
-    block: int | None = None,
-):
-    """Per step count: NFE, mean entropy, the task's measures and every decoded sample.
-
-    ``context``: known tokens held at time 1; ``block``: generate blocks of that many
-    positions in order, after the known prefix (one rollout per block).
+    ``context``: known tokens held at time 1; ``block``: that many positions at a time, in order.
     """
     generator = train.seeded_generator(config.seed, "sample", device=device)
-    noise = torch.randn(
-        (config.samples, task.length, task.vocab_size), generator=generator, device=device
-    )
+    shape = (config.samples, task.length, task.vocab_size)
+    noise = torch.randn(shape, generator=generator, device=device)
     report: dict[str, dict[str, Any]] = {}
     for n_steps in config.sample_steps:
         started = time.perf_counter()
@@ -306,14 +204,9 @@ def sample_report(
             trajectory = fl.block_rollout(
                 flow_map, noise, grid, block, context=context, first=first
             )
-        tokens = fl.decode(trajectory.x).cpu()
-        entropy = token_entropy(tokens).mean().item()
-        metrics: dict[str, Any] = {"nfe": trajectory.nfe, "entropy": entropy} | task.quality(tokens)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"{n_steps} step(s), {label}: {shown} ({time.perf_counter() - started:.2f} s)")
-        texts = task.decode(tokens)
-        print("\n".join(f"    {text!r}" for text in texts[:SHOWN_SAMPLES]))
-        report[str(n_steps)] = metrics | {"samples": texts}
+        seconds, tokens = time.perf_counter() - started, fl.decode(trajectory.x)
+        where = f"{n_steps} step(s), {label}"  # NFE, entropy, the task's measures, the texts:
+        report[str(n_steps)] = train.sample_measures(task, tokens, trajectory.nfe, where, seconds)
     return report
 
 
@@ -331,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stale in train.remove_partial_files(options.out):
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         vocab, device = task.vocab_size, procs.device
-        prompt = known_tokens(options, task, config.samples, device)  # fails before training
+        encode = task.tokenizer.encode  # --prompt / --infill: checked before training
+        prompt = train.template_context(options, encode, task.length, config.samples, device)
         teacher_network = DiT(vocab, config.dim, config.depth, config.heads, dropout=0.0)
         teacher_network.load_state_dict(teacher_state["ema"])  # the teacher's EMA weights
         teacher_network = teacher_network.to(device).eval().requires_grad_(False)
@@ -361,10 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             start = 0
             if stage in checkpoint_state["stages"]:
                 stage_state = checkpoint_state["stages"][stage]
-                network.load_state_dict(stage_state["model"])
-                ema.load_state_dict(stage_state["ema"])
-                optimizer.load_state_dict(stage_state["optimizer"])
-                weighting.load_state_dict(stage_state["weighting"])
+                parts = dict(model=network, ema=ema, optimizer=optimizer, weighting=weighting)
+                for name, part in parts.items():
+                    part.load_state_dict(stage_state[name])
                 start = stage_state["step"]
             elif options.sample_only:
                 train.fail(f"--sample-only: {options.out} holds no {stage} student yet")
@@ -374,22 +267,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if stage == "v1-stage2":  # regress onto stage 1's frozen EMA Taylor map
                 frozen_taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
             train_loss: dict[str, float] = {}
+            schedule = partial(train.learning_rate, peak=config.lr, warmup=config.warmup,
+                               total=config.steps, schedule=config.schedule)  # fmt: skip
             started = time.perf_counter()
             network.train()
             todo = range(start, 0 if options.sample_only else config.steps)
-            for step in tqdm(
+            draw_context = train.TRAINING_CONTEXTS.get(config.context)  # None: --context none
+            progress = tqdm(
                 todo, stage, initial=start, total=config.steps, disable=not procs.is_main
-            ):
-                torch.manual_seed(train.derived_seed(config.seed, "dropout", step, procs.rank))
+            )
+            for step in progress:
+                seed, rank = config.seed, procs.rank
+                torch.manual_seed(train.derived_seed(seed, "dropout", step, rank))
                 tokens, mask, noise, (t, s) = draw_batch(task, config, stage, step, procs)
-                if config.context != "none":  # teacher and student: t = s = 1 on known tokens
-                    known = CONTEXTS[config.context](
-                        tokens,
-                        p_uncond=config.p_uncond,
-                        generator=train.seeded_generator(
-                            config.seed, "context", step, procs.rank, device=device
-                        ),
-                    )
+                if draw_context is not None:  # teacher and student: t = s = 1 on known tokens
+                    generator = train.seeded_generator(seed, "context", step, rank, device=device)
+                    known = draw_context(tokens, p_uncond=config.p_uncond, generator=generator)
                     t, s = known.times(t), known.times(s)
                     mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
@@ -409,42 +302,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     else:
                         token_loss = distill.map_regression_loss(student, frozen_taylor, x_t, t, s)
                     loss = fl.masked_mean(token_loss, mask)
-                lr = train.learning_rate(
-                    step, config.lr, config.warmup, config.steps, config.schedule
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                optimizer.step()
+                train.optimizer_step(optimizer, loss, parameters, schedule(step), config.grad_clip)
                 ema.update(network)
 
                 # Host reads only from here on, at log and checkpoint steps.
                 done = step + 1
                 last = done == config.steps
-                checkpoint = options.out is not None and (
-                    done % config.checkpoint_every == 0 or last
-                )
+                every = config.checkpoint_every
+                checkpoint = options.out is not None and (done % every == 0 or last)
                 if done % config.log_every == 0 or checkpoint or last:
-                    train_loss[str(done)] = value = procs.mean(loss.detach()).item()
-                    weights = torch.stack([p.isfinite().all() for p in network.parameters()])
-                    if not math.isfinite(value) or (checkpoint and not weights.all().item()):
-                        raise FloatingPointError(
-                            f"{stage} step {done}: the loss is {value}; stopped without "
-                            "saving (the last checkpoint is kept). Try a lower --lr."
-                        )
+                    where = f"{stage} step {done}"
+                    value = train.finite_loss(procs, loss, network, checkpoint, where)
+                    train_loss[str(done)] = value
                 if checkpoint and procs.is_main:
-                    saved_stage = dict(step=done, model=network.state_dict(), ema=ema.state_dict())
-                    saved_stage |= dict(
-                        optimizer=optimizer.state_dict(), weighting=weighting.state_dict()
-                    )
-                    checkpoint_state["stages"][stage] = saved_stage
+                    kept = dict(step=done, model=network.state_dict(), ema=ema.state_dict())
+                    kept |= dict(optimizer=optimizer.state_dict(), weighting=weighting.state_dict())
+                    checkpoint_state["stages"][stage] = kept
                     train.save_checkpoint(options.out, checkpoint_state)
             network.load_state_dict(ema.module.state_dict())  # sample (and stage 2) from the EMA
             network.eval()
-            seconds = time.perf_counter() - started
-            result[stage] = {"seconds": seconds, "train_loss": train_loss}
+            result[stage] = {"seconds": time.perf_counter() - started, "train_loss": train_loss}
             result["train_steps"] += start if options.sample_only else max(start, config.steps)
 
         if procs.is_main:
@@ -452,25 +329,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
             student = fl.XPredMap(fl.XPredictor(network), interpolant, two_time=True)
-            conditioning = (prompt, options.block)  # the teacher's report too, unguided
-            flags = {k: vars(options)[k] for k in CONDITIONING if vars(options)[k] is not None}
-            result |= flags  # the conditioning flags given
-            label = f"FMLM {config.method}"
-            result["steps"] = sample_report(student, label, task, config, device, *conditioning)
+            result |= train.conditioning_flags(options)  # --prompt, --infill, --guidance, --block
+            known = dict(context=prompt, block=options.block)  # every report, the teacher's too
+            report = partial(sample_report, task=task, device=device, **known)
+            result["steps"] = report(student, f"FMLM {config.method}", config=config)
             if config.method == "v1":
                 taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
-                label = "v1 stage-1 Taylor map"
-                result["stage1_steps"] = sample_report(
-                    taylor, label, task, config, device, *conditioning
-                )
-            sampler = (
-                fl.Heun(velocity) if config.solver == "heun" else fl.XPredMap(teacher, interpolant)
-            )
+                result["stage1_steps"] = report(taylor, "v1 stage-1 Taylor map", config=config)
+            euler = fl.XPredMap(teacher, interpolant)
+            sampler = fl.Heun(velocity) if config.solver == "heun" else euler  # unguided
             teacher_config = replace(config, sample_steps=TEACHER_STEPS)
             label = f"teacher FLM {config.solver}"
-            result["teacher_steps"] = sample_report(
-                sampler, label, task, teacher_config, device, *conditioning
-            )
+            result["teacher_steps"] = report(sampler, label, config=teacher_config)
             if options.json is not None:
                 train.atomic_write(options.json, json.dumps(result, indent=2).encode())
         return procs.share(result)

@@ -41,26 +41,72 @@ import torch.distributed
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flowlm.context import Context, bernoulli_context, prefix_context, span_context
+from flowlm.data.tasks import Task
+from flowlm.metrics import token_entropy
+
 __all__ = [
     "EMA",
+    "FLM_PAPER_PRESETS",
+    "FMLM_PAPER_PRESETS",
+    "TRAINING_CONTEXTS",
     "ArgumentParser",
     "CheckpointError",
     "Processes",
+    "add_run_flags",
     "add_settings",
     "atomic_write",
     "check_settings",
+    "check_unchanged",
     "checkpoint_digest",
+    "conditioning_flags",
     "derived_seed",
     "fail",
+    "finite_loss",
     "learning_rate",
     "load_checkpoint",
+    "optimizer_step",
     "processes",
     "remove_partial_files",
     "require_memory",
+    "run_flags",
+    "sample_measures",
     "save_checkpoint",
+    "saved_run",
     "seeded_generator",
+    "template_context",
     "transformer_step_bytes",
 ]
+
+# fmt: off
+_PAPER_FLM: dict[str, Any] = dict(
+    dim=768, depth=12, heads=12, dropout=0.1, steps=1_000_000, batch_size=512, lr=3e-4,
+    warmup=2500, grad_clip=1.0, ema_decay=0.9999, bf16=True, eval_every=10_000,
+    sample_every=50_000, checkpoint_every=10_000, samples=64,
+)
+FLM_PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "lm1b": _PAPER_FLM | dict(tokenizer="hf:bert-base-uncased", dataset="lm1b", lines=True,
+                              length=128),
+    "owt": _PAPER_FLM | dict(tokenizer="hf:gpt2", dataset="Skylion007/openwebtext", split="train",
+                             length=1024),
+}
+"""The paper's FLM runs on LM1B and OpenWebText (§7): model, data and optimizer settings."""
+_PAPER_FMLM: dict[str, Any] = dict(
+    method="v2", steps=100_000, lr=3e-4, warmup=2500, ema_decay=0.9999, bf16=True,
+    boundary_prob=1 / 32, checkpoint_every=5000, samples=64,
+)
+FMLM_PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "lm1b": _PAPER_FMLM | dict(batch_size=512),
+    "owt": _PAPER_FMLM | dict(batch_size=128),
+}
+"""The paper's distillation settings, by the teacher's preset."""
+# fmt: on
+TRAINING_CONTEXTS: dict[str, Callable[..., Context]] = {
+    "prefix": prefix_context,
+    "spans": span_context,
+    "bernoulli": bernoulli_context,
+}
+"""The ``--context`` choices: random known tokens at time 1 for conditional training."""
 
 MAGIC = b"flowlm checkpoint v1\n"
 """The first bytes of every checkpoint; a SHA-256 digest (32 bytes) of the payload follows."""
@@ -588,7 +634,7 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
     Checks those of these attributes that ``settings`` has: ``lr`` in $(0, 1]$ (``1e30``
     overflows, a negative rate ascends), ``grad_clip`` a positive finite norm (a negative one
     flips the gradient), ``warmup`` $\ge 0$, ``dropout`` in $[0, 1)$, ``ema_decay`` in
-    $(0, 1)$, every ``sample_steps`` $\ge 1$, ``batch_size`` a multiple of ``world_size``, and
+    $(0, 1)$, ``p_uncond`` and ``boundary_prob`` (unless None) in $[0, 1]$, every ``sample_steps`` $\ge 1$, ``batch_size`` a multiple of ``world_size``, and
     every attribute named in ``positive`` $\ge 1$. NaN fails every range.
 
     Args:
@@ -613,6 +659,8 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
         "dropout": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
         "ema_decay": (lambda v: 0 < v < 1, "must lie in (0, 1)"),
         "sample_steps": (lambda v: len(v) > 0 and min(v) >= 1, "must be step counts >= 1"),
+        "p_uncond": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+        "boundary_prob": (lambda v: v is None or 0 <= v <= 1, "must lie in [0, 1]"),
     }
     ranges |= {name: (lambda v: v >= 1, "must be at least 1") for name in positive}
     for name, (allowed, requirement) in ranges.items():
@@ -621,3 +669,302 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
     batch_size = getattr(settings, "batch_size", world_size)
     if batch_size % world_size:
         raise ValueError(f"--batch-size {batch_size} does not split over {world_size} processes")
+
+
+RUN_FLAGS = ("out", "resume", "sample_only", "json", "threads", "smoke")
+"""The invocation's flags that are not run settings (not saved in a checkpoint)."""
+CONDITIONING_FLAGS = ("prompt", "infill", "guidance", "block")
+"""Sampling flags: known tokens at time 1 (a prompt or a template with ____ holes), guidance."""
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the flags `RUN_FLAGS` and `CONDITIONING_FLAGS` of the example scripts.
+
+    Args:
+        parser: where to add them; `run_flags` takes them back out of the parsed flags.
+
+    Examples:
+        >>> parser = ArgumentParser()
+        >>> add_run_flags(parser)
+        >>> vars(parser.parse_args(["--out", "run.pt", "--block", "8"]))["block"]
+        8
+    """
+    parser.add_argument("--out", type=Path, help="checkpoint file")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    parser.add_argument("--sample-only", action="store_true", help="sample from --out, no training")
+    parser.add_argument("--json", type=Path, help="write the final metrics here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest here)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run of a few steps (CI)")
+    parser.add_argument("--prompt", help="sample continuations of this text")
+    parser.add_argument("--infill", help="sample the ____ holes (and the rest) of this text")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight W >= 0")
+    parser.add_argument("--block", type=int, help="sample in blocks of B positions, in order")
+
+
+def run_flags(given: dict[str, Any]) -> argparse.Namespace:
+    """Take the flags of `add_run_flags` out of the parsed ``given`` and check them.
+
+    What is left in ``given`` are the run settings given on the command line. A flag that
+    cannot work stops the program with `fail` (one ``error:`` line, exit code 2).
+
+    Args:
+        given: ``vars(parser.parse_args(...))``; modified in place.
+
+    Returns:
+        The invocation's flags, as attributes.
+
+    Examples:
+        >>> parser = ArgumentParser()
+        >>> add_run_flags(parser)
+        >>> given = vars(parser.parse_args(["--threads", "2"]))
+        >>> run_flags(given).threads, given
+        (2, {})
+        >>> run_flags(vars(parser.parse_args(["--resume"])))
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+    flags = argparse.Namespace(**{name: given.pop(name) for name in RUN_FLAGS + CONDITIONING_FLAGS})
+    if flags.threads < 1:
+        fail(f"--threads must be at least 1, got {flags.threads}")
+    if flags.prompt is not None and flags.infill is not None:
+        fail("--prompt and --infill both give the known tokens: give one of them")
+    if flags.guidance is not None and not flags.guidance >= 0:
+        fail(f"--guidance must be at least 0, got {flags.guidance}")
+    if flags.block is not None and flags.block < 1:
+        fail(f"--block must be at least 1, got {flags.block}")
+    if (flags.resume or flags.sample_only) and flags.out is None:
+        fail("--resume and --sample-only read the checkpoint at --out: give --out")
+    return flags
+
+
+def template_context(
+    flags: argparse.Namespace,
+    encode: Callable[[str], Sequence[int] | Tensor],
+    length: int,
+    count: int,
+    device: torch.device,
+) -> Context | None:
+    """The ``--prompt`` or ``--infill`` text of `run_flags` as a `Context` of ``count`` rows.
+
+    A text that does not fit ``length`` tokens stops the program with `fail`.
+
+    Args:
+        flags: from `run_flags`.
+        encode: the tokenizer's text-to-ids function.
+        length: tokens per sequence.
+        count: rows.
+        device: where the context lives.
+
+    Returns:
+        The known tokens, or None when neither flag was given.
+
+    Examples:
+        >>> from flowlm.data import CharTokenizer
+        >>> flags = argparse.Namespace(prompt="ab", infill=None)
+        >>> context = template_context(flags, CharTokenizer("ab").encode, 4, 2, torch.device("cpu"))
+        >>> context.known.tolist() if context is not None else None
+        [[True, True, False, False], [True, True, False, False]]
+    """
+    template = flags.prompt if flags.prompt is not None else flags.infill
+    if template is None:
+        return None
+    try:
+        return Context.from_template(template, encode, length, count, device=device)
+    except ValueError as error:
+        fail(f"--{'prompt' if flags.prompt is not None else 'infill'}: {error}")
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    parameters: Sequence[Tensor],
+    lr: float,
+    grad_clip: float,
+) -> None:
+    """One update: set the learning rate, backpropagate ``loss``, clip the gradient norm, step.
+
+    Args:
+        optimizer: updates ``parameters``.
+        loss: a scalar.
+        parameters: whose gradient norm is clipped to ``grad_clip``.
+        lr: this step's learning rate (e.g. from `learning_rate`).
+        grad_clip: the largest gradient norm.
+
+    Examples:
+        >>> weight = nn.Parameter(torch.tensor([1.0]))
+        >>> optimizer = torch.optim.SGD([weight], lr=0.0)
+        >>> optimizer_step(optimizer, 3 * weight.sum(), [weight], lr=0.5, grad_clip=1.0)
+        >>> weight.data  # the gradient 3 is clipped to norm 1: 1 - 0.5 * 1
+        tensor([0.5000])
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+
+
+def finite_loss(
+    procs: Processes, loss: Tensor, model: nn.Module, check_weights: bool, where: str
+) -> float:
+    """The loss averaged over the processes, read on the host; an error if it is not finite.
+
+    Call it at log and checkpoint steps only (it synchronizes with the device). With
+    ``check_weights`` (before a checkpoint), non-finite weights are refused too, so that a
+    diverged state is never saved.
+
+    Args:
+        procs: the processes (`processes`).
+        loss: this process's scalar loss.
+        model: the trained network.
+        check_weights: also check every parameter of ``model``.
+        where: the step, for the message (e.g. ``"step 100"``).
+
+    Returns:
+        The mean loss.
+
+    Raises:
+        FloatingPointError: the loss or (with ``check_weights``) a weight is not finite.
+
+    Examples:
+        >>> procs = Processes(rank=0, world_size=1, device=torch.device("cpu"))
+        >>> finite_loss(procs, torch.tensor(2.5), nn.Linear(1, 1), True, "step 1")
+        2.5
+        >>> finite_loss(procs, torch.tensor(float("nan")), nn.Linear(1, 1), False, "step 2")
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: step 2: the training loss is nan; stopped without saving (the last checkpoint is kept). Try a lower --lr or float32.
+    """
+    value = procs.mean(loss.detach()).item()
+    weights = torch.stack([p.isfinite().all() for p in model.parameters()])
+    if not math.isfinite(value) or (check_weights and not weights.all().item()):
+        raise FloatingPointError(
+            f"{where}: the training loss is {value}; stopped without saving (the last checkpoint is "
+            "kept). Try a lower --lr or float32."
+        )
+    return value
+
+
+def saved_run(
+    flags: argparse.Namespace, kind: str, described: str = "checkpoint"
+) -> dict[str, Any] | None:
+    """The checkpoint at ``--out`` that ``--resume`` or ``--sample-only`` continues, if any.
+
+    Damaged files are refused (`load_checkpoint`), and so is resuming a ``--smoke`` run as a
+    real one or the reverse (their models differ).
+
+    Args:
+        flags: from `run_flags`.
+        kind: the checkpoint's expected kind (e.g. ``"flm"``).
+        described: what the file is, for the message when it is missing.
+
+    Returns:
+        The saved state, or None for a new run (no ``--resume``/``--sample-only``, or
+        ``--resume`` with no file yet).
+
+    Raises:
+        FileNotFoundError: ``--sample-only`` and no file at ``--out``.
+        ValueError: the smoke flags differ on ``--resume``; or a damaged file.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "run.pt"
+        >>> flags = argparse.Namespace(out=path, resume=True, sample_only=False, smoke=False)
+        >>> saved_run(flags, "flm") is None  # nothing to resume yet
+        True
+        >>> _ = save_checkpoint(path, {"kind": "flm", "smoke": True})
+        >>> saved_run(flags, "flm")
+        Traceback (most recent call last):
+        ...
+        ValueError: ... holds a --smoke run: it is not resumed by this one (another --out)
+    """
+    if flags.out is None or not (flags.resume or flags.sample_only):
+        return None
+    if not flags.out.exists():
+        if flags.sample_only:
+            raise FileNotFoundError(f"--sample-only: no {described} at {flags.out}")
+        return None
+    saved = load_checkpoint(flags.out, kind=kind)
+    if flags.resume and saved["smoke"] != flags.smoke:
+        run = "a --smoke run" if saved["smoke"] else "a run without --smoke"
+        raise ValueError(f"{flags.out} holds {run}: it is not resumed by this one (another --out)")
+    return saved
+
+
+def check_unchanged(
+    given: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    names: Sequence[str],
+    whose: str,
+    advice: str,
+) -> None:
+    """Refuse a flag in ``given`` that contradicts a setting that is ``fixed`` (e.g. saved).
+
+    Args:
+        given: the settings given on the command line.
+        fixed: the settings that cannot change (a checkpoint's, a teacher's).
+        names: the settings to compare.
+        whose: for the message, e.g. ``"the checkpoint's"``.
+        advice: what to do instead.
+
+    Raises:
+        ValueError: naming the first flag that differs.
+
+    Examples:
+        >>> check_unchanged({"dim": 64}, {"dim": 32}, ["dim"], "the checkpoint's", "drop it")
+        Traceback (most recent call last):
+        ...
+        ValueError: --dim 64 contradicts the checkpoint's 32: drop it
+    """
+    for name in names:
+        if name in given and given[name] != fixed[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {given[name]} contradicts {whose} {fixed[name]}: {advice}")
+
+
+def sample_measures(
+    task: Task, tokens: Tensor, nfe: int, label: str, seconds: float, shown: int = 3
+) -> dict[str, Any]:
+    """The report of one set of samples, also printed: a summary line and ``shown`` samples.
+
+    Args:
+        task: what the samples are judged by (its quality measures and decoding).
+        tokens: the decoded samples, ``(batch, length)`` token ids.
+        nfe: the network calls that made them.
+        label: names the sampler in the printed line.
+        seconds: the sampling time, printed.
+        shown: samples printed.
+
+    Returns:
+        ``{"nfe", "entropy" (the mean per-sample token entropy), <the task's measures>,
+        "samples" (every decoded text)}``.
+
+    Examples:
+        >>> from flowlm.data.tasks import build_task
+        >>> task = build_task("alpha-repeat", length=4)
+        >>> report = sample_measures(task, torch.zeros(2, 4, dtype=torch.long), 1, "x", 0.0, 0)
+        x: nfe 1, entropy 0, valid_rate 1, mode_coverage 0.03846 (0.00 s)
+        <BLANKLINE>
+        >>> report["samples"]
+        ['aaaa', 'aaaa']
+    """
+    tokens = tokens.cpu()
+    measures: dict[str, Any] = {"nfe": nfe, "entropy": token_entropy(tokens).mean().item()}
+    measures |= task.quality(tokens)
+    summary = ", ".join(f"{key} {value:.4g}" for key, value in measures.items())
+    print(f"{label}: {summary} ({seconds:.2f} s)")
+    texts = task.decode(tokens)
+    print("\n".join(f"    {text!r}" for text in texts[:shown]))
+    return measures | {"samples": texts}
+
+
+def conditioning_flags(flags: argparse.Namespace) -> dict[str, Any]:
+    """The `CONDITIONING_FLAGS` given in ``flags`` (from `run_flags`), for a run's report.
+
+    Examples:
+        >>> conditioning_flags(argparse.Namespace(prompt="And", infill=None, guidance=None, block=4))
+        {'prompt': 'And', 'block': 4}
+    """
+    return {name: value for name in CONDITIONING_FLAGS if (value := vars(flags)[name]) is not None}

@@ -1,10 +1,12 @@
 """Tests of flowlm.train: checkpoints, the weight average, seeds, the schedule, the processes."""
 
+import argparse
 import dataclasses
 import hashlib
 import io
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from flowlm import train
 from flowlm.train import (
     EMA,
     MAGIC,
@@ -324,3 +327,30 @@ def test_check_settings_names_the_flag_that_cannot_work(
     check_settings(Training(), world_size=2, positive=["steps"])
     with pytest.raises(ValueError, match=message):
         check_settings(dataclasses.replace(Training(), **change), 2, positive=["steps"])
+
+
+def test_finite_loss_refuses_non_finite_weights_only_before_a_checkpoint() -> None:
+    procs = train.Processes(rank=0, world_size=1, device=torch.device("cpu"))
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    assert train.finite_loss(procs, torch.tensor(0.5), model, False, "step 3") == 0.5
+    with pytest.raises(FloatingPointError, match=r"step 3: the training loss is 0\.5"):
+        train.finite_loss(procs, torch.tensor(0.5), model, True, "step 3")
+
+
+def test_saved_run_needs_the_file_for_sample_only_and_refuses_the_wrong_kind(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.pt"
+    flags = argparse.Namespace(out=path, resume=False, sample_only=True, smoke=False)
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"--sample-only: no student checkpoint at {path}")
+    ):
+        train.saved_run(flags, "fmlm", "student checkpoint")
+    train.save_checkpoint(path, {"kind": "flm", "smoke": False, "step": 4})
+    assert train.saved_run(flags, "flm") == {"kind": "flm", "smoke": False, "step": 4}
+    with pytest.raises(train.CheckpointError, match="is not an 'fmlm' checkpoint"):
+        train.saved_run(flags, "fmlm")
+    flags.sample_only = False
+    assert train.saved_run(flags, "flm") is None  # neither --resume nor --sample-only

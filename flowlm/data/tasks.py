@@ -36,7 +36,7 @@ from flowlm.data.synthetic import AlphaRepeat, MarkovChain
 from flowlm.data.tokenizer import EOS, PAD, CharTokenizer
 from flowlm.metrics import distinct_n
 
-__all__ = ["TASKS", "DataSettings", "Task", "TaskName", "build_task", "task_of"]
+__all__ = ["TASKS", "DataSettings", "Task", "TaskName", "TaskSettings", "build_task", "task_of"]
 
 TaskName = Literal["corpus", "alpha-repeat", "markov"]
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
@@ -160,6 +160,48 @@ class DataSettings(Protocol):
     def limit(self) -> int | None:
         """Read at most this many dataset rows."""
         ...
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """The data flags of the example scripts, as the first fields of their settings dataclass.
+
+    With a ``seed`` field added (as the examples' ``Config`` does), the settings are
+    `DataSettings`. Every field is a flag of `flowlm.train.add_settings`: ``--task``,
+    ``--text``, ``--tokenizer``, ``--lines``, ``--dataset``, ``--split``, ``--column``,
+    ``--streaming``, ``--limit``, ``--length``.
+
+    Attributes:
+        task: one of `TASKS`.
+        text: a ``.txt`` file or a folder of them, for the corpus task (default: the Bible).
+        tokenizer: ``char | bpe:N | PATH/tokenizer.json | hf:NAME``.
+        lines: one sequence per line (or dataset row), padded; the loss is masked.
+        dataset: a Hugging Face dataset or a local ``.txt/.json/.jsonl/.csv`` file.
+        split: the dataset's split.
+        column: the dataset's text column.
+        streaming: read the dataset lazily.
+        limit: read at most this many dataset rows.
+        length: tokens per sequence.
+
+    Examples:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Settings(TaskSettings):
+        ...     seed: int = 0
+        >>> task_of(Settings(task="alpha-repeat", length=8)).vocab_size
+        26
+    """
+
+    task: str = "corpus"
+    text: str | None = None
+    tokenizer: str = "char"
+    lines: bool = False
+    dataset: str | None = None
+    split: str = "train"
+    column: str = "text"
+    streaming: bool = False
+    limit: int | None = None
+    length: int = 64
 
 
 def task_of(settings: DataSettings, tokenizer: Tokenizer | None = None) -> Task:
