@@ -55,7 +55,7 @@ _W = _WEIGHTS / np.sqrt(np.pi)
 
 
 def tau_gauss_hermite(gamma: float, vocab: int) -> float:
-    """METHOD.md §2 written independently in numpy/scipy (100-node Gauss-Hermite)."""
+    """The decoding-accuracy clock (paper §2; docs concepts page) written independently in numpy/scipy (100-node Gauss-Hermite)."""
     if gamma <= 0.0:
         return 0.0
     if gamma >= 1.0:
@@ -175,7 +175,7 @@ def test_matches_independent_gauss_hermite_inverse(kappa: TokenAccuracy):
 
 
 def test_matches_adaptive_quadrature(kappa: TokenAccuracy):
-    # The 100-node Gauss-Hermite rule prescribed by METHOD.md §2 is itself off by up to ~1e-4
+    # The 100-node Gauss-Hermite rule of the reference implementation is itself off by up to ~1e-4
     # in tau at V >= 3e4 (Phi(z + m)^(V-1) has a sharp front near z = sqrt(2 log V)); kappa is
     # then within ~1e-4 of the true integral, well inside the reference table's 1e-3.
     vocab = kappa.vocab_size

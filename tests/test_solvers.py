@@ -420,7 +420,7 @@ def test_two_time_map_passes_each_step_end():
 
 @pytest.mark.parametrize("n_steps", [1, 2, 8])
 def test_xpred_map_is_the_flm_euler_sampler(n_steps: int):
-    # METHOD.md §4 written out by hand.
+    # The FLM Euler sampler of the paper (arXiv 2602.16813), written out by hand.
     net = Net()
     kappa = token_clock()
     flow_map = XPredMap(XPredictor(net), LinearInterpolant(reparam=kappa))
