@@ -111,6 +111,87 @@ class Interpolant(nn.Module, ABC):
         out = torch.mul(x0, broadcast_time(self.sigma(gamma), x0).to(dtype))
         return out.addcmul_(x1, broadcast_time(self.alpha(gamma), out))
 
+    def noised(
+        self,
+        tokens: Tokens,
+        t: Time,
+        vocab_size: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> State:
+        r"""A fresh point $x_t = \sigma(\gamma)\,\varepsilon + \alpha(\gamma)\,e_x$ built from the tokens.
+
+        $\varepsilon \sim N(0, I)$ is drawn straight into the result on the tokens' device, scaled
+        in place by $\sigma$, and $\alpha$ is added at each position's token entry (a
+        scatter-add): the result is the only (batch, seq, vocab) tensor allocated (no separate
+        noise, no one-hot, no int64 temporary of that size). It equals
+        ``sample(noise, one_hot(tokens, vocab_size, dtype), t)`` for ``noise`` drawn as
+        ``torch.randn(..., generator=generator, device=tokens.device, dtype=dtype)`` from the
+        same generator state (exactly, up to the sign of zeros), so its mean is $\alpha e_x$ and
+        each entry's variance is $\sigma^2$. Every path of this module is built this way;
+        positions at $\gamma = 1$ are exactly one-hot.
+
+        Args:
+            tokens: the clean token ids $x$, ``(batch, seq)``.
+            t: model times per example ``(batch,)`` or per token ``(batch, seq)``, in [0, 1].
+            vocab_size: $V$; by default the clock's (e.g. `TokenAccuracy`'s). Required when the
+                clock names no vocabulary; must agree with it when both are known.
+            generator: random source of $\varepsilon$, on the tokens' device.
+            dtype: floating dtype of the result (e.g. ``torch.bfloat16``).
+
+        Raises:
+            ValueError: no vocabulary known or two that disagree, tokens not ``(batch, seq)``,
+                times of the wrong shape, or a generator on another device.
+            TypeError: float token ids or a non-floating ``dtype``.
+
+        Examples:
+            >>> from flowlm.reparam import TokenAccuracy
+            >>> path = LinearInterpolant(reparam=TokenAccuracy(4))
+            >>> tokens, t = torch.tensor([[1, 3]]), torch.tensor([0.5])
+            >>> x_t = path.noised(tokens, t, generator=torch.Generator().manual_seed(0))
+            >>> noise = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(0))
+            >>> torch.equal(x_t, path.sample(noise, one_hot(tokens, 4), t))
+            True
+        """
+        vocab = self._noised_vocabulary(vocab_size)
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:  # pyright: ignore[reportUnnecessaryIsInstance]
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"tokens must have shape (batch, seq), got {shape}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype for the state, got {dtype}")
+        if generator is not None and generator.device != tokens.device:
+            raise ValueError(
+                f"the generator is on {generator.device} but the tokens are on "
+                f"{tokens.device}: the noise is drawn on the tokens' device, so seed a "
+                f"generator there, e.g. torch.Generator({str(tokens.device)!r})"
+            )
+        check_tokens(tokens, vocab)
+        check_time(t, tokens)
+        gamma = self.reparam(t)
+        out = torch.empty((*tokens.shape, vocab), dtype=dtype, device=tokens.device)
+        out.normal_(generator=generator)
+        out.mul_(broadcast_time(self.sigma(gamma), out))
+        alpha = broadcast_time(self.alpha(gamma), out).expand(*tokens.shape, 1)
+        return out.scatter_add_(-1, tokens.long().unsqueeze(-1), alpha)
+
+    def _noised_vocabulary(self, vocab_size: int | None) -> int:
+        if vocab_size is None:
+            if self.vocab_size is None:
+                raise ValueError(
+                    f"noised needs the vocabulary size: this path's clock "
+                    f"({type(self.reparam).__name__}) names none, so pass vocab_size"
+                )
+            return self.vocab_size
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive number of tokens, got {vocab_size}")
+        if self.vocab_size is not None and vocab_size != self.vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: vocab_size={vocab_size} but this path's clock is built "
+                f"for {self.vocab_size} tokens"
+            )
+        return vocab_size
+
     def predicted_noise(self, x_t: State, x1_hat: Probs, t: Time) -> State:
         r"""The noise $\hat x_0 = (x_t - \alpha\hat x_1)/\sigma$ implied by a data prediction."""
         gamma = self.reparam(t)

@@ -398,3 +398,92 @@ def test_low_precision_states_stay_low_precision(path: type[Interpolant], dtype:
     assert interp.velocity(x_t, x1_hat, t).dtype == dtype
     reference = interp.step(x_t.double(), x1_hat.double(), t.double(), s.double())
     assert torch.allclose(interp.step(x_t, x1_hat, t, s).double(), reference, atol=0.05)
+
+
+def noise_generator(seed: int = 2) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-example", "per-token"])
+def test_noised_is_sample_of_the_same_draw(
+    interp: Interpolant, dtype: torch.dtype, per_token: bool
+):
+    tokens = torch.randint(V, (B, L), generator=torch.Generator().manual_seed(0))
+    t = torch.rand((B, L) if per_token else (B,), generator=torch.Generator().manual_seed(1))
+    t[0] = 1.0  # a clean example: exactly one-hot
+    x_t = interp.noised(tokens, t, V, generator=noise_generator(), dtype=dtype)
+    noise = torch.randn(B, L, V, generator=noise_generator(), dtype=dtype)
+    assert x_t.dtype == dtype
+    assert torch.equal(x_t, interp.sample(noise, one_hot(tokens, V, dtype), t))
+    assert torch.equal(x_t[0], one_hot(tokens, V, dtype)[0])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_noised_moments_by_monte_carlo(path: type[Interpolant]):
+    rows, vocab = 20_000, 6
+    interp = path(reparam=Power(2.0))
+    tokens = torch.tensor([[0, 3, 5]]).expand(rows, 3)
+    t = torch.tensor([0.2, 0.7]).repeat(rows // 2)  # two times, alternating rows
+    x_t = interp.noised(tokens, t, vocab, generator=noise_generator(), dtype=F64)
+    for parity in (0, 1):
+        gamma = interp.reparam(t[parity : parity + 1].double())
+        alpha, sigma = interp.alpha(gamma).item(), interp.sigma(gamma).item()
+        sample = x_t[parity::2]
+        n = sample.shape[0]
+        expected_mean = alpha * one_hot(tokens[:1], vocab, F64)[0]
+        mean_error = (sample.mean(0) - expected_mean).abs().max().item()
+        assert mean_error < 5 * sigma / n**0.5
+        variance_error = (sample.var(0) - sigma**2).abs().max().item()
+        assert variance_error < 5 * sigma**2 * (2 / n) ** 0.5
+        centred = (sample - expected_mean) / sigma  # entries are independent: no correlation
+        correlation = (centred.reshape(n, -1).T @ centred.reshape(n, -1)) / n
+        off_diagonal = correlation - torch.diag(torch.diagonal(correlation))
+        assert off_diagonal.abs().max().item() < 5 / n**0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("token_dtype", [torch.int64, torch.int32])
+def test_noised_allocates_one_state(dtype: torch.dtype, token_dtype: torch.dtype):
+    tokens = torch.randint(64, (4, 8), generator=torch.Generator().manual_seed(0)).to(token_dtype)
+    unit = 4 * 8 * 64 * torch.finfo(dtype).bits // 8
+    path = LinearInterpolant(reparam=TokenAccuracy(64))
+    for t in (torch.rand(4), torch.rand(4, 8)):
+        with LiveTensorBytes() as tracker:
+            path.noised(tokens, t, generator=noise_generator(), dtype=dtype)
+        assert tracker.big(unit // 8) == [(unit, dtype)]
+
+
+def test_noised_without_a_generator_draws_from_the_global_one():
+    path = LinearInterpolant()
+    tokens, t = torch.tensor([[0, 1]]), torch.tensor([0.5])
+    torch.manual_seed(5)
+    first = path.noised(tokens, t, 3)
+    torch.manual_seed(5)
+    assert torch.equal(first, path.noised(tokens, t, 3))
+    assert not torch.equal(first, path.noised(tokens, t, 3))
+
+
+def test_noised_refuses_bad_input():
+    tokens, t = torch.tensor([[0, 1, 2]]), torch.tensor([0.5])
+    with pytest.raises(ValueError, match="names none, so pass vocab_size"):
+        LinearInterpolant().noised(tokens, t)
+    token_path = LinearInterpolant(reparam=TokenAccuracy(3))
+    with pytest.raises(ValueError, match="vocab_size=4 but this path's clock is built for 3"):
+        token_path.noised(tokens, t, 4)
+    with pytest.raises(ValueError, match="vocab_size must be a positive"):
+        LinearInterpolant().noised(tokens, t, 0)
+    with pytest.raises((ValueError, TypeCheckError), match=r"shape \(batch, seq\)|batch"):
+        token_path.noised(tokens[0], t)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        token_path.noised(tokens, t, dtype=torch.int64)
+    with pytest.raises((TypeError, TypeCheckError)):
+        token_path.noised(tokens.float(), t)
+    with pytest.raises(RuntimeError, match="token ids out of range"):
+        token_path.noised(torch.tensor([[0, 3]]), t)
+    with pytest.raises((ValueError, TypeCheckError)):
+        token_path.noised(tokens, torch.rand(2))
+    with pytest.raises(RuntimeError, match="outside"):
+        token_path.noised(tokens, torch.tensor([1.5]))
+    with pytest.raises(ValueError, match="the generator is on cpu but the tokens are on meta"):
+        token_path.noised(tokens.to("meta"), t, generator=torch.Generator())
