@@ -5,9 +5,9 @@ $-\log \hat x_1[x]$; the optimum is $\hat x_1 = \mathbb{E}[e_x \mid x_t]$, the q
 sampler and flow map needs.
 """
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from flowlm._checks import check_state, check_time, check_tokens
@@ -68,8 +68,37 @@ class XPredictor(nn.Module):
         return torch.softmax(at_least_float32(self.logits(x_t, t, s)), dim=-1)
 
 
+class _CrossEntropyKeepingLogits(torch.autograd.Function):
+    r"""$\ell = \operatorname{logsumexp}(z) - z_x$ whose backward pass keeps only the logits $z$.
+
+    The gradient $\partial\ell/\partial z = \mathrm{softmax}(z) - e_x$ is built in the one
+    (batch, seq, vocab) tensor of the softmax (scaled in place, then a scatter-add at the
+    token entries), so a training step holds the logits and one gradient, not also the
+    log-probabilities and their gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, index)
+        return torch.logsumexp(logits, -1) - logits.gather(-1, index).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor, None]:
+        logits, index = ctx.saved_tensors
+        weight = grad_outputs[0].unsqueeze(-1).to(logits.dtype)
+        if torch.is_grad_enabled():  # create_graph=True: out of place, so twice differentiable
+            return (torch.softmax(logits, -1) * weight).scatter_add(-1, index, -weight), None
+        gradient = torch.softmax(logits, -1).mul_(weight)
+        return gradient.scatter_add_(-1, index, -weight), None
+
+
 def cross_entropy(logits: Logits, tokens: Tokens) -> TokenLoss:
     r"""Per-token cross-entropy $-\log\mathrm{softmax}(\text{logits})[x]$, in float32 or wider.
+
+    Computed as $\operatorname{logsumexp}(z) - z_x$; the backward pass keeps only the logits
+    and builds the gradient $\mathrm{softmax}(z) - e_x$ in one (batch, seq, vocab) tensor, so
+    no log-probabilities are stored (with ``create_graph=True`` it is built out of place, so
+    second derivatives work).
 
     Examples:
         >>> cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))
@@ -81,8 +110,9 @@ def cross_entropy(logits: Logits, tokens: Tokens) -> TokenLoss:
             "disagree on (batch, seq)"
         )
     check_tokens(tokens, logits.shape[-1])
-    wide = at_least_float32(logits)
-    return F.cross_entropy(rearrange(wide, "b l v -> b v l"), tokens.long(), reduction="none")
+    loss = _CrossEntropyKeepingLogits.apply(at_least_float32(logits), tokens.long().unsqueeze(-1))
+    assert isinstance(loss, Tensor)
+    return loss
 
 
 def masked_mean(loss: TokenLoss, mask: TokenMask | None = None) -> Tensor:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from jaxtyping import TypeCheckError
+from live_tensors import LiveTensorBytes
 from torch import Tensor, nn
 
 from flowlm import (
@@ -198,6 +199,47 @@ def test_cross_entropy_rejects_shape_mismatch(checks: str):
     match = "parameter 'tokens'" if checks == "jaxtyping" else "disagree on"
     with pytest.raises((TypeCheckError, ValueError), match=match):
         cross_entropy(torch.randn(B, L, V), torch.zeros(B, L + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_cross_entropy_gradient_is_softmax_minus_one_hot(dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(B, L, V, generator=generator, dtype=F64)).to(dtype)
+    logits.requires_grad_(True)
+    tokens = torch.randint(V, (B, L), generator=generator)
+    weights = torch.rand(B, L, generator=generator, dtype=F64)  # a non-uniform upstream gradient
+    (cross_entropy(logits, tokens) * weights).sum().backward()
+    assert logits.grad is not None and logits.grad.dtype == dtype
+    wide = logits.detach().double()
+    reference = weights[..., None] * (wide.softmax(-1) - nn.functional.one_hot(tokens, V))
+    tolerance = {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert torch.allclose(logits.grad.double(), reference, atol=tolerance)
+
+
+def test_cross_entropy_gradient_passes_gradcheck():
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 5, generator=generator, dtype=F64, requires_grad=True)
+    tokens = torch.randint(5, (2, 3), generator=generator)
+    assert torch.autograd.gradcheck(lambda z: cross_entropy(z, tokens), (logits,))
+
+
+def test_cross_entropy_has_second_derivatives():
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 5, generator=generator, dtype=F64, requires_grad=True)
+    tokens = torch.randint(5, (2, 3), generator=generator)
+    assert torch.autograd.gradgradcheck(lambda z: cross_entropy(z, tokens), (logits,))
+
+
+def test_cross_entropy_backward_keeps_the_logits_and_one_gradient():
+    tokens = torch.randint(64, (4, 8), generator=torch.Generator().manual_seed(0))
+    features = torch.randn(4, 8, 16, requires_grad=True)
+    head = nn.Linear(16, 64)
+    unit = 4 * 8 * 64 * 4
+    with LiveTensorBytes() as tracker:
+        cross_entropy(head(features), tokens).sum().backward()
+    # the logits and their gradient: no log-probabilities, no gradient of them
+    assert [size for size, _ in tracker.big(unit)] == [unit, unit]
+    assert tracker.peak < 2 * unit + unit // 2
 
 
 # ---------------------------------------------------------------- masked_mean
