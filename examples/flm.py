@@ -149,16 +149,18 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
 
 # ---------------------------------------------------------------------------- data and samples
 def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
-    """This process's rows of step ``step``'s batch: sequences, noise (on the device), times."""
+    """This process's rows of step ``step``'s batch: sequences, the noise's generator, times.
+
+    The generator is on the device: ``interpolant.noised(tokens, t, ..., generator=...)``
+    draws the noise there, straight into x_t (after any context has set the times).
+    """
     rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
     tokens = task.draw(rows, train.seeded_generator(config.seed, "data", step, rank)).to(device)
     mask = task.mask(tokens)  # padding does not count (--lines)
     noise_generator = train.seeded_generator(config.seed, "noise", step, rank, device=device)
-    shape = (rows, task.length, task.vocab_size)
-    noise = torch.randn(shape, generator=noise_generator, device=device)
     strata = train.seeded_generator(config.seed, "times", step)  # one for the global batch
     t = fl.uniform_times(rows, rank=rank, world_size=procs.world_size, generator=strata)
-    return tokens, mask, noise, t.to(device)
+    return tokens, mask, noise_generator, t.to(device)
 
 
 def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpolant) -> fl.FlowMap:
@@ -266,13 +268,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for step in progress:
                 seed, rank = config.seed, procs.rank
                 torch.manual_seed(train.derived_seed(seed, "dropout", step, rank))
-                tokens, mask, noise, t = draw_batch(task, config, step, procs)
+                tokens, mask, noise_generator, t = draw_batch(task, config, step, procs)
                 if draw_context is not None:  # known tokens at time 1, the loss on the others
                     generator = train.seeded_generator(seed, "context", step, rank, device=device)
                     known = draw_context(tokens, p_uncond=config.p_uncond, generator=generator)
                     t = known.times(t)
                     mask = known.unknown if mask is None else mask & known.unknown
-                x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
+                x_t = interpolant.noised(tokens, t, vocab, generator=noise_generator)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = fl.cross_entropy(predictor.logits(x_t, t), tokens)
                     loss = fl.masked_mean(loss, mask)

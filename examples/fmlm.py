@@ -160,17 +160,20 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
 
 # ---------------------------------------------------------------------------- data and reports
 def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.Processes):
-    """This process's rows of a step's batch: sequences, noise (on the device), time pairs."""
+    """This process's rows of a step's batch: sequences, the noise's generator, time pairs.
+
+    The generator is on the device: ``interpolant.noised(tokens, t, ..., generator=...)``
+    draws the noise there, straight into x_t (after any context has set the times).
+    """
     rows, device, rank = config.batch_size // procs.world_size, procs.device, procs.rank
     tokens = task.draw(rows, train.seeded_generator(config.seed, stage, step, rank)).to(device)
     generator = train.seeded_generator(config.seed, f"noise {stage}", step, rank, device=device)
-    noise = torch.randn((rows, task.length, task.vocab_size), generator=generator, device=device)
     default = BOUNDARY_PROB.get(stage, 0.1)
     boundary = default if config.boundary_prob is None else config.boundary_prob
     strata = train.seeded_generator(config.seed, f"times {stage}", step)  # for the global batch
     pair = fl.time_pairs(rows, boundary_prob=boundary, min_gap=MIN_GAP.get(stage, 1e-3), rank=rank,
                          world_size=procs.world_size, generator=strata, device=device)  # fmt: skip
-    return tokens, task.mask(tokens), noise, pair  # the mask: padding does not count (--lines)
+    return tokens, task.mask(tokens), generator, pair  # the mask: padding does not count (--lines)
 
 
 def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
@@ -279,13 +282,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for step in progress:
                 seed, rank = config.seed, procs.rank
                 torch.manual_seed(train.derived_seed(seed, "dropout", step, rank))
-                tokens, mask, noise, (t, s) = draw_batch(task, config, stage, step, procs)
+                tokens, mask, noise_generator, (t, s) = draw_batch(task, config, stage, step, procs)
                 if draw_context is not None:  # teacher and student: t = s = 1 on known tokens
                     generator = train.seeded_generator(seed, "context", step, rank, device=device)
                     known = draw_context(tokens, p_uncond=config.p_uncond, generator=generator)
                     t, s = known.times(t), known.times(s)
                     mask = known.unknown if mask is None else mask & known.unknown
-                x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
+                x_t = interpolant.noised(tokens, t, vocab, generator=noise_generator)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     if stage == "v2":
                         token_loss = distill.semigroup_kl_loss(student, teacher, x_t, t, s)

@@ -127,6 +127,14 @@ def test_sample_only_reads_the_checkpoint(flm: ModuleType, tmp_path: Path) -> No
     assert checkpoint.read_bytes() == written
 
 
+def drawn(flm: ModuleType, task: Any, config: Any, step: int, procs: Processes) -> tuple[Any, ...]:
+    """`draw_batch`'s rows with the noise its generator gives (as `Interpolant.noised` draws it)."""
+    tokens, mask, generator, t = flm.draw_batch(task, config, step, procs)
+    assert generator.device == procs.device
+    shape = (*tokens.shape, task.vocab_size)
+    return tokens, mask, torch.randn(shape, generator=generator, device=procs.device), t
+
+
 def test_the_ranks_draw_their_own_rows_and_the_strata_of_one_global_batch(
     flm: ModuleType,
 ) -> None:
@@ -139,7 +147,7 @@ def test_the_ranks_draw_their_own_rows_and_the_strata_of_one_global_batch(
     config = flm.Config(task="alpha-repeat", length=8, batch_size=16)
     task = flm.task_of(config)
     cpu = torch.device("cpu")
-    draws = [flm.draw_batch(task, config, 3, Processes(rank, 2, cpu)) for rank in (0, 1)]
+    draws = [drawn(flm, task, config, 3, Processes(rank, 2, cpu)) for rank in (0, 1)]
     (tokens0, mask0, noise0, t0), (tokens1, _, noise1, t1) = draws
     assert tokens0.shape == (8, 8) and noise0.shape == (8, 8, 26)
     assert mask0 is None  # nothing is padding
@@ -147,11 +155,11 @@ def test_the_ranks_draw_their_own_rows_and_the_strata_of_one_global_batch(
     assert not torch.equal(tokens0, tokens1)
     strata = torch.floor(torch.cat([t0, t1]) * 16).long()
     assert torch.equal(strata, torch.arange(16))
-    _, _, alone_noise, alone_t = flm.draw_batch(task, config, 3, Processes(0, 1, cpu))
+    _, _, alone_noise, alone_t = drawn(flm, task, config, 3, Processes(0, 1, cpu))
     assert torch.equal(torch.floor(alone_t * 16).long(), torch.arange(16))
     assert torch.equal(alone_noise[:8], noise0)  # rank 0 draws from one process's generators
     assert not torch.equal(alone_noise[8:], noise1)
-    again = flm.draw_batch(task, config, 3, Processes(1, 2, cpu))
+    again = drawn(flm, task, config, 3, Processes(1, 2, cpu))
     assert all(torch.equal(a, b) for a, b in zip(again, draws[1], strict=True) if a is not None)
 
 
