@@ -89,6 +89,7 @@ class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length,
     steps: int = 1000
     batch_size: int = 32  # global: split over the processes
     lr: float = 3e-4
+    beta2: float = 0.999  # AdamW's second-moment decay
     warmup: int = 100
     schedule: str = "constant"
     grad_clip: float = 1.0
@@ -239,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
         interpolant = fl.LinearInterpolant(reparam=clock).to(device)
         ema = train.EMA(backbone, config.ema_decay)  # validation, previews and samples use the EMA
-        optimizer = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0)
+        betas = (0.9, config.beta2)
+        optimizer = torch.optim.AdamW(
+            backbone.parameters(), lr=config.lr, betas=betas, weight_decay=0.0
+        )
         start = 0 if saved is None else saved["step"]
         if saved is not None:
             for name, part in dict(model=backbone, ema=ema, optimizer=optimizer).items():

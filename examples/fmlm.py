@@ -32,7 +32,7 @@ from argparse import Namespace, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from tqdm import tqdm
@@ -42,6 +42,7 @@ from flowlm import distill, train
 from flowlm.backbones import DiT
 from flowlm.data import tokenizer_from_state
 from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
+from flowlm.times import PairSampling
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
@@ -61,6 +62,7 @@ CHOICES = {
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "heun"),
     "context": ("none", *train.TRAINING_CONTEXTS),  # prefix, spans, bernoulli
+    "pair_sampling": get_args(PairSampling),
 }
 MODEL = (
     *(field.name for field in fields(TaskSettings)),
@@ -89,9 +91,12 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
     method: str = "v2"
     teacher_steps: int = 8  # the regression target's rollout
     boundary_prob: float | None = None  # default: BOUNDARY_PROB
+    pair_sampling: str = "gap-then-start"  # how jumps t -> s are drawn (fl.time_pairs)
+    diagonal_fraction: float | None = None  # v2: rows on the diagonal only, the rest on jumps only
     steps: int = 300
     batch_size: int = 32
     lr: float = 3e-4
+    beta2: float = 0.999  # AdamW's second-moment decay
     warmup: int = 20
     schedule: str = "constant"
     grad_clip: float = 1.0
@@ -110,6 +115,9 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
         """Raise ValueError naming the flag of the first setting that cannot work."""
         positive = "steps batch_size samples log_every checkpoint_every teacher_steps"
         train.check_settings(self, world_size, positive.split())  # and --lr, --p-uncond, ...
+        fraction = self.diagonal_fraction
+        if fraction is not None and not 0 <= fraction <= 1:
+            raise ValueError(f"--diagonal-fraction must lie in [0, 1], got {fraction}")
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -168,8 +176,9 @@ def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.P
     default = BOUNDARY_PROB.get(stage, 0.1)
     boundary = default if config.boundary_prob is None else config.boundary_prob
     strata = train.seeded_generator(config.seed, f"times {stage}", step)  # for the global batch
-    pair = fl.time_pairs(rows, boundary_prob=boundary, min_gap=MIN_GAP.get(stage, 1e-3), rank=rank,
-                         world_size=procs.world_size, generator=strata, device=device)  # fmt: skip
+    pair = fl.time_pairs(rows, sampling=config.pair_sampling, boundary_prob=boundary,
+                         min_gap=MIN_GAP.get(stage, 1e-3), rank=rank, world_size=procs.world_size,
+                         generator=strata, device=device)  # fmt: skip
     return tokens, task.mask(tokens), noise, pair  # the mask: padding does not count (--lines)
 
 
@@ -250,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             network = networks[stage] = student_network(teacher_network, config, stage)
             weighting = fl.LearnedTimeWeighting().to(device)  # trained by v1's stage 1 only
             parameters = [*network.parameters(), *weighting.parameters()]
-            optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+            betas = (0.9, config.beta2)
+            optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=betas, weight_decay=0.0)
             ema = train.EMA(network, config.ema_decay)
             start = 0
             if stage in checkpoint_state["stages"]:
@@ -287,7 +297,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.sample(noise, fl.one_hot(tokens, vocab), t)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    if stage == "v2":
+                    if stage == "v2" and config.diagonal_fraction is not None:
+                        generator = train.seeded_generator(seed, "split", step, rank, device=device)
+                        split = fl.diagonal_split(len(x_t), config.diagonal_fraction,
+                                                  generator=generator, device=device)  # fmt: skip
+                        token_loss = fl.split_semigroup_kl_loss(student, teacher, x_t, t, s, split)
+                    elif stage == "v2":
                         token_loss = distill.semigroup_kl_loss(student, teacher, x_t, t, s)
                     elif stage == "lagrangian":
                         token_loss = distill.lagrangian_kl_loss(student, teacher, x_t, t, s)
