@@ -12,7 +12,9 @@ reports NFE, entropy and the task's measures next to the teacher's 1- and 8-step
 
 Methods (--method), one branch each in the loop below:
 
-- v2: semigroup KL on the two-time denoiser + KL tie of its diagonal to the teacher.
+- v2: semigroup KL on the two-time denoiser + KL tie of its diagonal to the teacher; with
+  --diagonal-fraction F, a share F of the rows trains only the tie, the rest only the jumps.
+  --pair-sampling, --boundary-prob and --beta2 are the other options of the authors' v2 recipe.
 - lagrangian / eulerian: one JVP per step, targets in logit space.
 - self: semigroup KL + cross-entropy of the diagonal to data (no teacher in the loss).
 - regression: KL of the student's jumps to the teacher's --teacher-steps-step rollout.
