@@ -51,8 +51,9 @@ from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
 # fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "corpus": dict(length=64, dim=128, depth=4, heads=4, steps=2500),
-    "alpha-repeat": dict(length=8, dim=64, depth=2, heads=2, steps=800, batch_size=64,
-                         ema_decay=0.99, eval_every=200, samples=256),
+    "alpha-repeat": dict(length=8, dim=128, depth=4, heads=4, steps=3000, batch_size=64,
+                         lr=1e-3, schedule="cosine", ema_decay=0.99, eval_every=200,
+                         samples=256),  # the teacher of examples/fmlm.py's alpha-repeat target
     "markov": dict(length=32, dim=64, depth=2, heads=2, steps=1500, batch_size=64,
                    ema_decay=0.995, samples=128),
 }
@@ -89,6 +90,7 @@ class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length,
     steps: int = 1000
     batch_size: int = 32  # global: split over the processes
     lr: float = 3e-4
+    beta2: float = 0.999  # AdamW's second-moment decay
     warmup: int = 100
     schedule: str = "constant"
     grad_clip: float = 1.0
@@ -241,7 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
         interpolant = fl.LinearInterpolant(reparam=clock).to(device)
         ema = train.EMA(backbone, config.ema_decay)  # validation, previews and samples use the EMA
-        optimizer = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0)
+        betas = (0.9, config.beta2)
+        optimizer = torch.optim.AdamW(
+            backbone.parameters(), lr=config.lr, betas=betas, weight_decay=0.0
+        )
         start = 0 if saved is None else saved["step"]
         if saved is not None:
             for name, part in dict(model=backbone, ema=ema, optimizer=optimizer).items():

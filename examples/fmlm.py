@@ -12,7 +12,9 @@ reports NFE, entropy and the task's measures next to the teacher's 1- and 8-step
 
 Methods (--method), one branch each in the loop below:
 
-- v2: semigroup KL on the two-time denoiser + KL tie of its diagonal to the teacher.
+- v2: semigroup KL on the two-time denoiser + KL tie of its diagonal to the teacher; with
+  --diagonal-fraction F, a share F of the rows trains only the tie, the rest only the jumps.
+  --pair-sampling, --boundary-prob and --beta2 are the other options of the authors' v2 recipe.
 - lagrangian / eulerian: one JVP per step, targets in logit space.
 - self: semigroup KL + cross-entropy of the diagonal to data (no teacher in the loss).
 - regression: KL of the student's jumps to the teacher's --teacher-steps-step rollout.
@@ -32,7 +34,7 @@ from argparse import Namespace, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from tqdm import tqdm
@@ -42,13 +44,14 @@ from flowlm import distill, train
 from flowlm.backbones import DiT
 from flowlm.data import tokenizer_from_state
 from flowlm.data.tasks import TASKS, Task, TaskSettings, task_of
+from flowlm.times import PairSampling
 
 # ---------------------------------------------------------------------------- settings
 # fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "corpus": dict(steps=300, lr=3e-4, warmup=20, ema_decay=0.99, samples=32),
-    "alpha-repeat": dict(steps=3000, lr=1e-3, warmup=20, schedule="cosine", ema_decay=0.99,
-                         samples=256),
+    "alpha-repeat": dict(steps=6000, lr=1e-3, warmup=20, schedule="cosine", ema_decay=0.99,
+                         diagonal_fraction=0.5, beta2=0.95, samples=256),
     "markov": dict(steps=400, lr=1e-3, warmup=20, ema_decay=0.99, samples=128),
 }
 SMOKE = dict(steps=4, batch_size=8, warmup=1, samples=8, log_every=1, checkpoint_every=2)
@@ -61,6 +64,7 @@ CHOICES = {
     "schedule": ("constant", "cosine"),
     "solver": ("euler", "heun"),
     "context": ("none", *train.TRAINING_CONTEXTS),  # prefix, spans, bernoulli
+    "pair_sampling": get_args(PairSampling),
 }
 MODEL = (
     *(field.name for field in fields(TaskSettings)),
@@ -89,9 +93,12 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
     method: str = "v2"
     teacher_steps: int = 8  # the regression target's rollout
     boundary_prob: float | None = None  # default: BOUNDARY_PROB
+    pair_sampling: str = "gap-then-start"  # how jumps t -> s are drawn (fl.time_pairs)
+    diagonal_fraction: float | None = None  # v2: rows on the diagonal only, the rest on jumps only
     steps: int = 300
     batch_size: int = 32
     lr: float = 3e-4
+    beta2: float = 0.999  # AdamW's second-moment decay
     warmup: int = 20
     schedule: str = "constant"
     grad_clip: float = 1.0
@@ -110,6 +117,9 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
         """Raise ValueError naming the flag of the first setting that cannot work."""
         positive = "steps batch_size samples log_every checkpoint_every teacher_steps"
         train.check_settings(self, world_size, positive.split())  # and --lr, --p-uncond, ...
+        fraction = self.diagonal_fraction
+        if fraction is not None and not 0 <= fraction <= 1:
+            raise ValueError(f"--diagonal-fraction must lie in [0, 1], got {fraction}")
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -171,8 +181,9 @@ def draw_batch(task: Task, config: Config, stage: str, step: int, procs: train.P
     default = BOUNDARY_PROB.get(stage, 0.1)
     boundary = default if config.boundary_prob is None else config.boundary_prob
     strata = train.seeded_generator(config.seed, f"times {stage}", step)  # for the global batch
-    pair = fl.time_pairs(rows, boundary_prob=boundary, min_gap=MIN_GAP.get(stage, 1e-3), rank=rank,
-                         world_size=procs.world_size, generator=strata, device=device)  # fmt: skip
+    pair = fl.time_pairs(rows, sampling=config.pair_sampling, boundary_prob=boundary,
+                         min_gap=MIN_GAP.get(stage, 1e-3), rank=rank, world_size=procs.world_size,
+                         generator=strata, device=device)  # fmt: skip
     return tokens, task.mask(tokens), generator, pair  # the mask: padding does not count (--lines)
 
 
@@ -253,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             network = networks[stage] = student_network(teacher_network, config, stage)
             weighting = fl.LearnedTimeWeighting().to(device)  # trained by v1's stage 1 only
             parameters = [*network.parameters(), *weighting.parameters()]
-            optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+            betas = (0.9, config.beta2)
+            optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=betas, weight_decay=0.0)
             ema = train.EMA(network, config.ema_decay)
             start = 0
             if stage in checkpoint_state["stages"]:
@@ -290,7 +302,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.noised(tokens, t, vocab, generator=noise_generator)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    if stage == "v2":
+                    if stage == "v2" and config.diagonal_fraction is not None:
+                        generator = train.seeded_generator(seed, "split", step, rank, device=device)
+                        split = fl.diagonal_split(len(x_t), config.diagonal_fraction,
+                                                  generator=generator, device=device)  # fmt: skip
+                        token_loss = fl.split_semigroup_kl_loss(student, teacher, x_t, t, s, split)
+                    elif stage == "v2":
                         token_loss = distill.semigroup_kl_loss(student, teacher, x_t, t, s)
                     elif stage == "lagrangian":
                         token_loss = distill.lagrangian_kl_loss(student, teacher, x_t, t, s)

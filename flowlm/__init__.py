@@ -44,7 +44,7 @@ from flowlm.protocols import (
     TwoTimePredictor,
     VelocityField,
 )
-from flowlm.recipes import SoftCapped, diagonal_split, sample_time_pairs, soft_cap
+from flowlm.recipes import SoftCapped, diagonal_split, soft_cap, split_semigroup_kl_loss
 from flowlm.reparam import (
     Composed,
     Identity,
@@ -140,11 +140,11 @@ __all__ = [
     "prefix_context",
     "record_network_call",
     "rollout",
-    "sample_time_pairs",
     "self_conditioned_logits",
     "sinusoidal_features",
     "soft_cap",
     "span_context",
+    "split_semigroup_kl_loss",
     "split_state",
     "time_grid",
     "time_pairs",

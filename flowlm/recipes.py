@@ -4,15 +4,15 @@ FMLM's later recipe differs from the first release in a few knobs (arXiv 2602.16
 versions, and the authors' later code). Each is an option here, with a default that leaves
 today's training unchanged; the authors' values are given with each.
 
-- **Pair sampling** (`sample_time_pairs`): how jumps $t \to s$ are drawn. ``"gap-then-start"``
-  (a stratified gap $d$, then $t \sim U[0, 1 - d]$: `flowlm.time_pairs`, the default and the
-  authors' choice), ``"start-then-end"`` ($t$ stratified, then $s \sim U[t, 1]$) or
+- **Pair sampling** (``flowlm.time_pairs(..., sampling=...)``): how jumps $t \to s$ are
+  drawn. ``"gap-then-start"`` (a stratified gap $d$, then $t \sim U[0, 1 - d]$: the default
+  and the authors' choice), ``"start-then-end"`` ($t$ stratified, then $s \sim U[t, 1]$) or
   ``"sorted-uniform"`` (two uniform times, sorted: uniform on the triangle $t < s$).
 - **Boundary probability**: the chance of the whole-path pair $(0, 1)$ (1/64 by default, 1/32
   in the authors' code).
-- **Diagonal fraction** (`diagonal_split`): the authors train a fixed fraction of each batch
-  on the diagonal $\delta_{t,t}$ only (0.5) and the rest on jumps only; flowlm's default
-  trains both terms on every row (`flowlm.distill.semigroup_kl_loss`).
+- **Diagonal fraction** (`diagonal_split`, `split_semigroup_kl_loss`): the authors train a
+  fixed fraction of each batch on the diagonal $\delta_{t,t}$ only (0.5) and the rest on jumps
+  only; `flowlm.distill.semigroup_kl_loss` trains both terms on every row.
 - **β₂** of AdamW (``torch.optim.AdamW(..., betas=(0.9, beta2))``): 0.95 in the authors'
   code, 0.999 in the released LM1B model.
 - **No learned loss weighting** in the authors' code (`flowlm.LearnedTimeWeighting` is optional).
@@ -21,100 +21,16 @@ today's training unchanged; the authors' values are given with each.
 """
 
 import math
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from flowlm._types import Logits, State, Time
-from flowlm.protocols import Backbone
-from flowlm.times import TimePair, time_pairs, uniform_times
-
-PairSampling = Literal["gap-then-start", "start-then-end", "sorted-uniform"]
-"""How `sample_time_pairs` draws a jump $t \\to s$."""
-
-
-def sample_time_pairs(
-    batch_size: int,
-    sampling: PairSampling = "gap-then-start",
-    *,
-    boundary_prob: float = 1 / 64,
-    min_gap: float = 1e-6,
-    rank: int = 0,
-    world_size: int = 1,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> TimePair:
-    r"""Jumps $t \to s$ drawn by the chosen scheme, on ``device``, for this rank's rows.
-
-    - ``"gap-then-start"``: exactly `flowlm.time_pairs` (gap $d$ stratified, $t \sim U[0,1-d]$;
-      density $\propto 1/(1 - d)$ on the triangle, $\mathbb{E}[d] = \tfrac12$).
-    - ``"start-then-end"``: $t$ stratified, $s = t + (1 - t)u$, $u \sim U[0, 1]$
-      ($\mathbb{E}[t] = \tfrac12$, $\mathbb{E}[d] = \tfrac14$).
-    - ``"sorted-uniform"``: $(t, s)$ the sorted pair of two uniform times (uniform on the
-      triangle, $\mathbb{E}[t] = \tfrac13$, $\mathbb{E}[d] = \tfrac13$).
-
-    Gaps are at least ``min_gap``; with probability ``boundary_prob`` a pair is $(0, 1)$; in
-    the output dtype $s > t$ always holds.
-
-    Args:
-        batch_size: pairs on this rank.
-        sampling: the scheme.
-        boundary_prob: probability of the pair $(0, 1)$.
-        min_gap: smallest gap, in (0, 1].
-        rank: this process's index (stratified schemes).
-        world_size: number of processes.
-        generator: random source, on ``device``.
-        device: where the times are drawn and returned.
-        dtype: output dtype.
-
-    Examples:
-        >>> pair = sample_time_pairs(8, "sorted-uniform", generator=torch.Generator().manual_seed(0))
-        >>> bool((pair.t < pair.s).all() and (pair.s <= 1).all())
-        True
-    """
-    if sampling not in get_args(PairSampling):
-        raise ValueError(
-            f"unknown pair sampling {sampling!r}: choose one of {get_args(PairSampling)}"
-        )
-    if sampling == "gap-then-start":
-        return time_pairs(
-            batch_size,
-            boundary_prob=boundary_prob,
-            min_gap=min_gap,
-            rank=rank,
-            world_size=world_size,
-            generator=generator,
-            device=device,
-            dtype=dtype,
-        )
-    if not 0.0 <= boundary_prob <= 1.0:
-        raise ValueError(f"boundary_prob must lie in [0, 1], got {boundary_prob}")
-    if not 0.0 < min_gap <= 1.0:
-        raise ValueError(f"min_gap must lie in (0, 1], got {min_gap}")
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    draws = torch.rand(3, batch_size, generator=generator, device=device, dtype=wide)
-    if sampling == "start-then-end":
-        start = uniform_times(
-            batch_size,
-            rank=rank,
-            world_size=world_size,
-            generator=generator,
-            device=device,
-            dtype=wide,
-        )
-        end = start + (1.0 - start) * draws[0]
-    else:
-        start, end = torch.minimum(draws[0], draws[1]), torch.maximum(draws[0], draws[1])
-    start = start.clamp(max=1.0 - min_gap)
-    end = torch.maximum(end, start + min_gap).clamp(max=1.0)
-    boundary = draws[2] < boundary_prob
-    start = torch.where(boundary, 0.0, start).to(dtype)
-    end = torch.where(boundary, 1.0, end).to(dtype)
-    start = torch.minimum(start, torch.nextafter(end, torch.zeros_like(end)))
-    return TimePair(start, end)
+from flowlm._checks import check_jump, check_state, check_time
+from flowlm._types import Logits, State, Time, TokenLoss
+from flowlm.distill import diagonal_kl, kl_divergence, semigroup_target
+from flowlm.protocols import Backbone, Predictor, TwoTimeMap
 
 
 class DiagonalSplit(NamedTuple):
@@ -157,6 +73,69 @@ def diagonal_split(
     count = math.floor(fraction * batch_size + 0.5)
     order = torch.randperm(batch_size, generator=generator, device=device)
     return DiagonalSplit(order[:count], order[count:])
+
+
+def split_semigroup_kl_loss(
+    student: TwoTimeMap,
+    teacher: Predictor,
+    x_t: State,
+    t: Time,
+    s: Time,
+    split: DiagonalSplit,
+    u: Time | None = None,
+) -> TokenLoss:
+    r"""v2 with a diagonal split: each row trains one of the two terms of the v2 loss.
+
+    Rows $i$ in ``split.diagonal`` get $\mathrm{KL}(D_t(x_t)\,\Vert\,\hat\delta_{t,t}(x_t))$
+    (the tie to the teacher), the others
+    $\mathrm{KL}(\bar\delta_{t,s}\,\Vert\,\hat\delta_{t,s}(x_t))$ (the semigroup jump, target
+    at ``u``, default the midpoint): with ``fraction`` $f$ of `diagonal_split`, the batch mean
+    estimates $f\,\text{diagonal} + (1 - f)\,\text{jump}$, at about half the network calls
+    of `flowlm.distill.semigroup_kl_loss`, which puts both terms on every row.
+
+    Args:
+        student: the two-time map being trained.
+        teacher: the frozen FLM denoiser $D_t$.
+        x_t: states at time ``t``.
+        t: start times, per example or per token.
+        s: end times, ``s > t`` (``t = s = 1`` on known positions).
+        split: which rows train which term.
+        u: intermediate times in $[t, s]$.
+
+    Returns:
+        The per-token loss of every row, ``(batch, seq)``.
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
+        >>> def fixed(x, t, s=None):  # one distribution everywhere: both terms vanish
+        ...     return torch.tensor([1.0, 2.0, 3.0]).expand_as(x)
+        >>> student = XPredMap(XPredictor(fixed), LinearInterpolant(), two_time=True)
+        >>> x, t, s = torch.randn(4, 5, 3), torch.rand(4) / 2, torch.ones(4)
+        >>> loss = split_semigroup_kl_loss(student, XPredictor(fixed), x, t, s, diagonal_split(4, 0.5))
+        >>> loss.shape, bool(loss.abs().max() < 1e-6)
+        (torch.Size([4, 5]), True)
+    """
+    check_state(x_t, name="x_t")
+    check_time(t, x_t)
+    check_time(s, x_t, "s")
+    check_jump(t, s)
+    rows = split.diagonal.numel() + split.off_diagonal.numel()
+    if rows != x_t.shape[0]:
+        raise ValueError(f"the split covers {rows} rows, the batch has {x_t.shape[0]}")
+    u = 0.5 * (t + s) if u is None else u
+    check_time(u, x_t, "u")
+    loss = x_t.new_zeros(x_t.shape[:-1])
+    on, off = split.diagonal, split.off_diagonal
+    if on.numel():
+        with torch.no_grad():
+            teacher_probs = teacher(x_t[on], t[on])
+        loss = loss.index_copy(0, on, diagonal_kl(student, teacher_probs, x_t[on], t[on]))
+    if off.numel():
+        x, start, end = x_t[off], t[off], s[off]
+        target = semigroup_target(student, x, start, u[off], end)
+        jump = kl_divergence(target, student.predictor.logits(x, start, end))
+        loss = loss.index_copy(0, off, jump)
+    return loss
 
 
 def soft_cap(logits: Float[Tensor, "*shape"], cap: float = 30.0) -> Float[Tensor, "*shape"]:

@@ -13,7 +13,7 @@ generator differently (e.g. ``seed + rank``); seeding them alike still gives val
 with the jitter inside them shared.
 """
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -77,9 +77,14 @@ class TimePair(NamedTuple):
     s: ExampleTime
 
 
+PairSampling = Literal["gap-then-start", "start-then-end", "sorted-uniform"]
+"""How `time_pairs` draws a jump $t \\to s$ (its ``sampling`` argument)."""
+
+
 def time_pairs(
     batch_size: int,
     *,
+    sampling: PairSampling = "gap-then-start",
     boundary_prob: float = 1 / 64,
     min_gap: float = 1e-6,
     rank: int = 0,
@@ -90,13 +95,24 @@ def time_pairs(
 ) -> TimePair:
     r"""Jumps $t \to s$ for flow-map distillation, drawn on ``device`` for this rank's rows.
 
-    The gap $d = s - t$ is stratified uniform over the global batch (`uniform_times`) and
-    clamped to ``min_gap``; the start is $t \sim U[0, 1 - d]$; with probability
-    ``boundary_prob`` the pair is the whole path $(0, 1)$, the one-step jump. In the output
-    dtype $s > t$ always holds (a start that rounds onto its end moves one step below it).
+    One stratified uniform $a$ per row (`uniform_times`, over the global batch) and one plain
+    uniform $b$ make the pair, by ``sampling``:
+
+    - ``"gap-then-start"`` (the default, and the authors' choice): the gap $d = a$, then the
+      start $t = b\,(1 - d)$, uniform on $[0, 1 - d]$ (density $\propto 1/(1 - d)$ on the
+      triangle $t < s$; $\mathbb{E}[t] = \tfrac14$, $\mathbb{E}[d] = \tfrac12$).
+    - ``"start-then-end"``: $t = a$, then $s = t + (1 - t)\,b$, uniform on $[t, 1]$
+      ($\mathbb{E}[t] = \tfrac12$, $\mathbb{E}[d] = \tfrac14$: short jumps).
+    - ``"sorted-uniform"``: $(t, s) = (\min(a, b), \max(a, b))$, uniform on the triangle
+      ($\mathbb{E}[t] = \mathbb{E}[d] = \tfrac13$).
+
+    Gaps are at least ``min_gap``; with probability ``boundary_prob`` the pair is the whole
+    path $(0, 1)$, the one-step jump. In the output dtype $s > t$ always holds (a start that
+    rounds onto its end moves one step below it).
 
     Args:
         batch_size: pairs on this rank.
+        sampling: the scheme.
         boundary_prob: probability of the pair $(0, 1)$.
         min_gap: smallest gap, in (0, 1].
         rank: this process's index.
@@ -109,23 +125,39 @@ def time_pairs(
         >>> pair = time_pairs(8, generator=torch.Generator().manual_seed(0))
         >>> bool((pair.t < pair.s).all() and (pair.s <= 1).all())
         True
+        >>> short = time_pairs(8, sampling="start-then-end", boundary_prob=0.0)
+        >>> bool((short.s - short.t >= 1e-6).all())
+        True
     """
+    if sampling not in get_args(PairSampling):
+        raise ValueError(
+            f"unknown pair sampling {sampling!r}: choose one of {get_args(PairSampling)}"
+        )
     if not 0.0 <= boundary_prob <= 1.0:
         raise ValueError(f"boundary_prob must lie in [0, 1], got {boundary_prob}")
     if not 0.0 < min_gap <= 1.0:
         raise ValueError(f"min_gap must lie in (0, 1], got {min_gap}")
     wide = torch.float64 if dtype == torch.float64 else torch.float32
-    gap = uniform_times(
+    stratified = uniform_times(
         batch_size,
         rank=rank,
         world_size=world_size,
         generator=generator,
         device=device,
         dtype=wide,
-    ).clamp(min_gap, 1.0)
+    )
     draws = torch.rand(2, batch_size, generator=generator, device=device, dtype=wide)
+    if sampling == "gap-then-start":
+        gap = stratified.clamp(min_gap, 1.0)
+        start = draws[0] * (1.0 - gap)
+    elif sampling == "start-then-end":
+        start = stratified.clamp(max=1.0 - min_gap)
+        gap = ((1.0 - start) * draws[0]).clamp(min=min_gap)
+    else:
+        start = torch.minimum(stratified, draws[0]).clamp(max=1.0 - min_gap)
+        gap = (torch.maximum(stratified, draws[0]) - start).clamp(min=min_gap)
     boundary = draws[1] < boundary_prob
-    start = torch.where(boundary, 0.0, draws[0] * (1.0 - gap)).to(dtype)
+    start = torch.where(boundary, 0.0, start).to(dtype)
     end = torch.where(boundary, 1.0, (start + gap).clamp(max=1.0)).to(dtype)
     start = torch.minimum(start, torch.nextafter(end, torch.zeros_like(end)))
     return TimePair(start, end)

@@ -634,7 +634,7 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
     Checks those of these attributes that ``settings`` has: ``lr`` in $(0, 1]$ (``1e30``
     overflows, a negative rate ascends), ``grad_clip`` a positive finite norm (a negative one
     flips the gradient), ``warmup`` $\ge 0$, ``dropout`` in $[0, 1)$, ``ema_decay`` in
-    $(0, 1)$, ``p_uncond`` and ``boundary_prob`` (unless None) in $[0, 1]$, every ``sample_steps`` $\ge 1$, ``batch_size`` a multiple of ``world_size``, and
+    $(0, 1)$, ``p_uncond`` and ``boundary_prob`` (unless None) in $[0, 1]$, ``beta2`` in $[0, 1)$, every ``sample_steps`` $\ge 1$, ``batch_size`` a multiple of ``world_size``, and
     every attribute named in ``positive`` $\ge 1$. NaN fails every range.
 
     Args:
@@ -661,6 +661,7 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
         "sample_steps": (lambda v: len(v) > 0 and min(v) >= 1, "must be step counts >= 1"),
         "p_uncond": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
         "boundary_prob": (lambda v: v is None or 0 <= v <= 1, "must lie in [0, 1]"),
+        "beta2": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
     }
     ranges |= {name: (lambda v: v >= 1, "must be at least 1") for name in positive}
     for name, (allowed, requirement) in ranges.items():

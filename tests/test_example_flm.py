@@ -282,6 +282,7 @@ def test_a_killed_write_leaves_no_partial_file_after_the_next_start(
         (["--sample-steps", "4", "0"], r"--sample-steps must be step counts >= 1, got \(4, 0\)"),
         (["--dim", "30", "--heads", "4"], "--dim / --heads must be an even number, got 30 / 4"),
         (["--ema-decay", "1"], r"--ema-decay must lie in \(0, 1\), got 1.0"),
+        (["--beta2", "1.5"], r"--beta2 must lie in \[0, 1\), got 1.5"),
         (["--threads", "0"], "--threads must be at least 1, got 0"),
         (["--task", "poetry"], "argument --task: invalid choice: 'poetry'"),
         (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),

@@ -150,6 +150,24 @@ def test_resume_replays_the_uninterrupted_run_exactly(
     assert resumed["steps"] == straight["steps"]
 
 
+def test_the_v2_recipe_options_are_saved_and_change_the_training(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path
+) -> None:
+    common = ["--smoke", "--teacher", teacher, "--method", "v2"]
+    plain = run(fmlm, *common, "--out", tmp_path / "plain.pt")
+    options = [*SPLIT_FLAGS, "--boundary-prob", "0.25", "--beta2", "0.95"]
+    recipe = run(fmlm, *common, *options, "--out", tmp_path / "recipe.pt")
+    state = load_checkpoint(tmp_path / "recipe.pt", kind="fmlm")
+    config = state["config"]
+    assert (config["diagonal_fraction"], config["pair_sampling"]) == (0.5, "sorted-uniform")
+    assert (config["boundary_prob"], config["beta2"]) == (0.25, 0.95)
+    assert state["stages"]["v2"]["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    defaults = load_checkpoint(tmp_path / "plain.pt", kind="fmlm")["config"]
+    assert (defaults["diagonal_fraction"], defaults["beta2"]) == (None, 0.999)
+    # The first step's loss comes before any update: another loss, on other pairs.
+    assert plain["v2"]["train_loss"]["1"] != recipe["v2"]["train_loss"]["1"]
+
+
 class SimulatedCrash(Exception):
     """Raised by the patched checkpoint writer."""
 
@@ -243,6 +261,9 @@ def test_a_retrained_teacher_is_not_reused_silently_with_an_old_student(
         (["--boundary-prob", "2"], "--boundary-prob must lie in [0, 1], got 2.0"),
         (["--teacher-steps", "0"], "--teacher-steps must be at least 1, got 0"),
         (["--method", "v3"], "argument --method: invalid choice: 'v3'"),
+        (["--diagonal-fraction", "1.5"], "--diagonal-fraction must lie in [0, 1], got 1.5"),
+        (["--beta2", "1"], "--beta2 must lie in [0, 1), got 1.0"),
+        (["--pair-sampling", "uniform"], "argument --pair-sampling: invalid choice: 'uniform'"),
     ],
 )
 def test_configuration_errors_are_one_line_and_exit_code_2(
@@ -326,9 +347,17 @@ def test_before_training_the_student_is_the_teachers_euler_step(
             assert torch.equal(student_map(x, t, s), euler_step)
 
 
-@pytest.mark.parametrize("method", ["v2", "v1"])
+SPLIT_FLAGS = ["--diagonal-fraction", "0.5", "--pair-sampling", "sorted-uniform"]
+
+
+@pytest.mark.parametrize(("method", "extra"), [("v2", []), ("v2", SPLIT_FLAGS), ("v1", [])])
 def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
-    fmlm: ModuleType, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+    fmlm: ModuleType,
+    teacher: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    extra: list[str],
 ) -> None:
     """3 and 9 steps per stage, logged and saved at the last one only: the same host reads."""
     calls: list[str] = []
@@ -353,7 +382,8 @@ def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
             "--out",
             tmp_path / f"{steps}.pt",
         ]
-        run(fmlm, "--smoke", "--teacher", teacher, "--method", method, "--steps", steps, *flags)
+        argv = ["--smoke", "--teacher", teacher, "--method", method, "--steps", steps, *extra]
+        run(fmlm, *argv, *flags)
         counts.append(len(calls))
     assert counts[0] > 0 and counts[0] == counts[1]
 

@@ -1,93 +1,19 @@
-"""The v2 recipe options: pair-sampling laws, the diagonal split and the logit soft-cap."""
+"""The v2 recipe options: the diagonal split, its loss and the logit soft-cap."""
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jaxtyping import TypeCheckError
 
 import flowlm as fl
-from flowlm.recipes import (
-    PairSampling,
-    SoftCapped,
-    diagonal_split,
-    sample_time_pairs,
-    soft_cap,
-)
+from flowlm import distill
+from flowlm.backbones import DiT
+from flowlm.recipes import SoftCapped, diagonal_split, soft_cap, split_semigroup_kl_loss
 
 N = 40_000
-
-
-def test_the_default_scheme_is_todays_time_pairs_bit_for_bit() -> None:
-    got = sample_time_pairs(257, boundary_prob=0.1, generator=torch.Generator().manual_seed(3))
-    expected = fl.time_pairs(257, boundary_prob=0.1, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(got.t, expected.t) and torch.equal(got.s, expected.s)
-
-
-@pytest.mark.parametrize(
-    ("sampling", "mean_t", "mean_gap"),
-    [
-        ("gap-then-start", 1 / 4, 1 / 2),
-        ("start-then-end", 1 / 2, 1 / 4),
-        ("sorted-uniform", 1 / 3, 1 / 3),
-    ],
-)
-def test_each_scheme_has_its_laws_moments(
-    sampling: PairSampling, mean_t: float, mean_gap: float
-) -> None:
-    pair = sample_time_pairs(
-        N,
-        sampling,
-        boundary_prob=0.0,
-        generator=torch.Generator().manual_seed(0),
-        dtype=torch.float64,
-    )
-    gap = pair.s - pair.t
-    for values, expected in ((pair.t, mean_t), (gap, mean_gap)):
-        standard_error = values.std() / math.sqrt(N)
-        assert abs(values.mean().item() - expected) < 5 * standard_error.item()
-    assert bool((pair.t < pair.s).all() and (pair.t >= 0).all() and (pair.s <= 1).all())
-
-
-def test_sorted_uniform_is_uniform_on_the_triangle() -> None:
-    pair = sample_time_pairs(
-        N, "sorted-uniform", boundary_prob=0.0, generator=torch.Generator().manual_seed(1)
-    )
-    for x in (0.2, 0.5, 0.8):  # P(s <= x) = x^2, P(t <= x) = 1 - (1 - x)^2
-        for values, probability in ((pair.s, x**2), (pair.t, 1 - (1 - x) ** 2)):
-            rate = (values <= x).double().mean().item()
-            assert abs(rate - probability) < 5 * math.sqrt(probability * (1 - probability) / N)
-
-
-@pytest.mark.parametrize("sampling", ["start-then-end", "sorted-uniform"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_boundary_pairs_and_small_gaps(sampling: PairSampling, dtype: torch.dtype) -> None:
-    pair = sample_time_pairs(
-        N,
-        sampling,
-        boundary_prob=0.25,
-        min_gap=0.01,
-        generator=torch.Generator().manual_seed(2),
-        dtype=dtype,
-    )
-    assert pair.t.dtype == pair.s.dtype == dtype
-    boundary = (pair.t == 0) & (pair.s == 1)
-    rate = boundary.double().mean().item()
-    assert abs(rate - 0.25) < 5 * math.sqrt(0.25 * 0.75 / N)
-    assert bool(((pair.s - pair.t) >= 0.01 - 1e-6).all())
-    assert bool((pair.t < pair.s).all())
-
-
-def test_bad_pair_options_are_refused(checks: str) -> None:
-    match = "parameter 'sampling'" if checks == "jaxtyping" else "unknown pair sampling"
-    with pytest.raises((TypeCheckError, ValueError), match=match):
-        sample_time_pairs(4, "end-then-start")  # pyright: ignore[reportArgumentType]
-    with pytest.raises(ValueError, match="boundary_prob"):
-        sample_time_pairs(4, "sorted-uniform", boundary_prob=2.0)
-    with pytest.raises(ValueError, match="min_gap"):
-        sample_time_pairs(4, "start-then-end", min_gap=0.0)
 
 
 @given(batch=st.integers(1, 40), fraction=st.floats(0.0, 1.0))
@@ -113,6 +39,70 @@ def test_bad_diagonal_fractions_are_refused() -> None:
         diagonal_split(8, 1.5)
     with pytest.raises(ValueError, match="batch_size"):
         diagonal_split(0, 0.5)
+
+
+def distillation_pair(seed: int, vocab: int = 6) -> tuple[Any, fl.XPredictor]:
+    """A random two-time student (with a non-zero second time embedding) and a teacher."""
+    torch.manual_seed(seed)
+    network = DiT(vocab, dim=16, depth=1, heads=2, two_time=True, dropout=0.0).eval()
+    teacher = fl.XPredictor(DiT(vocab, dim=16, depth=1, heads=2, dropout=0.0).eval())
+    with torch.no_grad():  # away from the zero-output initialisation: every term non-zero
+        for parameter in [*network.parameters(), *teacher.backbone.parameters()]:
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    student = fl.XPredMap(fl.XPredictor(network), fl.LinearInterpolant(), two_time=True)
+    return student, teacher
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_the_split_loss_puts_one_term_of_the_v2_loss_on_each_row(per_token: bool) -> None:
+    student, teacher = distillation_pair(0)
+    batch, length = 10, 5
+    x = torch.randn(batch, length, 6)
+    shape = (batch, length) if per_token else (batch,)
+    t = 0.8 * torch.rand(shape)
+    s = t + (1 - t) * torch.rand(shape)
+    split = diagonal_split(batch, 0.4, generator=torch.Generator().manual_seed(1))
+    got = split_semigroup_kl_loss(student, teacher, x, t, s, split)
+    # Oracle: the full v2 loss is jump + diagonal on every row.
+    both = distill.semigroup_kl_loss(student, teacher, x, t, s)
+    with torch.no_grad():
+        diagonal = distill.diagonal_kl(student, teacher(x, t), x, t)
+    torch.testing.assert_close(got[split.diagonal], diagonal[split.diagonal])
+    torch.testing.assert_close(got[split.off_diagonal], (both - diagonal)[split.off_diagonal])
+    for rows in split:  # both terms are non-trivial here, so the comparisons mean something
+        assert got[rows].mean().item() > 1e-4
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_the_split_loss_trains_only_the_chosen_term(fraction: float) -> None:
+    student, teacher = distillation_pair(2)
+    x, t, s = torch.randn(4, 3, 6), torch.full((4,), 0.2), torch.full((4,), 0.9)
+    parameters = [*student.predictor.backbone.parameters()]
+    split = split_semigroup_kl_loss(student, teacher, x, t, s, diagonal_split(4, fraction))
+    got = torch.autograd.grad(split.mean(), parameters, allow_unused=True)
+    with torch.no_grad():
+        teacher_probs = teacher(x, t)
+    diagonal = distill.diagonal_kl(student, teacher_probs, x, t)
+    term = (
+        diagonal
+        if fraction == 1.0
+        else distill.semigroup_kl_loss(student, teacher, x, t, s) - diagonal
+    )
+    expected = torch.autograd.grad(term.mean(), parameters, allow_unused=True)
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in got)
+    for mine, oracle in zip(got, expected, strict=True):
+        if oracle is None:
+            assert mine is None or bool((mine == 0).all())
+        else:
+            assert mine is not None
+            torch.testing.assert_close(mine, oracle)
+
+
+def test_a_split_of_another_batch_is_refused() -> None:
+    student, teacher = distillation_pair(3)
+    x, t, s = torch.randn(4, 3, 6), torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match="the split covers 5 rows, the batch has 4"):
+        split_semigroup_kl_loss(student, teacher, x, t, s, diagonal_split(5, 0.5))
 
 
 def test_soft_cap_is_a_bounded_odd_near_identity() -> None:

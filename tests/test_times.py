@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from jaxtyping import TypeCheckError
 from scipy import stats
 
 from flowlm import time_pairs, uniform_times
+from flowlm.times import PairSampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,3 +202,100 @@ def test_time_pairs_never_round_a_start_onto_its_end():
     # Gaps of 1e-9 vanish in float32 near 1; the start then moves one float below its end.
     pair = time_pairs(4096, min_gap=1e-9, generator=generator(3), boundary_prob=0.0)
     assert (pair.t < pair.s).all()
+
+
+# ---------------------------------------------------------------- time_pairs: sampling schemes
+N = 40_000
+
+
+def first_release_time_pairs(
+    batch: int, boundary_prob: float, min_gap: float, seed: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gap-then-start draw as flowlm made it before the schemes were an argument."""
+    g = generator(seed)
+    wide = F64 if dtype == F64 else torch.float32
+    gap = uniform_times(batch, generator=g, dtype=wide).clamp(min_gap, 1.0)
+    draws = torch.rand(2, batch, generator=g, dtype=wide)
+    boundary = draws[1] < boundary_prob
+    start = torch.where(boundary, 0.0, draws[0] * (1.0 - gap)).to(dtype)
+    end = torch.where(boundary, 1.0, (start + gap).clamp(max=1.0)).to(dtype)
+    return torch.minimum(start, torch.nextafter(end, torch.zeros_like(end))), end
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+@pytest.mark.parametrize(("boundary_prob", "min_gap"), [(1 / 64, 1e-6), (0.3, 1e-3)])
+def test_the_default_scheme_is_the_first_releases_draw_bit_for_bit(
+    dtype: torch.dtype, boundary_prob: float, min_gap: float
+):
+    pair = time_pairs(
+        1000, boundary_prob=boundary_prob, min_gap=min_gap, generator=generator(5), dtype=dtype
+    )
+    same = time_pairs(
+        1000,
+        sampling="gap-then-start",
+        boundary_prob=boundary_prob,
+        min_gap=min_gap,
+        generator=generator(5),
+        dtype=dtype,
+    )
+    start, end = first_release_time_pairs(1000, boundary_prob, min_gap, 5, dtype)
+    for got in (pair, same):
+        assert torch.equal(got.t, start) and torch.equal(got.s, end)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "mean_t", "mean_gap"),
+    [
+        ("gap-then-start", 1 / 4, 1 / 2),
+        ("start-then-end", 1 / 2, 1 / 4),
+        ("sorted-uniform", 1 / 3, 1 / 3),
+    ],
+)
+def test_each_scheme_has_its_laws_moments(sampling: PairSampling, mean_t: float, mean_gap: float):
+    pair = time_pairs(N, sampling=sampling, boundary_prob=0.0, generator=generator(0), dtype=F64)
+    gap = pair.s - pair.t
+    for values, expected in ((pair.t, mean_t), (gap, mean_gap)):
+        standard_error = values.std() / math.sqrt(N)  # i.i.d. bound; the strata only lower it
+        assert abs(values.mean().item() - expected) < 5 * standard_error.item()
+    assert bool((pair.t < pair.s).all() and (pair.t >= 0).all() and (pair.s <= 1).all())
+
+
+def test_sorted_uniform_is_uniform_on_the_triangle():
+    pair = time_pairs(N, sampling="sorted-uniform", boundary_prob=0.0, generator=generator(1))
+    for x in (0.2, 0.5, 0.8):  # P(s <= x) = x^2, P(t <= x) = 1 - (1 - x)^2
+        for values, probability in ((pair.s, x**2), (pair.t, 1 - (1 - x) ** 2)):
+            rate = (values <= x).double().mean().item()
+            assert abs(rate - probability) < 5 * math.sqrt(probability * (1 - probability) / N)
+
+
+def test_start_then_end_ends_uniformly_after_a_stratified_start():
+    pair = time_pairs(
+        N, sampling="start-then-end", boundary_prob=0.0, generator=generator(4), dtype=F64
+    )
+    assert torch.equal(torch.floor(pair.t * N).long(), torch.arange(N))  # t: one per stratum
+    fraction = ((pair.s - pair.t) / (1 - pair.t)).double()  # U[0, 1] given t
+    assert stats.kstest(fraction.numpy(), "uniform").pvalue > 1e-3
+
+
+@pytest.mark.parametrize("sampling", ["start-then-end", "sorted-uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_boundary_pairs_and_small_gaps_in_every_scheme(sampling: PairSampling, dtype: torch.dtype):
+    pair = time_pairs(
+        N,
+        sampling=sampling,
+        boundary_prob=0.25,
+        min_gap=0.01,
+        generator=generator(2),
+        dtype=dtype,
+    )
+    assert pair.t.dtype == pair.s.dtype == dtype
+    rate = ((pair.t == 0) & (pair.s == 1)).double().mean().item()
+    assert abs(rate - 0.25) < 5 * math.sqrt(0.25 * 0.75 / N)
+    assert bool(((pair.s - pair.t) >= 0.01 - 1e-6).all())
+    assert bool((pair.t < pair.s).all())
+
+
+def test_an_unknown_scheme_is_refused(checks: str):
+    match = "parameter 'sampling'" if checks == "jaxtyping" else "unknown pair sampling"
+    with pytest.raises((TypeCheckError, ValueError), match=match):
+        time_pairs(4, sampling="end-then-start")  # pyright: ignore[reportArgumentType]
