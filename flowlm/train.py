@@ -637,6 +637,9 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
     $(0, 1)$, ``p_uncond`` and ``boundary_prob`` (unless None) in $[0, 1]$, every ``sample_steps`` $\ge 1$, ``batch_size`` a multiple of ``world_size``, and
     every attribute named in ``positive`` $\ge 1$. NaN fails every range.
 
+    The ablation settings too: ``soft_cap`` (unless None) positive and finite,
+    ``self_condition_guidance`` (unless None) finite and $\ge 0$, ``churn`` in $[0, 1)$.
+
     Args:
         settings: e.g. a settings dataclass.
         world_size: the processes the global ``batch_size`` is split over.
@@ -657,6 +660,9 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
         "grad_clip": (lambda v: 0 < v < math.inf, "must be a positive finite gradient norm"),
         "warmup": (lambda v: v >= 0, "must be at least 0"),
         "dropout": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        "soft_cap": (lambda v: v is None or 0 < v < math.inf, "must be a positive finite cap"),
+        "self_condition_guidance": (lambda v: v is None or 0 <= v < math.inf, "must be >= 0"),
+        "churn": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
         "ema_decay": (lambda v: 0 < v < 1, "must lie in (0, 1)"),
         "sample_steps": (lambda v: len(v) > 0 and min(v) >= 1, "must be step counts >= 1"),
         "p_uncond": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
