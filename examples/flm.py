@@ -207,16 +207,7 @@ def sample(flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: C
     """
     generator = train.seeded_generator(config.seed, "sample", device=device)
     noise = torch.randn((count, task.length, task.vocab_size), generator=generator, device=device)
-    if isinstance(flow_map, fl.SelfConditionedMap):  # from [noise, 0]; the result's x half
-        trajectory = fl.rollout(flow_map, fl.lift_state(noise), fl.time_grid(n_steps))
-        return replace(trajectory, x=fl.split_state(trajectory.x).x)
-    if block is None:
-        return fl.rollout(flow_map, noise, fl.time_grid(n_steps), context=context)
-    prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
-    first = min(prefix, task.length - 1)
-    return fl.block_rollout(
-        flow_map, noise, fl.time_grid(n_steps), block, context=context, first=first
-    )
+    return train.sample_rollout(flow_map, noise, n_steps, context, block)  # self-conditioned too
 
 
 def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device,

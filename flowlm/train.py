@@ -16,6 +16,7 @@ The examples' scripts use these so that each reads as one loop; none of them kno
   with exit code 2.
 - `require_memory` and `transformer_step_bytes`: refuse a configuration that cannot fit
   before allocating it.
+- `sample_rollout`: the examples' one sampling call, whatever the sampler's state and schedule.
 """
 
 import argparse
@@ -41,9 +42,14 @@ import torch.distributed
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flowlm._types import State
+from flowlm.conditioning import block_rollout
 from flowlm.context import Context, bernoulli_context, prefix_context, span_context
 from flowlm.data.tasks import Task
 from flowlm.metrics import token_entropy
+from flowlm.protocols import FlowMap
+from flowlm.self_conditioning import SelfConditionedMap, lift_state, split_state
+from flowlm.solvers import Trajectory, rollout, time_grid
 
 __all__ = [
     "EMA",
@@ -71,6 +77,7 @@ __all__ = [
     "require_memory",
     "run_flags",
     "sample_measures",
+    "sample_rollout",
     "save_checkpoint",
     "saved_run",
     "seeded_generator",
@@ -974,3 +981,42 @@ def conditioning_flags(flags: argparse.Namespace) -> dict[str, Any]:
         {'prompt': 'And', 'block': 4}
     """
     return {name: value for name in CONDITIONING_FLAGS if (value := vars(flags)[name]) is not None}
+
+
+def sample_rollout(
+    flow_map: FlowMap,
+    noise: State,
+    n_steps: int,
+    context: Context | None = None,
+    block: int | None = None,
+) -> Trajectory:
+    """`flowlm.rollout` of ``flow_map`` from ``noise`` on ``time_grid(n_steps)``, as the examples sample.
+
+    A `flowlm.SelfConditionedMap` runs on the lifted state, from ``[noise, 0]``, and the
+    result holds its state half; ``block`` generates blocks of that many positions in order,
+    after the known prefix of ``context`` (`flowlm.block_rollout`).
+
+    Args:
+        flow_map: the sampler.
+        noise: the starting states.
+        n_steps: steps of the uniform grid.
+        context: known tokens held at time 1 (not with a self-conditioned map).
+        block: positions per block, or None for all at once.
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
+        >>> sampler = XPredMap(XPredictor(lambda x, t: x), LinearInterpolant())
+        >>> sample_rollout(sampler, torch.randn(2, 4, 3), 3, block=2).x.shape
+        torch.Size([2, 4, 3])
+    """
+    grid = time_grid(n_steps)
+    if isinstance(flow_map, SelfConditionedMap):
+        if context is not None or block is not None:
+            raise ValueError("a self-conditioned sampler holds no known tokens and no blocks")
+        trajectory = rollout(flow_map, lift_state(noise), grid)
+        return dataclasses.replace(trajectory, x=split_state(trajectory.x).x)
+    if block is None:
+        return rollout(flow_map, noise, grid, context=context)
+    prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
+    first = min(prefix, noise.shape[1] - 1)
+    return block_rollout(flow_map, noise, grid, block, context=context, first=first)
