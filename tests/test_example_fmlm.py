@@ -404,9 +404,19 @@ def test_a_self_conditioned_teacher_is_distilled_into_a_self_conditioned_student
         assert result["teacher_steps"] == sampled["steps"]
 
 
+SC_REFUSALS = {
+    "--solver heun": "--solver heun: a self-conditioned teacher samples with Euler",
+    "--prompt abc": "--prompt: a self-conditioned teacher samples unconditioned",
+    "--no-self-condition": "--self-condition False contradicts the teacher's True",
+}
+"""What a self-conditioned teacher refuses, by flags."""
+
+
 def test_a_resumed_self_conditioned_distillation_replays_the_uninterrupted_one(
-    fmlm: ModuleType, sc_teacher: Path, tmp_path: Path
+    fmlm: ModuleType, sc_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    for flags, message in SC_REFUSALS.items():
+        assert message in refused(fmlm, capsys, "--smoke", "--teacher", sc_teacher, *flags.split())
     flags = [*RESUME_FLAGS, "--teacher", sc_teacher]
     straight = run(fmlm, *flags, "--steps", "4", "--out", tmp_path / "straight.pt")
     run(fmlm, *flags, "--steps", "2", "--out", tmp_path / "resumed.pt")
@@ -416,24 +426,6 @@ def test_a_resumed_self_conditioned_distillation_replays_the_uninterrupted_one(
     }
     for report in ("steps", "self_conditioned_steps", "teacher_steps"):
         assert resumed[report] == straight[report]
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--solver", "heun"], "--solver heun: a self-conditioned teacher samples with Euler"),
-        (["--prompt", "abc"], "--prompt: a self-conditioned teacher samples unconditioned"),
-        (["--no-self-condition"], "--self-condition False contradicts the teacher's True"),
-    ],
-)
-def test_a_self_conditioned_teacher_refuses_what_it_cannot_do(
-    fmlm: ModuleType,
-    sc_teacher: Path,
-    capsys: pytest.CaptureFixture[str],
-    flags: list[str],
-    message: str,
-) -> None:
-    assert message in refused(fmlm, capsys, "--smoke", "--teacher", sc_teacher, *flags)
 
 
 def test_a_student_soft_cap_far_above_the_logits_is_the_uncapped_student(
