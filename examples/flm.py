@@ -178,11 +178,6 @@ def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
     return tokens, mask, noise, t.to(device)
 
 
-def capped(network: torch.nn.Module, config: Config) -> torch.nn.Module:
-    """The network the loss and the samplers call: with --soft-cap C, logits C tanh(z / C)."""
-    return network if config.soft_cap is None else fl.SoftCapped(network, config.soft_cap)
-
-
 def make_sampler(
     config: Config, network: torch.nn.Module, interpolant: fl.Interpolant
 ) -> fl.FlowMap:
@@ -276,8 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         result: dict[str, Any] = {"task": config.task, "train_steps": start}
         if not options.sample_only:
-            network = capped(procs.wrap(backbone), config)  # DDP averages the gradients
-            predictor, averaged = fl.XPredictor(network), capped(ema.module, config)
+            cap = config.soft_cap  # None: the logits as they are
+            network = train.soft_capped(procs.wrap(backbone), cap)  # DDP averages the gradients
+            predictor, averaged = fl.XPredictor(network), train.soft_capped(ema.module, cap)
             own = fl.WithOwnEstimate(averaged) if config.self_condition else averaged
             validated = fl.XPredictor(own)  # self-conditioned: its two-call estimate
             train_loss, validation = {}, {}
@@ -346,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result |= {"train_steps": max(start, config.steps), "train_seconds": seconds}
             result |= {"train_loss": train_loss, "validation": validation}
         if procs.is_main:
-            network = capped(ema.module, config)
+            network = train.soft_capped(ema.module, config.soft_cap)
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
             sampler = make_sampler(config, network, interpolant)

@@ -200,12 +200,9 @@ def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
     extra = dict(dropout=c.dropout, self_conditioning=c.self_condition)
     network = DiT(vocab, c.dim, c.depth, c.heads, two_time=True, **extra).to(device)
     distill.init_student(network, teacher, zero=zero)
+    if stage == "v1-stage1" and network.previous_embedding is not None:
+        network.previous_embedding.requires_grad_(False)  # g reads no estimate (DDP: all used)
     return network
-
-
-def capped(network: torch.nn.Module, cap: float | None) -> torch.nn.Module:
-    """The network the losses and the samplers call: with a cap C, logits C tanh(z / C)."""
-    return network if cap is None else fl.SoftCapped(network, cap)
 
 
 def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device,
@@ -253,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         teacher_network = DiT(vocab, *shape, dropout=0.0, self_conditioning=sc)
         teacher_network.load_state_dict(teacher_state["ema"])  # the teacher's EMA weights
         teacher_network = teacher_network.to(device).eval().requires_grad_(False)
-        teacher_net = capped(teacher_network, teacher_state["config"].get("soft_cap"))
+        teacher_net = train.soft_capped(teacher_network, teacher_state["config"].get("soft_cap"))
         teacher = fl.XPredictor(fl.WithOwnEstimate(teacher_net) if sc else teacher_net)
         clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
         interpolant = fl.LinearInterpolant(reparam=clock).to(device)
@@ -287,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             elif options.sample_only:
                 train.fail(f"--sample-only: {options.out} holds no {stage} student yet")
             wrapped = procs.wrap(network)  # DDP averages the gradients
-            student_net = capped(wrapped, config.soft_cap)
+            student_net = train.soft_capped(wrapped, config.soft_cap)
             student = fl.XPredMap(fl.XPredictor(student_net), interpolant, two_time=True)
             taylor = fl.TaylorMap(velocity, wrapped)  # v1 stage 1: x + d v + d² g / 2
             if stage == "v1-stage2":  # regress onto stage 1's frozen EMA Taylor map
@@ -358,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["train_steps"] += start if options.sample_only else max(start, config.steps)
 
         if procs.is_main:
-            network = capped(networks[stages[-1]], config.soft_cap)
+            network = train.soft_capped(networks[stages[-1]], config.soft_cap)
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
             student = fl.XPredMap(fl.XPredictor(network), interpolant, two_time=True)
@@ -375,8 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["stage1_steps"] = report(taylor, "v1 stage-1 Taylor map", config=config)
             euler = fl.XPredMap(teacher, interpolant)
             sampler = fl.Heun(velocity) if config.solver == "heun" else euler  # unguided
-            if sc:  # the teacher's own sampler: each step reads the estimate of the step before
-                sampler = fl.SelfConditionedMap(teacher_net, interpolant)
+            sampler = fl.SelfConditionedMap(teacher_net, interpolant) if sc else sampler  # its own
             teacher_config = replace(config, sample_steps=TEACHER_STEPS)
             label = f"teacher FLM {config.solver}"
             result["teacher_steps"] = report(sampler, label, config=teacher_config)

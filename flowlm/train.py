@@ -16,7 +16,8 @@ The examples' scripts use these so that each reads as one loop; none of them kno
   with exit code 2.
 - `require_memory` and `transformer_step_bytes`: refuse a configuration that cannot fit
   before allocating it.
-- `sample_rollout`: the examples' one sampling call, whatever the sampler's state and schedule.
+- `sample_rollout`: the examples' one sampling call, whatever the sampler's state and schedule;
+  `soft_capped`: a network with its logits capped, or as it is.
 """
 
 import argparse
@@ -47,8 +48,14 @@ from flowlm.conditioning import block_rollout
 from flowlm.context import Context, bernoulli_context, prefix_context, span_context
 from flowlm.data.tasks import Task
 from flowlm.metrics import token_entropy
-from flowlm.protocols import FlowMap
-from flowlm.self_conditioning import SelfConditionedMap, lift_state, split_state
+from flowlm.protocols import Backbone, FlowMap
+from flowlm.recipes import SoftCapped
+from flowlm.self_conditioning import (
+    SelfConditionedBackbone,
+    SelfConditionedMap,
+    lift_state,
+    split_state,
+)
 from flowlm.solvers import Trajectory, rollout, time_grid
 
 __all__ = [
@@ -81,6 +88,7 @@ __all__ = [
     "save_checkpoint",
     "saved_run",
     "seeded_generator",
+    "soft_capped",
     "template_context",
     "transformer_step_bytes",
 ]
@@ -1020,3 +1028,18 @@ def sample_rollout(
     prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
     first = min(prefix, noise.shape[1] - 1)
     return block_rollout(flow_map, noise, grid, block, context=context, first=first)
+
+
+def soft_capped(
+    network: Backbone | SelfConditionedBackbone, cap: float | None
+) -> Backbone | SelfConditionedBackbone:
+    r"""``network`` with its logits soft-capped, $c\tanh(z/c)$ (`flowlm.SoftCapped`); ``None``: as is.
+
+    Examples:
+        >>> soft_capped(nn.Identity(), None)
+        Identity()
+        >>> capped = soft_capped(lambda x, t: 100 * x, 2.0)
+        >>> capped(torch.ones(1, 1, 2), torch.zeros(1))
+        tensor([[[2., 2.]]])
+    """
+    return network if cap is None else SoftCapped(network, cap)
