@@ -28,7 +28,10 @@ $\hat x_1' \in \mathbb{R}^{L \times V}$ (zeros when there is none), and is calle
   is minimal when every estimate gives that same map.
 
 One-step generation has no previous estimate; ``SelfConditionedMap(..., estimate_first=True)``
-makes the 2-call variant (estimate, then jump self-conditioned on it).
+makes the 2-call variant (estimate, then jump self-conditioned on it). At any step count,
+``XPredMap(XPredictor(WithOwnEstimate(student)), path, two_time=True)`` makes that 2-call step
+from no estimate at every step, the map such a student is distilled as (its one step is the
+``estimate_first`` sampler's from ``lift_state(noise)``).
 """
 
 from dataclasses import dataclass
