@@ -19,13 +19,18 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --out flm.pt --sample-only --prompt "And God said"
     python examples/flm.py --out flm.pt --sample-only --infill "In the ____ God created"
     python examples/flm.py --out flm.pt --sample-only --prompt "And" --guidance 1 --block 8
+    python examples/flm.py --self-condition         # the DiT also reads its previous estimate
+    python examples/flm.py --out flm.pt --sample-only --self-condition-guidance 3   # z + 3 (z - z(0))
+    python examples/flm.py --soft-cap 30            # logits 30 tanh(z / 30), training and sampling
     torchrun --nproc_per_node=2 examples/flm.py     # DDP: --batch-size is the global batch
 
 Randomness: step k of process r draws its own rows (sequences and noise, the noise on the
 device) from generators seeded by (seed, k, r); the times are stratified over the global batch
 from a generator seeded by (seed, k). So a resumed run replays the uninterrupted one exactly,
 and N processes train on a global batch with the same distribution as one process's (i.i.d.
-rows, the same strata of times), not on the same numbers. Flags override the task's preset, or
+rows, the same strata of times), not on the same numbers (so are self-conditioning's coins).
+Self-conditioning samples with its own Euler step on the state [x, x̂₁'], without prompts or
+--guidance; validation reads its two-call estimate. Flags override the task's preset, or
 with --resume / --sample-only the settings saved in the checkpoint. Checkpoints (model, EMA,
 optimizer, step, the tokenizer's state, settings) are replaced atomically and carry a
 checksum; --resume and --sample-only reuse the saved tokenizer (no retraining, no download).
@@ -71,7 +76,7 @@ CHOICES = {
     "context": ("none", *train.TRAINING_CONTEXTS),  # prefix, spans, bernoulli
 }
 MODEL = ("task", "text", "preset", "tokenizer", "lines", "dataset", "length", "dim", "depth",
-         "heads", "clock")  # fmt: skip
+         "heads", "clock", "self_condition", "soft_cap")  # fmt: skip
 """What a checkpoint's network is: flags that contradict it are refused on --resume."""
 SHOWN_SAMPLES = 3
 VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -87,6 +92,9 @@ class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length,
     heads: int = 4
     dropout: float = 0.0
     clock: str = "token-accuracy"  # the time reparameterization (identity: an ablation)
+    self_condition: bool = False  # the DiT also reads its previous estimate x̂₁' (half the rows)
+    self_condition_guidance: float | None = None  # sampling: z(x̂₁') + W (z(x̂₁') - z(0))
+    soft_cap: float | None = None  # logits C tanh(z / C), in training and sampling
     steps: int = 1000
     batch_size: int = 32  # global: split over the processes
     lr: float = 3e-4
@@ -115,6 +123,12 @@ class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length,
             raise ValueError(
                 f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
             )
+        if self.self_condition_guidance is not None and not self.self_condition:
+            raise ValueError("--self-condition-guidance guides a --self-condition model")
+        if self.self_condition and self.solver != "euler":
+            raise ValueError(
+                f"--self-condition samples with Euler steps, not --solver {self.solver}"
+            )
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -136,10 +150,13 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
         config = replace(Config(task=name, **preset), **given)
     else:
         advice = "drop it or give another --out"
-        train.check_unchanged(given, saved["config"], MODEL, "the checkpoint's", advice)
-        sample_steps = tuple(saved["config"]["sample_steps"])
-        config = replace(Config(**saved["config"] | {"sample_steps": sample_steps}), **given)
+        saved_config = asdict(Config()) | saved["config"]  # a checkpoint older than a setting
+        train.check_unchanged(given, saved_config, MODEL, "the checkpoint's", advice)
+        sample_steps = tuple(saved_config["sample_steps"])
+        config = replace(Config(**saved_config | {"sample_steps": sample_steps}), **given)
     config.check(procs.world_size)
+    if config.self_condition and (flags := train.conditioning_flags(options)):
+        raise ValueError(f"--{min(flags)}: a --self-condition model samples without conditioning")
     task = task_of(config, None if saved is None else tokenizer_from_state(saved["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
     needed = train.transformer_step_bytes(
@@ -165,12 +182,18 @@ def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
     return tokens, mask, noise_generator, t.to(device)
 
 
-def make_sampler(solver: str, predictor: fl.XPredictor, interpolant: fl.Interpolant) -> fl.FlowMap:
-    """FLM's Euler sampler, or a second-order ODE solver on the x-prediction velocity."""
-    if solver == "euler":
+def make_sampler(
+    config: Config, network: torch.nn.Module, interpolant: fl.Interpolant
+) -> fl.FlowMap:
+    """FLM's Euler sampler (self-conditioned: on [x, x̂₁']), or a second-order ODE solver."""
+    if config.self_condition:  # each step reads the x̂₁ of the step before, at no extra call
+        guidance = config.self_condition_guidance
+        return fl.SelfConditionedMap(network, interpolant, guidance=guidance)
+    predictor = fl.XPredictor(network)
+    if config.solver == "euler":
         return fl.XPredMap(predictor, interpolant)  # x + (γ_s - γ_t)(x̂₁ - x)/(1 - γ_t)
     velocity = fl.XPredVelocity(predictor, interpolant)
-    return fl.Midpoint(velocity) if solver == "midpoint" else fl.Heun(velocity)
+    return fl.Midpoint(velocity) if config.solver == "midpoint" else fl.Heun(velocity)
 
 
 def sample(flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: Config,
@@ -183,13 +206,7 @@ def sample(flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: C
     """
     generator = train.seeded_generator(config.seed, "sample", device=device)
     noise = torch.randn((count, task.length, task.vocab_size), generator=generator, device=device)
-    if block is None:
-        return fl.rollout(flow_map, noise, fl.time_grid(n_steps), context=context)
-    prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
-    first = min(prefix, task.length - 1)
-    return fl.block_rollout(
-        flow_map, noise, fl.time_grid(n_steps), block, context=context, first=first
-    )
+    return train.sample_rollout(flow_map, noise, n_steps, context, block)  # self-conditioned too
 
 
 def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device,
@@ -239,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompt = train.template_context(options, encode, task.length, config.samples, device)
         torch.manual_seed(config.seed)  # the same initial weights on every process
         shape = (config.dim, config.depth, config.heads)  # width, blocks, heads
-        backbone = DiT(vocab, *shape, dropout=config.dropout).to(device)
+        inputs = dict(dropout=config.dropout, self_conditioning=config.self_condition)
+        backbone = DiT(vocab, *shape, **inputs).to(device)
         clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
         interpolant = fl.LinearInterpolant(reparam=clock).to(device)
         ema = train.EMA(backbone, config.ema_decay)  # validation, previews and samples use the EMA
@@ -260,8 +278,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         result: dict[str, Any] = {"task": config.task, "train_steps": start}
         if not options.sample_only:
-            predictor = fl.XPredictor(procs.wrap(backbone))  # DDP averages the gradients
-            averaged = fl.XPredictor(ema.module)
+            cap = config.soft_cap  # None: the logits as they are
+            network = train.soft_capped(procs.wrap(backbone), cap)  # DDP averages the gradients
+            predictor, averaged = fl.XPredictor(network), train.soft_capped(ema.module, cap)
+            own = fl.WithOwnEstimate(averaged) if config.self_condition else averaged
+            validated = fl.XPredictor(own)  # self-conditioned: its two-call estimate
             train_loss, validation = {}, {}
             schedule = partial(train.learning_rate, peak=config.lr, warmup=config.warmup,
                                total=config.steps, schedule=config.schedule)  # fmt: skip
@@ -281,8 +302,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.noised(tokens, t, vocab, generator=noise_generator)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = fl.cross_entropy(predictor.logits(x_t, t), tokens)
-                    loss = fl.masked_mean(loss, mask)
+                    if config.self_condition:  # half the rows read sg(x̂₁(x_t, t, 0)): +1 call
+                        coins = train.seeded_generator(seed, "coins", step, rank, device=device)
+                        logits = fl.self_conditioned_logits(network, x_t, t, generator=coins)
+                    else:
+                        logits = predictor.logits(x_t, t)
+                    loss = fl.masked_mean(fl.cross_entropy(logits, tokens), mask)
                 lr = schedule(step)
                 train.optimizer_step(
                     optimizer, loss, [*backbone.parameters()], lr, config.grad_clip
@@ -301,11 +326,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if not procs.is_main:
                     continue
                 if done % config.eval_every == 0 or last:
-                    value = validation_loss(averaged, interpolant, task, config, device)
+                    value = validation_loss(validated, interpolant, task, config, device)
                     validation[str(done)] = value
                     tqdm.write(f"step {done}: validation cross-entropy (EMA) {value:.4f}")
                 if done % config.sample_every == 0 and not last:
-                    sampler = make_sampler(config.solver, averaged, interpolant)
+                    sampler = make_sampler(config, averaged, interpolant)
                     n_steps = max(config.sample_steps)
                     trajectory = sample(sampler, n_steps, SHOWN_SAMPLES, task, config, device)
                     texts = task.decode(fl.decode(trajectory.x).cpu())
@@ -324,10 +349,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result |= {"train_steps": max(start, config.steps), "train_seconds": seconds}
             result |= {"train_loss": train_loss, "validation": validation}
         if procs.is_main:
-            network = ema.module
+            network = train.soft_capped(ema.module, config.soft_cap)
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
-            sampler = make_sampler(config.solver, fl.XPredictor(network), interpolant)
+            sampler = make_sampler(config, network, interpolant)
             result |= {"solver": config.solver} | train.conditioning_flags(options)  # --prompt, ...
             result["steps"] = sample_report(
                 sampler, f"FLM {config.solver}", task, config, device, prompt, options.block

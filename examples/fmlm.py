@@ -9,6 +9,8 @@ reports NFE, entropy and the task's measures next to the teacher's 1- and 8-step
     python examples/fmlm.py --teacher runs/flm.pt --smoke            # seconds, for CI
     python examples/fmlm.py --teacher runs/flm.pt --context prefix --out runs/fmlm.pt
     python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only --prompt "And"
+    python examples/fmlm.py --teacher runs/flm.pt --soft-cap 30   # the student's logits capped
+    python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only --churn 0.8
 
 Methods (--method), one branch each in the loop below:
 
@@ -26,6 +28,12 @@ training it *is* the teacher's Euler step. The network's and data's flags (--tas
 and the tokenizer are the teacher's; a teacher of --preset lm1b or owt is distilled with the
 paper's settings for it. --steps counts steps per stage. The student's checkpoint stores the
 teacher's checksum (a retrained teacher is refused); randomness and resumption are as in flm.py.
+
+--soft-cap C: the student's logits C tanh(z / C) (default: the teacher's cap). --churn C: the
+student's steps by γ-sampling (jump to s + C(1 - s), renoise back to s; one step unchanged).
+A self-conditioned teacher (flm.py --self-condition) is queried as its own two-call estimate;
+its self-conditioned student reads no estimate or its own first one, δ_{t,s}(x_t; 0), a coin
+per row, and is reported with 1 call per step ("steps") and 2 ("self_conditioned_steps").
 """
 
 import json
@@ -73,6 +81,7 @@ MODEL = (
     "depth",
     "heads",
     "clock",
+    "self_condition",
 )
 """The teacher's settings: the student's network starts from the teacher's weights."""
 BOUNDARY_PROB = {"v1-stage1": 1 / 64, "v1-stage2": 1 / 128}  # P(jump 0 -> 1); else 0.1
@@ -89,6 +98,8 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
     depth: int = 4
     heads: int = 4
     clock: str = "token-accuracy"
+    self_condition: bool = False  # the teacher's; its student is self-conditioned too
+    soft_cap: float | None = None  # the student's logits C tanh(z / C); default: the teacher's
     dropout: float = 0.0
     method: str = "v2"
     teacher_steps: int = 8  # the regression target's rollout
@@ -109,6 +120,7 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
     checkpoint_every: int = 100
     sample_steps: tuple[int, ...] = (1, 2, 4)
     solver: str = "euler"  # the teacher's sampler in the report
+    churn: float = 0.0  # γ-sampling of the student's steps, in [0, 1): 0 is deterministic
     context: str = "none"  # distil with contexts (teacher and student see the same, t = s = 1)
     p_uncond: float = 0.1  # with a context: rows distilled with none
     samples: int = 32
@@ -120,6 +132,10 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
         fraction = self.diagonal_fraction
         if fraction is not None and not 0 <= fraction <= 1:
             raise ValueError(f"--diagonal-fraction must lie in [0, 1], got {fraction}")
+        if self.self_condition and self.solver != "euler":
+            raise ValueError(
+                f"--solver {self.solver}: a self-conditioned teacher samples with Euler"
+            )
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -142,10 +158,11 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
     teacher = train.load_checkpoint(options.teacher, kind="flm")  # refuses damaged files
     digest = train.checkpoint_digest(options.teacher)
     advice = "the student is the teacher's network"
-    train.check_unchanged(given, teacher["config"], MODEL, "the teacher's", advice)
+    teacher_config = asdict(Config()) | teacher["config"]  # a teacher older than a setting
+    train.check_unchanged(given, teacher_config, MODEL, "the teacher's", advice)
     saved = train.saved_run(options, "fmlm", "student checkpoint")  # and refuses smoke mixes
     if saved is None:
-        base = {name: teacher["config"][name] for name in MODEL}
+        base = {name: teacher_config[name] for name in (*MODEL, "soft_cap")}
         base |= PRESETS[base["task"]] | PAPER_PRESETS.get(base["preset"], {})
         base |= (SMOKE | ({"bf16": False} if base["preset"] else {})) if options.smoke else {}
     else:
@@ -155,11 +172,13 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
                 f"{options.teacher} (checksum {saved['teacher_digest'][:12]}, now {digest[:12]}): "
                 "retrained? give another --out or delete it"
             )
-        if given.get("method", saved["config"]["method"]) != saved["config"]["method"]:
-            raise ValueError(f"{options.out} holds a {saved['config']['method']} student")
-        base = saved["config"] | {"sample_steps": tuple(saved["config"]["sample_steps"])}
+        base = asdict(Config()) | saved["config"]
+        train.check_unchanged(given, base, ("method", "soft_cap"), "the student's", "another --out")
+        base |= {"sample_steps": tuple(base["sample_steps"])}
     config = replace(Config(**base), **given)
     config.check(procs.world_size)
+    if config.self_condition and (flags := train.conditioning_flags(options)):
+        raise ValueError(f"--{min(flags)}: a self-conditioned teacher samples unconditioned")
     task = task_of(config, tokenizer_from_state(teacher["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
     needed = train.transformer_step_bytes(rows, config.length, task.vocab_size, config.dim,
@@ -192,16 +211,21 @@ def student_network(teacher: DiT, config: Config, stage: str) -> DiT:
     torch.manual_seed(train.derived_seed(config.seed, f"init {stage}"))
     vocab, device = teacher.vocab_size, teacher.output.weight.device
     c, zero = config, ["output"] if stage == "v1-stage1" else []
-    network = DiT(vocab, c.dim, c.depth, c.heads, two_time=True, dropout=c.dropout).to(device)
+    extra = dict(dropout=c.dropout, self_conditioning=c.self_condition)
+    network = DiT(vocab, c.dim, c.depth, c.heads, two_time=True, **extra).to(device)
     distill.init_student(network, teacher, zero=zero)
+    if stage == "v1-stage1" and network.previous_embedding is not None:
+        network.previous_embedding.requires_grad_(False)  # g reads no estimate (DDP: all used)
     return network
 
 
 def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, device: torch.device,
-                  context: fl.Context | None = None, block: int | None = None):  # fmt: skip
+                  context: fl.Context | None = None, block: int | None = None,
+                  churn_path: fl.Interpolant | None = None):  # fmt: skip
     """Per step count: NFE, entropy, the task's measures and the samples, from the same noise.
 
-    ``context``: known tokens held at time 1; ``block``: that many positions at a time, in order.
+    ``context``: known tokens held at time 1; ``block``: that many positions at a time, in order;
+    ``churn_path``: with --churn, γ-sampling along it (fresh noise seeded per step count).
     """
     generator = train.seeded_generator(config.seed, "sample", device=device)
     shape = (config.samples, task.length, task.vocab_size)
@@ -209,15 +233,11 @@ def sample_report(flow_map: fl.FlowMap, label: str, task: Task, config: Config, 
     report: dict[str, dict[str, Any]] = {}
     for n_steps in config.sample_steps:
         started = time.perf_counter()
-        grid = fl.time_grid(n_steps)
-        if block is None:
-            trajectory = fl.rollout(flow_map, noise, grid, context=context)
-        else:
-            prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
-            first = min(prefix, task.length - 1)
-            trajectory = fl.block_rollout(
-                flow_map, noise, grid, block, context=context, first=first
-            )
+        sampler = flow_map
+        if churn_path is not None and config.churn > 0:  # jump past each grid time, renoise
+            churn = train.seeded_generator(config.seed, "churn", n_steps, device=device)
+            sampler = fl.GammaSampling(flow_map, churn_path, config.churn, generator=churn)
+        trajectory = train.sample_rollout(sampler, noise, n_steps, context, block)
         seconds, tokens = time.perf_counter() - started, fl.decode(trajectory.x)
         where = f"{n_steps} step(s), {label}"  # NFE, entropy, the task's measures, the texts:
         report[str(n_steps)] = train.sample_measures(task, tokens, trajectory.nfe, where, seconds)
@@ -240,10 +260,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         vocab, device = task.vocab_size, procs.device
         encode = task.tokenizer.encode  # --prompt / --infill: checked before training
         prompt = train.template_context(options, encode, task.length, config.samples, device)
-        teacher_network = DiT(vocab, config.dim, config.depth, config.heads, dropout=0.0)
+        shape, sc = (config.dim, config.depth, config.heads), config.self_condition
+        teacher_network = DiT(vocab, *shape, dropout=0.0, self_conditioning=sc)
         teacher_network.load_state_dict(teacher_state["ema"])  # the teacher's EMA weights
         teacher_network = teacher_network.to(device).eval().requires_grad_(False)
-        teacher = fl.XPredictor(teacher_network)
+        teacher_net = train.soft_capped(teacher_network, teacher_state["config"].get("soft_cap"))
+        teacher = fl.XPredictor(fl.WithOwnEstimate(teacher_net) if sc else teacher_net)
         clock = fl.Identity() if config.clock == "identity" else fl.TokenAccuracy(vocab)
         interpolant = fl.LinearInterpolant(reparam=clock).to(device)
         velocity = fl.XPredVelocity(teacher, interpolant)
@@ -277,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             elif options.sample_only:
                 train.fail(f"--sample-only: {options.out} holds no {stage} student yet")
             wrapped = procs.wrap(network)  # DDP averages the gradients
-            student = fl.XPredMap(fl.XPredictor(wrapped), interpolant, two_time=True)
+            student_net = train.soft_capped(wrapped, config.soft_cap)
+            student = fl.XPredMap(fl.XPredictor(student_net), interpolant, two_time=True)
             taylor = fl.TaylorMap(velocity, wrapped)  # v1 stage 1: x + d v + d² g / 2
             if stage == "v1-stage2":  # regress onto stage 1's frozen EMA Taylor map
                 frozen_taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
@@ -302,6 +325,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     mask = known.unknown if mask is None else mask & known.unknown
                 x_t = interpolant.noised(tokens, t, vocab, generator=noise_generator)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    if sc and stage != "v1-stage1":  # per row: no estimate or δ_{t,s}(x_t; 0)
+                        coins = train.seeded_generator(
+                            seed, f"coins {stage}", step, rank, device=device
+                        )
+                        previous = fl.draw_previous(student_net, x_t, t, s, generator=coins)
+                        bound = fl.XPredictor(fl.WithPrevious(student_net, previous))
+                        student = fl.XPredMap(bound, interpolant, two_time=True)
                     if stage == "v2" and config.diagonal_fraction is not None:
                         generator = train.seeded_generator(seed, "split", step, rank, device=device)
                         split = fl.diagonal_split(len(x_t), config.diagonal_fraction,
@@ -345,19 +375,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["train_steps"] += start if options.sample_only else max(start, config.steps)
 
         if procs.is_main:
-            network = networks[stages[-1]]
+            network = train.soft_capped(networks[stages[-1]], config.soft_cap)
             if options.guidance is not None:  # z_c + w (z_c - z_u), one batched call per step
                 network = fl.Guidance(network, options.guidance)
             student = fl.XPredMap(fl.XPredictor(network), interpolant, two_time=True)
             result |= train.conditioning_flags(options)  # --prompt, --infill, --guidance, --block
             known = dict(context=prompt, block=options.block)  # every report, the teacher's too
             report = partial(sample_report, task=task, device=device, **known)
-            result["steps"] = report(student, f"FMLM {config.method}", config=config)
+            label, students = f"FMLM {config.method}", dict(config=config, churn_path=interpolant)
+            result["steps"] = report(student, label, **students)  # self-conditioned: no estimate
+            if sc:  # 2 calls per step: the student's first estimate, then the jump reading it
+                own = fl.XPredMap(fl.XPredictor(fl.WithOwnEstimate(network)), interpolant, True)
+                result["self_conditioned_steps"] = report(own, label + ", 2 calls", **students)
             if config.method == "v1":
                 taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
                 result["stage1_steps"] = report(taylor, "v1 stage-1 Taylor map", config=config)
             euler = fl.XPredMap(teacher, interpolant)
             sampler = fl.Heun(velocity) if config.solver == "heun" else euler  # unguided
+            sampler = fl.SelfConditionedMap(teacher_net, interpolant) if sc else sampler  # its own
             teacher_config = replace(config, sample_steps=TEACHER_STEPS)
             label = f"teacher FLM {config.solver}"
             result["teacher_steps"] = report(sampler, label, config=teacher_config)

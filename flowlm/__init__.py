@@ -56,6 +56,7 @@ from flowlm.reparam import (
 )
 from flowlm.self_conditioning import (
     SelfConditionedMap,
+    WithOwnEstimate,
     WithPrevious,
     draw_previous,
     lift_state,
@@ -121,6 +122,7 @@ __all__ = [
     "TwoTimeMap",
     "TwoTimePredictor",
     "VelocityField",
+    "WithOwnEstimate",
     "WithPrevious",
     "XPredMap",
     "XPredVelocity",

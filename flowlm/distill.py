@@ -306,6 +306,31 @@ def _centered(tangent: Logits, logits: Logits) -> Logits:
     return tangent - (probs * tangent).sum(-1, keepdim=True)
 
 
+def _corrected_jump_loss(
+    student: TwoTimeMap,
+    x_t: State,
+    t: Time,
+    s: Time,
+    base: Logits,
+    c: Time,
+    d_logits: Logits,
+    logits: Logits,
+    diagonal: Probs,
+) -> TokenLoss:
+    r"""The JVP losses' common end: KL of the jump to the corrected target, plus `diagonal_kl`.
+
+    The target is $\mathrm{softmax}(z^{\mathrm{base}} - \log\max(1 + c\,\delta, 0.05))$ with
+    $\delta$ = `_centered` ``(d_logits, logits)`` and ``c`` per time (signed); ``diagonal`` is
+    the teacher's $D_t(x_t)$ the student's $\delta_{t,t}$ is tied to.
+    """
+    with torch.no_grad():
+        tangent = broadcast_time(c, x_t) * _centered(d_logits, logits)
+        correction = (1.0 + tangent).clamp_min(LOG_ARGUMENT_FLOOR)
+        target = torch.softmax(base - torch.log(correction), -1)
+    jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
+    return jump + diagonal_kl(student, diagonal, x_t, t)
+
+
 def lagrangian_kl_loss(
     student: TwoTimeMap, teacher: Predictor, x_t: State, t: Time, s: Time
 ) -> TokenLoss:
@@ -346,13 +371,10 @@ def lagrangian_kl_loss(
 
         logits, d_logits = _jvp(logits_at, (s,), (1.0 / reparam.derivative(s),))
         x_s = student.interpolant.step(x_t, torch.softmax(logits, -1), t, s)
-        c = broadcast_time(
-            (gamma_s - gamma_t) * (1.0 - gamma_s) / (1.0 - gamma_t).clamp_min(NOISE_FLOOR), x_t
-        )
-        correction = (1.0 + c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
-        target = torch.softmax(teacher.logits(x_s, s) - torch.log(correction), -1)
-    jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
-    return jump + diagonal_kl(student, _teacher_probs(teacher, x_t, t), x_t, t)
+        c = (gamma_s - gamma_t) * (1.0 - gamma_s) / (1.0 - gamma_t).clamp_min(NOISE_FLOOR)
+        base = teacher.logits(x_s, s)
+    diagonal = _teacher_probs(teacher, x_t, t)
+    return _corrected_jump_loss(student, x_t, t, s, base, c, d_logits, logits, diagonal)
 
 
 def eulerian_kl_loss(
@@ -397,13 +419,10 @@ def eulerian_kl_loss(
             return student.predictor.logits(x, start, s)
 
         logits, d_logits = _jvp(logits_from, (x_t, t), (velocity, 1.0 / reparam.derivative(t)))
-        c = broadcast_time(
-            (gamma_s - gamma_t) * (1.0 - gamma_t) / (1.0 - gamma_s).clamp_min(NOISE_FLOOR), x_t
-        )
-        correction = (1.0 - c * _centered(d_logits, logits)).clamp_min(LOG_ARGUMENT_FLOOR)
-        target = torch.softmax(teacher_logits - torch.log(correction), -1)
-    jump = kl_divergence(target, student.predictor.logits(x_t, t, s))
-    return jump + diagonal_kl(student, teacher_probs, x_t, t)
+        c = -(gamma_s - gamma_t) * (1.0 - gamma_t) / (1.0 - gamma_s).clamp_min(NOISE_FLOOR)
+    return _corrected_jump_loss(
+        student, x_t, t, s, teacher_logits, c, d_logits, logits, teacher_probs
+    )
 
 
 def init_student(student: nn.Module, teacher: nn.Module, zero: Sequence[str] = ()) -> list[str]:

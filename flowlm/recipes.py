@@ -28,9 +28,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from flowlm._checks import check_jump, check_state, check_time
-from flowlm._types import Logits, State, Time, TokenLoss
+from flowlm._types import Logits, Probs, State, Time, TokenLoss
 from flowlm.distill import diagonal_kl, kl_divergence, semigroup_target
 from flowlm.protocols import Backbone, Predictor, TwoTimeMap
+from flowlm.self_conditioning import SelfConditionedBackbone
 
 
 class DiagonalSplit(NamedTuple):
@@ -154,10 +155,11 @@ class SoftCapped(nn.Module):
     r"""A backbone whose logits are soft-capped: $c\tanh(f(x_t, t[, s])/c)$.
 
     Wrap the network before `flowlm.XPredictor`, so the cross-entropy, the samplers and the
-    distillation losses all see the capped logits.
+    distillation losses all see the capped logits. A self-conditioned network stays one:
+    ``previous=`` is passed on (`flowlm.self_conditioning`).
 
     Args:
-        backbone: the network.
+        backbone: the network, plain or self-conditioned.
         cap: $c$.
 
     Examples:
@@ -167,14 +169,17 @@ class SoftCapped(nn.Module):
         True
     """
 
-    def __init__(self, backbone: Backbone, cap: float = 30.0) -> None:
+    def __init__(self, backbone: Backbone | SelfConditionedBackbone, cap: float = 30.0) -> None:
         super().__init__()
         if not cap > 0:
             raise ValueError(f"the soft cap must be positive, got {cap}")
         self.backbone = backbone
         self.cap = cap
 
-    def forward(self, x_t: State, t: Time, s: Time | None = None, /) -> Logits:
-        """The capped logits."""
-        logits = self.backbone(x_t, t) if s is None else self.backbone(x_t, t, s)
-        return soft_cap(logits, self.cap)
+    def forward(
+        self, x_t: State, t: Time, s: Time | None = None, /, previous: Probs | None = None
+    ) -> Logits:
+        """The capped logits (given the previous estimate, for a self-conditioned network)."""
+        inputs = {} if previous is None else {"previous": previous}
+        times = (t,) if s is None else (t, s)
+        return soft_cap(self.backbone(x_t, *times, **inputs), self.cap)

@@ -14,17 +14,28 @@ $\hat x_1' \in \mathbb{R}^{L \times V}$ (zeros when there is none), and is calle
   which `flowlm.rollout` runs unchanged.
 - **Guidance** on the self-conditioning input: logits
   $z_w = z(\hat x_1') + w\,(z(\hat x_1') - z(0))$, both in one batched call.
-- **Distillation** of a self-conditioned two-time student: bind the estimate with
-  `WithPrevious` and wrap it as any other student,
-  ``XPredMap(XPredictor(WithPrevious(backbone, previous)), path, two_time=True)``; the
-  losses of `flowlm.distill` take it as they take any `flowlm.TwoTimeMap`.
+- **Distillation** of a self-conditioned teacher. The losses of `flowlm.distill` query the
+  teacher at states of their own choosing, where no step before exists: the teacher is its
+  own two-call estimate `WithOwnEstimate`, $f(x, t, \mathrm{sg}(\mathrm{softmax}(f(x, t, 0))))$,
+  the estimate it was trained on, as a function of the state alone. The student is
+  self-conditioned too (it starts from the teacher's weights, the estimate's input
+  included): bind its training estimate with `WithPrevious` and wrap it as any other student,
+  ``XPredMap(XPredictor(WithPrevious(student, draw_previous(student, x_t, t, s))), path,
+  two_time=True)``. Each example is then distilled with no estimate (the one-step map) or
+  with the student's own first jump estimate $\delta_{t,s}(x_t; 0)$ (the 2-call map below);
+  the same estimate is read by the student's calls inside the semigroup target, which is
+  consistent because the target is the teacher's flow map whatever the estimate: the loss
+  is minimal when every estimate gives that same map.
 
 One-step generation has no previous estimate; ``SelfConditionedMap(..., estimate_first=True)``
-makes the 2-call variant (estimate, then jump self-conditioned on it).
+makes the 2-call variant (estimate, then jump self-conditioned on it). At any step count,
+``XPredMap(XPredictor(WithOwnEstimate(student)), path, two_time=True)`` makes that 2-call step
+from no estimate at every step, the map such a student is distilled as (its one step is the
+``estimate_first`` sampler's from ``lift_state(noise)``).
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, TypedDict, Unpack, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -81,6 +92,53 @@ class WithPrevious:
         return self.backbone(x_t, t, s, previous=self.previous)
 
 
+def _first_estimate(
+    backbone: SelfConditionedBackbone, x_t: State, t: Time, s: Time | None
+) -> Probs:
+    r"""$\mathrm{sg}(\mathrm{softmax}(f(x_t, t[, s], 0)))$ in ``x_t``'s dtype: one recorded call."""
+    with torch.no_grad():
+        return XPredictor(WithPrevious(backbone, None))(x_t, t, s).to(x_t.dtype)
+
+
+@dataclass(frozen=True)
+class WithOwnEstimate:
+    r"""A self-conditioned backbone fed its own first estimate: a plain `flowlm.Backbone`.
+
+    $$\bar f(x_t, t[, s]) = f\big(x_t, t[, s],\ \mathrm{sg}(\mathrm{softmax}(f(x_t, t[, s], 0)))\big):$$
+
+    two network calls, the first without gradient, both at the same inputs. It is the
+    estimate self-conditioning trains on (`draw_previous` with probability 1) as a function
+    of the state alone: the denoiser of a self-conditioned FLM wherever there is no step
+    before, e.g. as the teacher of `flowlm.distill`'s losses, or for a validation loss.
+
+    Attributes:
+        backbone: the self-conditioned network.
+
+    Examples:
+        >>> from flowlm import XPredictor
+        >>> def f(x, t, previous=None):
+        ...     return x if previous is None else x + previous
+        >>> XPredictor(WithOwnEstimate(f)).logits(torch.zeros(1, 1, 2), torch.zeros(1))
+        tensor([[[0.5000, 0.5000]]])
+    """
+
+    backbone: SelfConditionedBackbone
+
+    def __call__(self, x_t: State, t: Time, s: Time | None = None, /) -> Logits:
+        """The backbone's logits given its own estimate at ``(x_t, t[, s])``."""
+        previous = _first_estimate(self.backbone, x_t, t, s)
+        return WithPrevious(self.backbone, previous)(x_t, t, s)
+
+
+class PreviousDraw(TypedDict, total=False):
+    """How `draw_previous` draws, as keywords of `self_conditioned_logits`."""
+
+    probability: float
+    """Chance that an example gets the estimate rather than zeros (default 0.5)."""
+    generator: torch.Generator | None
+    """Random source on the state's device."""
+
+
 def draw_previous(
     backbone: SelfConditionedBackbone,
     x_t: State,
@@ -121,8 +179,7 @@ def draw_previous(
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must lie in [0, 1], got {probability}")
     check_state(x_t, name="x_t")
-    with torch.no_grad():
-        estimate = XPredictor(WithPrevious(backbone, None))(x_t, t, s).to(x_t.dtype)
+    estimate = _first_estimate(backbone, x_t, t, s)
     coins = torch.rand(x_t.shape[0], generator=generator, device=x_t.device)
     keep = broadcast_time(coins < probability, x_t)
     return torch.where(keep, estimate, torch.zeros_like(estimate))
@@ -133,9 +190,7 @@ def self_conditioned_logits(
     x_t: State,
     t: Time,
     s: Time | None = None,
-    *,
-    probability: float = 0.5,
-    generator: torch.Generator | None = None,
+    **draw: Unpack[PreviousDraw],
 ) -> Logits:
     r"""The logits a self-conditioned network is trained on: $f(x_t, t[, s], \hat x_1')$.
 
@@ -147,8 +202,7 @@ def self_conditioned_logits(
         x_t: states at time ``t``.
         t: model times, per example or per token.
         s: the second time of a two-time network.
-        probability: chance that an example is self-conditioned.
-        generator: random source on ``x_t``'s device.
+        draw: ``probability`` and ``generator`` of `draw_previous`.
 
     Examples:
         >>> from flowlm.backbones import DiT
@@ -157,7 +211,7 @@ def self_conditioned_logits(
         >>> torch.equal(self_conditioned_logits(model, x, t), model(x, t))  # fresh: input ignored
         True
     """
-    previous = draw_previous(backbone, x_t, t, s, probability=probability, generator=generator)
+    previous = draw_previous(backbone, x_t, t, s, **draw)
     return XPredictor(WithPrevious(backbone, previous)).logits(x_t, t, s)
 
 

@@ -16,6 +16,8 @@ The examples' scripts use these so that each reads as one loop; none of them kno
   with exit code 2.
 - `require_memory` and `transformer_step_bytes`: refuse a configuration that cannot fit
   before allocating it.
+- `sample_rollout`: the examples' one sampling call, whatever the sampler's state and schedule;
+  `soft_capped`: a network with its logits capped, or as it is.
 """
 
 import argparse
@@ -41,9 +43,20 @@ import torch.distributed
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flowlm._types import State
+from flowlm.conditioning import block_rollout
 from flowlm.context import Context, bernoulli_context, prefix_context, span_context
 from flowlm.data.tasks import Task
 from flowlm.metrics import token_entropy
+from flowlm.protocols import Backbone, FlowMap
+from flowlm.recipes import SoftCapped
+from flowlm.self_conditioning import (
+    SelfConditionedBackbone,
+    SelfConditionedMap,
+    lift_state,
+    split_state,
+)
+from flowlm.solvers import Trajectory, rollout, time_grid
 
 __all__ = [
     "EMA",
@@ -71,9 +84,11 @@ __all__ = [
     "require_memory",
     "run_flags",
     "sample_measures",
+    "sample_rollout",
     "save_checkpoint",
     "saved_run",
     "seeded_generator",
+    "soft_capped",
     "template_context",
     "transformer_step_bytes",
 ]
@@ -637,6 +652,9 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
     $(0, 1)$, ``p_uncond`` and ``boundary_prob`` (unless None) in $[0, 1]$, ``beta2`` in $[0, 1)$, every ``sample_steps`` $\ge 1$, ``batch_size`` a multiple of ``world_size``, and
     every attribute named in ``positive`` $\ge 1$. NaN fails every range.
 
+    The ablation settings too: ``soft_cap`` (unless None) positive and finite,
+    ``self_condition_guidance`` (unless None) finite and $\ge 0$, ``churn`` in $[0, 1)$.
+
     Args:
         settings: e.g. a settings dataclass.
         world_size: the processes the global ``batch_size`` is split over.
@@ -657,6 +675,9 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
         "grad_clip": (lambda v: 0 < v < math.inf, "must be a positive finite gradient norm"),
         "warmup": (lambda v: v >= 0, "must be at least 0"),
         "dropout": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        "soft_cap": (lambda v: v is None or 0 < v < math.inf, "must be a positive finite cap"),
+        "self_condition_guidance": (lambda v: v is None or 0 <= v < math.inf, "must be >= 0"),
+        "churn": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
         "ema_decay": (lambda v: 0 < v < 1, "must lie in (0, 1)"),
         "sample_steps": (lambda v: len(v) > 0 and min(v) >= 1, "must be step counts >= 1"),
         "p_uncond": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
@@ -969,3 +990,57 @@ def conditioning_flags(flags: argparse.Namespace) -> dict[str, Any]:
         {'prompt': 'And', 'block': 4}
     """
     return {name: value for name in CONDITIONING_FLAGS if (value := vars(flags)[name]) is not None}
+
+
+def sample_rollout(
+    flow_map: FlowMap,
+    noise: State,
+    n_steps: int,
+    context: Context | None = None,
+    block: int | None = None,
+) -> Trajectory:
+    """`flowlm.rollout` of ``flow_map`` from ``noise`` on ``time_grid(n_steps)``, as the examples sample.
+
+    A `flowlm.SelfConditionedMap` runs on the lifted state, from ``[noise, 0]``, and the
+    result holds its state half; ``block`` generates blocks of that many positions in order,
+    after the known prefix of ``context`` (`flowlm.block_rollout`).
+
+    Args:
+        flow_map: the sampler.
+        noise: the starting states.
+        n_steps: steps of the uniform grid.
+        context: known tokens held at time 1 (not with a self-conditioned map).
+        block: positions per block, or None for all at once.
+
+    Examples:
+        >>> from flowlm import LinearInterpolant, XPredictor, XPredMap
+        >>> sampler = XPredMap(XPredictor(lambda x, t: x), LinearInterpolant())
+        >>> sample_rollout(sampler, torch.randn(2, 4, 3), 3, block=2).x.shape
+        torch.Size([2, 4, 3])
+    """
+    grid = time_grid(n_steps)
+    if isinstance(flow_map, SelfConditionedMap):
+        if context is not None or block is not None:
+            raise ValueError("a self-conditioned sampler holds no known tokens and no blocks")
+        trajectory = rollout(flow_map, lift_state(noise), grid)
+        return dataclasses.replace(trajectory, x=split_state(trajectory.x).x)
+    if block is None:
+        return rollout(flow_map, noise, grid, context=context)
+    prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
+    first = min(prefix, noise.shape[1] - 1)
+    return block_rollout(flow_map, noise, grid, block, context=context, first=first)
+
+
+def soft_capped(
+    network: Backbone | SelfConditionedBackbone, cap: float | None
+) -> Backbone | SelfConditionedBackbone:
+    r"""``network`` with its logits soft-capped, $c\tanh(z/c)$ (`flowlm.SoftCapped`); ``None``: as is.
+
+    Examples:
+        >>> soft_capped(nn.Identity(), None)
+        Identity()
+        >>> capped = soft_capped(lambda x, t: 100 * x, 2.0)
+        >>> capped(torch.ones(1, 1, 2), torch.zeros(1))
+        tensor([[[2., 2.]]])
+    """
+    return network if cap is None else SoftCapped(network, cap)

@@ -180,7 +180,9 @@ def test_two_processes_train_under_torchrun(flm: ModuleType, tmp_path: Path) -> 
     assert load_checkpoint(checkpoint)["step"] == 6
 
 
-def count_host_reads(flm: ModuleType, steps: int, out: Path) -> collections.Counter[str]:
+def count_host_reads(
+    flm: ModuleType, steps: int, out: Path, *flags: str
+) -> collections.Counter[str]:
     """Host reads of tensors (item, bool, cpu, tolist, numpy) during a run, by caller."""
     calls: collections.Counter[str] = collections.Counter()
     originals = {
@@ -202,19 +204,20 @@ def count_host_reads(flm: ModuleType, steps: int, out: Path) -> collections.Coun
             setattr(torch.Tensor, name, counted(name, original))
         every = ["--log-every", "100", "--eval-every", "100", "--sample-every", "100"]
         run(flm, "--smoke", "--task", "alpha-repeat", "--steps", steps, *every,
-            "--checkpoint-every", "100", "--out", out)  # fmt: skip
+            "--checkpoint-every", "100", "--out", out, *flags)  # fmt: skip
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
     return calls
 
 
+@pytest.mark.parametrize("flags", [[], ["--self-condition", "--soft-cap", "5"]])
 def test_the_training_loop_reads_the_host_only_at_log_eval_and_checkpoint_steps(
-    flm: ModuleType, tmp_path: Path
+    flm: ModuleType, tmp_path: Path, flags: list[str]
 ) -> None:
     """4 and 12 steps with one log, eval and checkpoint (the last step): the same host reads."""
-    short = count_host_reads(flm, 4, tmp_path / "a.pt")
-    long = count_host_reads(flm, 12, tmp_path / "b.pt")
+    short = count_host_reads(flm, 4, tmp_path / "a.pt", *flags)
+    long = count_host_reads(flm, 12, tmp_path / "b.pt", *flags)
     assert sum(short.values()) > 0  # the counter sees the final log, eval and report
     assert long == short
 
@@ -293,6 +296,19 @@ def test_a_killed_write_leaves_no_partial_file_after_the_next_start(
         (["--tokenizer", "bpe:12"], "a byte-level BPE needs vocab_size >= 258"),
         (["--text", ".", "--dataset", "x.json"], "--text and --dataset both give the corpus"),
         (["--preset", "gpt5"], "argument --preset: invalid choice: 'gpt5'"),
+        (["--soft-cap", "0"], "--soft-cap must be a positive finite cap, got 0.0"),
+        (["--soft-cap", "inf"], "--soft-cap must be a positive finite cap, got inf"),
+        (["--self-condition-guidance", "1"], "--self-condition-guidance guides a --self-condition"),
+        (
+            ["--self-condition", "--self-condition-guidance", "-1"],
+            "--self-condition-guidance must be >= 0, got -1.0",
+        ),
+        (["--self-condition", "--solver", "heun"], "--self-condition samples with Euler steps"),
+        (
+            ["--self-condition", "--prompt", "And"],
+            "--prompt: a --self-condition model samples without conditioning",
+        ),
+        (["--self-condition", "--block", "4"], "--block: a --self-condition model samples without"),
     ],
 )
 def test_configuration_errors_are_one_line_and_exit_code_2(
@@ -374,6 +390,51 @@ def test_a_sequence_longer_than_the_text_is_refused(
     assert "--length 64 is longer than the validation split" in message
 
 
+def test_self_conditioning_starts_as_the_plain_model_and_resumes_exactly(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The estimate's input starts at zero and is made after every other weight (same init)."""
+    common = ["--smoke", "--task", "alpha-repeat", "--checkpoint-every", "3"]
+    plain = run(flm, *common, "--steps", "6")
+    flags = [*common, "--self-condition"]
+    straight = run(flm, *flags, "--steps", "6", "--out", tmp_path / "straight.pt")
+    # Step 1's gradient reaches no input (zero output layer), so steps 1 and 2 are the plain
+    # model's; then the estimate's input is trained and the runs part.
+    assert [straight["train_loss"][k] for k in "12"] == [plain["train_loss"][k] for k in "12"]
+    assert straight["train_loss"]["6"] != plain["train_loss"]["6"]
+    state = load_checkpoint(tmp_path / "straight.pt", kind="flm")
+    assert state["config"]["self_condition"]
+    assert state["ema"]["previous_embedding.weight"].abs().max() > 0
+    assert all(metrics["nfe"] == int(n) for n, metrics in straight["steps"].items())
+    run(flm, *flags, "--steps", "3", "--out", tmp_path / "resumed.pt")
+    resumed = run(flm, *common, "--steps", "6", "--out", tmp_path / "resumed.pt", "--resume")
+    assert resumed["train_loss"] == {step: straight["train_loss"][step] for step in "456"}
+    assert resumed["validation"]["6"] == straight["validation"]["6"]
+    assert resumed["steps"] == straight["steps"]
+    guided = run(flm, "--sample-only", "--out", tmp_path / "resumed.pt",
+                 "--self-condition-guidance", "1000")  # fmt: skip
+    assert all(metrics["nfe"] == int(n) for n, metrics in guided["steps"].items())  # one batch
+    assert guided["steps"] != straight["steps"]  # w large enough to move the tiny trained input
+    args = ("--sample-only", "--out", tmp_path / "straight.pt", "--no-self-condition")
+    assert "--self-condition False contradicts the checkpoint's True" in refused(flm, capsys, *args)
+
+
+def test_a_soft_cap_far_above_the_logits_is_the_uncapped_run(
+    flm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--smoke", "--task", "alpha-repeat", "--steps", "4"]
+    plain = run(flm, *common)
+    far = run(flm, *common, "--soft-cap", "1e6", "--out", tmp_path / "far.pt")
+    assert far["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)
+    assert far["validation"] == pytest.approx(plain["validation"], rel=1e-6)
+    for n_steps, metrics in plain["steps"].items():
+        assert far["steps"][n_steps]["samples"] == metrics["samples"]
+    assert run(flm, *common, "--soft-cap", "0.05")["train_loss"] != plain["train_loss"]
+    assert load_checkpoint(tmp_path / "far.pt", kind="flm")["config"]["soft_cap"] == 1e6
+    args = ("--resume", "--smoke", "--out", tmp_path / "far.pt", "--soft-cap", "30")
+    assert "--soft-cap 30.0 contradicts the checkpoint's 1000000.0" in refused(flm, capsys, *args)
+
+
 @pytest.mark.slow
 def test_flm_learns_alpha_repeat(flm: ModuleType) -> None:
     result = run(flm, "--task", "alpha-repeat")
@@ -424,7 +485,7 @@ def test_a_bpe_run_keeps_its_tokenizer_through_resume_and_sample_only(
     backbone = DiT(saved.vocab_size, config.dim, config.depth, config.heads)
     backbone.load_state_dict(state["ema"])
     interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(saved.vocab_size))
-    sampler = flm.make_sampler("euler", fl.XPredictor(backbone), interpolant)
+    sampler = flm.make_sampler(config, backbone, interpolant)
     task = flm.task_of(config, saved)
     trajectory = flm.sample(sampler, 8, config.samples, task, config, torch.device("cpu"))
     assert saved.decode_batch(fl.decode(trajectory.x)) == sampled["steps"]["8"]["samples"]

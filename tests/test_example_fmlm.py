@@ -65,6 +65,15 @@ def teacher(examples: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFa
     return train_teacher(examples["flm"], "alpha-repeat", tmp_path_factory.mktemp("t") / "a.pt")
 
 
+@pytest.fixture(scope="module")
+def sc_teacher(examples: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke self-conditioned FLM checkpoint on alpha-repeat, its logits soft-capped at 5."""
+    path = tmp_path_factory.mktemp("sc") / "sc.pt"
+    return train_teacher(
+        examples["flm"], "alpha-repeat", path, "--self-condition", "--soft-cap", "5"
+    )
+
+
 @pytest.fixture(autouse=True)
 def keep_thread_count() -> Iterator[None]:
     """main() sets torch's thread count; give the rest of the suite its own back."""
@@ -264,6 +273,10 @@ def test_a_retrained_teacher_is_not_reused_silently_with_an_old_student(
         (["--diagonal-fraction", "1.5"], "--diagonal-fraction must lie in [0, 1], got 1.5"),
         (["--beta2", "1"], "--beta2 must lie in [0, 1), got 1.0"),
         (["--pair-sampling", "uniform"], "argument --pair-sampling: invalid choice: 'uniform'"),
+        (["--churn", "1"], "--churn must lie in [0, 1), got 1.0"),
+        (["--churn", "-0.5"], "--churn must lie in [0, 1), got -0.5"),
+        (["--soft-cap", "-2"], "--soft-cap must be a positive finite cap, got -2.0"),
+        (["--self-condition"], "--self-condition True contradicts the teacher's False"),
     ],
 )
 def test_configuration_errors_are_one_line_and_exit_code_2(
@@ -350,13 +363,18 @@ def test_before_training_the_student_is_the_teachers_euler_step(
 SPLIT_FLAGS = ["--diagonal-fraction", "0.5", "--pair-sampling", "sorted-uniform"]
 
 
-@pytest.mark.parametrize(("method", "extra"), [("v2", []), ("v2", SPLIT_FLAGS), ("v1", [])])
+@pytest.mark.parametrize(
+    ("method", "teacher_fixture", "extra"),
+    [("v2", "teacher", []), ("v2", "teacher", SPLIT_FLAGS), ("v1", "teacher", []),
+     ("v2", "sc_teacher", [])],
+)  # fmt: skip
 def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
     fmlm: ModuleType,
-    teacher: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
     method: str,
+    teacher_fixture: str,
     extra: list[str],
 ) -> None:
     """3 and 9 steps per stage, logged and saved at the last one only: the same host reads."""
@@ -371,6 +389,7 @@ def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, read)
+    teacher = request.getfixturevalue(teacher_fixture)  # sc_teacher: self-conditioned, capped
     counts = []
     for steps in ("3", "9"):
         calls.clear()
@@ -386,6 +405,101 @@ def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
         run(fmlm, *argv, *flags)
         counts.append(len(calls))
     assert counts[0] > 0 and counts[0] == counts[1]
+
+
+# ---------------------------------------------------------------------------- ablation flags
+@pytest.mark.parametrize("method", ["v2", "v1"])
+def test_a_self_conditioned_teacher_is_distilled_into_a_self_conditioned_student(
+    examples: dict[str, ModuleType],
+    fmlm: ModuleType,
+    sc_teacher: Path,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    student = tmp_path / "fmlm.pt"
+    result = run(fmlm, "--smoke", "--teacher", sc_teacher, "--method", method, "--out", student)
+    check_report(result["steps"], ["1", "2", "4"], nfe_per_step=1)  # no estimate
+    check_report(result["self_conditioned_steps"], ["1", "2", "4"], nfe_per_step=2)
+    check_report(result["teacher_steps"], ["1", "8"], nfe_per_step=1)  # its estimate passed on
+    state = load_checkpoint(student, kind="fmlm")
+    assert state["config"]["self_condition"]
+    assert state["config"]["soft_cap"] == 5.0  # the teacher's cap by default
+    assert "previous_embedding.weight" in state["stages"][STAGES[method][-1]]["ema"]
+    if method == "v2":  # the teacher is sampled exactly as examples/flm.py samples it
+        flm = examples["flm"]
+        threads = torch.get_num_threads()
+        sampled = flm.main(["--sample-only", "--out", str(sc_teacher), "--sample-steps", "1", "8"])
+        torch.set_num_threads(threads)
+        assert result["teacher_steps"] == sampled["steps"]
+
+
+SC_REFUSALS = {
+    "--solver heun": "--solver heun: a self-conditioned teacher samples with Euler",
+    "--prompt abc": "--prompt: a self-conditioned teacher samples unconditioned",
+    "--no-self-condition": "--self-condition False contradicts the teacher's True",
+}
+"""What a self-conditioned teacher refuses, by flags."""
+
+
+def test_a_resumed_self_conditioned_distillation_replays_the_uninterrupted_one(
+    fmlm: ModuleType, sc_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for flags, message in SC_REFUSALS.items():
+        assert message in refused(fmlm, capsys, "--smoke", "--teacher", sc_teacher, *flags.split())
+    flags = [*RESUME_FLAGS, "--teacher", sc_teacher]
+    straight = run(fmlm, *flags, "--steps", "4", "--out", tmp_path / "straight.pt")
+    run(fmlm, *flags, "--steps", "2", "--out", tmp_path / "resumed.pt")
+    resumed = run(fmlm, *flags, "--steps", "4", "--out", tmp_path / "resumed.pt", "--resume")
+    assert resumed["v2"]["train_loss"] == {
+        step: straight["v2"]["train_loss"][step] for step in "34"
+    }
+    for report in ("steps", "self_conditioned_steps", "teacher_steps"):
+        assert resumed[report] == straight[report]
+
+
+def test_a_student_soft_cap_far_above_the_logits_is_the_uncapped_student(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--smoke", "--teacher", teacher, "--steps", "2"]
+    plain = run(fmlm, *common)
+    far = run(fmlm, *common, "--soft-cap", "1e6", "--out", tmp_path / "far.pt")
+    # The student starts as the teacher's step: KL losses of 1e-8 to 1e-5, rounding-sized.
+    assert far["v2"]["train_loss"] == pytest.approx(plain["v2"]["train_loss"], rel=0, abs=1e-6)
+    for n_steps, metrics in plain["steps"].items():
+        assert far["steps"][n_steps]["samples"] == metrics["samples"]
+    assert far["teacher_steps"] == plain["teacher_steps"]  # the teacher keeps its own (no) cap
+    assert run(fmlm, *common, "--soft-cap", "0.05")["v2"]["train_loss"] != plain["v2"]["train_loss"]
+    args = ("--smoke", "--teacher", teacher, "--out", tmp_path / "far.pt", "--resume")
+    message = refused(fmlm, capsys, *args, "--soft-cap", "2")
+    assert message == "error: --soft-cap 2.0 contradicts the student's 1000000.0: another --out"
+
+
+def test_churn_renoises_between_steps_and_zero_churn_is_the_deterministic_sampler(
+    fmlm: ModuleType, teacher: Path, tmp_path: Path
+) -> None:
+    student = tmp_path / "fmlm.pt"
+    flags = ["--smoke", "--teacher", teacher, "--out", student]
+    trained = run(fmlm, *flags)  # --churn 0, the default
+    churned = run(fmlm, *flags, "--sample-only", "--churn", "0.5")
+    assert churned["steps"]["1"] == trained["steps"]["1"]  # a step onto the data: the map's jump
+    assert [churned["steps"][n]["nfe"] for n in "24"] == [2, 4]  # one jump per step
+    assert churned["steps"]["4"]["samples"] != trained["steps"]["4"]["samples"]
+    assert churned["teacher_steps"] == trained["teacher_steps"]  # only the student is churned
+    assert run(fmlm, *flags, "--sample-only", "--churn", "0.5")["steps"] == churned["steps"]
+    # --churn 0: the student's EMA rolled out by its deterministic map from the report's noise.
+    state = load_checkpoint(student, kind="fmlm")
+    config = fmlm.Config(**state["config"] | {"sample_steps": (4,)})
+    assert config.churn == 0.0
+    network = DiT(26, config.dim, config.depth, config.heads, two_time=True, dropout=0.0)
+    network.load_state_dict(state["stages"]["v2"]["ema"])
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(26))
+    student_map = fl.XPredMap(fl.XPredictor(network.eval()), interpolant, two_time=True)
+    generator = fmlm.train.seeded_generator(config.seed, "sample")
+    noise = torch.randn((config.samples, config.length, 26), generator=generator)
+    with torch.no_grad():
+        x = fl.rollout(student_map, noise, fl.time_grid(4)).x
+    task = fmlm.task_of(config, tokenizer_from_state(state["tokenizer"]))
+    assert task.decode(fl.decode(x)) == trained["steps"]["4"]["samples"]
 
 
 # ---------------------------------------------------------------------------- tokenizers, presets

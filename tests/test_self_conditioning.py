@@ -10,8 +10,10 @@ from torch import Tensor
 import flowlm as fl
 from flowlm import distill
 from flowlm.backbones import DiT
+from flowlm.network_calls import count_network_calls
 from flowlm.self_conditioning import (
     SelfConditionedMap,
+    WithOwnEstimate,
     WithPrevious,
     draw_previous,
     lift_state,
@@ -280,3 +282,58 @@ def test_a_self_conditioned_two_time_student_trains_with_the_distillation_losses
         student(conditioned, previous), tokens, x, pair.t, pair.s
     )
     assert bool(torch.isfinite(self_loss).all())
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+def test_the_own_estimate_is_the_network_on_its_first_estimate_in_two_calls(
+    two_time: bool,
+) -> None:
+    _, conditioned = _pair(two_time)
+    assert conditioned.previous_embedding is not None
+    with torch.no_grad():  # a trained input: the estimate changes the logits
+        conditioned.previous_embedding.weight.normal_()
+    x = torch.randn(3, L, V)
+    times = (torch.rand(3), torch.rand(3)) if two_time else (torch.rand(3),)
+    first = torch.softmax(conditioned(x, *times), -1)
+    expected = conditioned(x, *times, previous=first)
+    assert not torch.allclose(expected, conditioned(x, *times))
+    predictor = fl.XPredictor(WithOwnEstimate(conditioned))
+    with count_network_calls() as calls:
+        got = predictor.logits(x, *times)
+    assert calls.count == 2
+    assert torch.equal(got, expected)
+    always = draw_previous(conditioned, x, *times, probability=1.0)
+    assert torch.equal(got, conditioned(x, *times, previous=always))
+    got.sum().backward()  # the gradient flows through the second call only
+    assert conditioned.previous_embedding.weight.grad is not None
+
+
+def test_one_own_estimate_jump_is_the_two_call_sampler_from_no_estimate() -> None:
+    """XPredMap of WithOwnEstimate = SelfConditionedMap(estimate_first=True) from [noise, 0]."""
+    _, conditioned = _pair(two_time=True)
+    assert conditioned.previous_embedding is not None
+    with torch.no_grad():
+        conditioned.previous_embedding.weight.normal_()
+    path = fl.LinearInterpolant(reparam=fl.TokenAccuracy(V))
+    noise, grid = torch.randn(4, L, V), fl.time_grid(1)
+    own = fl.XPredMap(fl.XPredictor(WithOwnEstimate(conditioned)), path, two_time=True)
+    two_call = SelfConditionedMap(conditioned, path, two_time=True, estimate_first=True)
+    expected = fl.rollout(two_call, lift_state(noise), grid)
+    got = fl.rollout(own, noise, grid)
+    assert got.nfe == expected.nfe == 2
+    assert torch.equal(got.x, split_state(expected.x).x)
+
+
+def test_a_soft_capped_self_conditioned_network_still_reads_its_estimate() -> None:
+    _, conditioned = _pair()
+    assert conditioned.previous_embedding is not None
+    with torch.no_grad():
+        conditioned.previous_embedding.weight.normal_()
+        conditioned.output.weight.mul_(20.0)  # logits well beyond the cap
+    capped = fl.SoftCapped(conditioned, cap=2.0)
+    x, t, previous = torch.randn(2, L, V), torch.rand(2), _probs(2, L, V)
+    expected = fl.soft_cap(conditioned(x, t, previous=previous), 2.0)
+    assert torch.equal(capped(x, t, previous=previous), expected)
+    assert torch.equal(capped(x, t), fl.soft_cap(conditioned(x, t), 2.0))
+    assert not torch.equal(expected, fl.soft_cap(conditioned(x, t), 2.0))
+    assert bool(expected.abs().max() <= 2.0) and bool(conditioned(x, t).abs().max() > 2.0)

@@ -354,3 +354,29 @@ def test_saved_run_needs_the_file_for_sample_only_and_refuses_the_wrong_kind(
         train.saved_run(flags, "fmlm")
     flags.sample_only = False
     assert train.saved_run(flags, "flm") is None  # neither --resume nor --sample-only
+
+
+def test_sample_rollout_runs_a_self_conditioned_sampler_on_the_lifted_state() -> None:
+    """From [noise, 0], the state half returned; the plain map runs on the state as rollout does."""
+    import flowlm as fl
+
+    def network(
+        x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None, /,
+        previous: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        return 3 * x if previous is None else 3 * x + 5 * previous
+
+    path = fl.LinearInterpolant()
+    noise = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    sampler = fl.SelfConditionedMap(network, path)
+    expected = fl.rollout(sampler, fl.lift_state(noise), fl.time_grid(3))
+    got = train.sample_rollout(sampler, noise, 3)
+    assert got.nfe == expected.nfe == 3
+    assert torch.equal(got.x, fl.split_state(expected.x).x)
+    plain = fl.XPredMap(fl.XPredictor(network), path)
+    assert not torch.equal(got.x, train.sample_rollout(plain, noise, 3).x)  # the estimate counts
+    assert torch.equal(
+        train.sample_rollout(plain, noise, 3).x, fl.rollout(plain, noise, fl.time_grid(3)).x
+    )
+    with pytest.raises(ValueError, match="a self-conditioned sampler holds no known tokens"):
+        train.sample_rollout(sampler, noise, 3, block=2)
