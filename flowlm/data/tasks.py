@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
 from flowlm._types import TokenMask, Tokens
 from flowlm.data.corpus import (
@@ -429,7 +431,7 @@ def _words_task(
     )
 
 
-def _padded(tokenizer: CharTokenizer, word: str, length: int) -> Tokens:
+def _padded(tokenizer: CharTokenizer, word: str, length: int) -> Int[Tensor, " length"]:
     """The ids of ``word`` followed by padding up to ``length``."""
     padding = torch.full((length - len(word),), tokenizer.pad_id or 0, dtype=torch.long)
     return torch.cat([tokenizer.encode(word), padding])
