@@ -61,6 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "alpha-repeat": dict(steps=6000, lr=1e-3, warmup=20, schedule="cosine", ema_decay=0.99,
                          diagonal_fraction=0.5, beta2=0.95, samples=256),
     "markov": dict(steps=400, lr=1e-3, warmup=20, ema_decay=0.99, samples=128),
+    "words": dict(steps=500, lr=1e-3, warmup=20, ema_decay=0.99, samples=256),
 }
 SMOKE = dict(steps=4, batch_size=8, warmup=1, samples=8, log_every=1, checkpoint_every=2)
 PAPER_PRESETS = train.FMLM_PAPER_PRESETS  # the paper's settings, by the teacher's --preset

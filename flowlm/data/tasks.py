@@ -6,18 +6,25 @@
   your own files, cut into random windows; or one sequence per line, padded (``lines``,
   LM1B's unwrapped form); or a ``datasets`` dataset packed into windows (the reference's
   ``lm1b-wrap``) or one row per sequence.
+- ``words``: one word of the corpus per sequence (lowercase letters, drawn by their frequency
+  in the text, padded); judged by the fraction of samples that are real words and the
+  number of distinct ones, against the number of distinct words in as many data draws.
 - ``alpha-repeat``: one of 26 letters repeated; judged by the valid rate and mode coverage.
 - ``markov``: a fixed order-1 chain over 16 symbols; judged by the exact perplexity.
 """
 
 import math
+import re
 import string
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
 from flowlm._types import TokenMask, Tokens
 from flowlm.data.corpus import (
@@ -38,7 +45,7 @@ from flowlm.metrics import distinct_n
 
 __all__ = ["TASKS", "DataSettings", "Task", "TaskName", "TaskSettings", "build_task", "task_of"]
 
-TaskName = Literal["corpus", "alpha-repeat", "markov"]
+TaskName = Literal["corpus", "words", "alpha-repeat", "markov"]
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
 ALPHA_SYMBOLS = 26
 MARKOV_SYMBOLS = 16
@@ -66,6 +73,9 @@ class Task:
         quality: the task's measures of a batch of samples (entropy comes separately).
         padded: whether sequences end in padding (``lines``): then `mask` leaves it out of
             the loss.
+        ends_at_pad: whether a sequence ends at its first padding token (``words``): then
+            `mask` counts the positions up to and including it, the end marker, and leaves
+            out the rest.
 
     Examples:
         >>> task = build_task("alpha-repeat", length=4)
@@ -82,6 +92,7 @@ class Task:
     validation: Tokens
     quality: Callable[[Tokens], dict[str, float]]
     padded: bool = False
+    ends_at_pad: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -93,13 +104,22 @@ class Task:
         return self.tokenizer.decode_batch(tokens)
 
     def mask(self, tokens: Tokens) -> TokenMask | None:
-        """True where a token counts in the loss: not padding; ``None`` when all count.
+        """True where a token counts in the loss; ``None`` when all count.
+
+        Padded sequences (``lines``) leave out every padding token; sequences that end at
+        their first padding token (``words``) keep it, as the end marker, and leave out what
+        follows it.
 
         Examples:
             >>> build_task("markov", length=4).mask(torch.zeros(2, 4, dtype=torch.long)) is None
             True
         """
-        return tokens != self.tokenizer.pad_id if self.padded else None
+        if self.padded:
+            return tokens != self.tokenizer.pad_id
+        if self.ends_at_pad:
+            pads = (tokens == self.tokenizer.pad_id).long()
+            return pads.cumsum(dim=-1) - pads == 0  # no padding before this position
+        return None
 
 
 @runtime_checkable
@@ -283,6 +303,11 @@ def build_task(
         ValueError: an unknown task, corpus options given to a synthetic task, both a text
             and a dataset, or too little text for ``length``.
 
+    The words task takes the corpus's text (``text``, else the King James Bible): its words
+    are the runs of letters of the lowercased text, those of at most ``length`` letters are
+    kept, and each sequence is one of them drawn with its frequency in the text, padded to
+    ``length``.
+
     Examples:
         >>> build_task("markov", length=8).quality(torch.zeros(2, 8, dtype=torch.long)) == {}
         False
@@ -290,11 +315,16 @@ def build_task(
     if length < 1:
         raise ValueError(f"--length must be at least 1, got {length}")
     if name != "corpus":
-        given = {"--text": text is not None, "--dataset": dataset is not None, "--lines": lines}
+        given = {"--dataset": dataset is not None, "--lines": lines}
+        given["--text"] = text is not None and name != "words"
         given["--tokenizer"] = tokenizer != "char" and not isinstance(tokenizer, CharTokenizer)
         for flag in (flag for flag, present in given.items() if present):
             raise ValueError(f"{flag} is an option of the corpus task; it has no use with {name}")
     validation_generator = torch.Generator().manual_seed(seed)
+    if name == "words":
+        documents = load_kjv() if text is None else load_text(text)
+        source = "the King James Bible" if text is None else str(text)
+        return _words_task(source, documents, length, validation_generator)
     if name == "alpha-repeat":
         alpha = AlphaRepeat(ALPHA_SYMBOLS, length)
         return Task(
@@ -342,6 +372,78 @@ def build_task(
             return _packed_task(source, documents, tokenizer, length)
         return _window_task(source, documents, tokenizer, length)
     raise ValueError(f"unknown task {name!r}: choose one of {TASKS}")
+
+
+def _words_task(
+    source: str, documents: list[Document], length: int, validation_generator: torch.Generator
+) -> Task:
+    r"""One word of the documents per sequence, drawn by its frequency, padded to ``length``.
+
+    A sample is a real word when its letters before the first padding token (all of them
+    when there is none) are a word of the list. The measures of ``n`` samples:
+    ``real_words``, the fraction that are; ``distinct_words``, how many different real words
+    they hold; ``data_distinct_words``, the expected number of different words in ``n``
+    draws of the data, $\sum_w 1 - (1 - p_w)^n$ (exact); and ``distinct_ratio``, the
+    quotient of the two.
+    """
+    counts = Counter(
+        word
+        for _, text in documents
+        for word in re.findall(f"[{string.ascii_lowercase}]+", text.lower())
+        if len(word) <= length
+    )
+    if not counts:
+        raise ValueError(f"{source} has no word of at most --length {length} letters")
+    words = sorted(counts, key=lambda word: (-counts[word], word))
+    frequencies = torch.tensor([counts[word] for word in words], dtype=torch.float64)
+    probabilities = frequencies / frequencies.sum()
+    tokenizer = CharTokenizer(string.ascii_lowercase, specials=(PAD,))
+    rows = torch.stack([_padded(tokenizer, word, length) for word in words])
+
+    def draw(batch_size: int, generator: torch.Generator) -> Tokens:
+        return rows[torch.multinomial(probabilities, batch_size, True, generator=generator)]
+
+    known = set(words)
+
+    def quality(tokens: Tokens) -> dict[str, float]:
+        texts = _until_first_pad(tokenizer, tokens)
+        real = [text for text in texts if text in known]
+        expected = -torch.expm1(len(texts) * torch.log1p(-probabilities)).sum().item()
+        return {
+            "real_words": len(real) / len(texts),
+            "distinct_words": float(len(set(real))),
+            "data_distinct_words": expected,
+            "distinct_ratio": len(set(real)) / expected,
+        }
+
+    return Task(
+        name="words",
+        description=(
+            f"words: the {len(words)} words of at most {length} letters of {source} "
+            f"({frequencies.sum():.0f} occurrences), drawn by frequency, padded to {length}"
+        ),
+        tokenizer=tokenizer,
+        length=length,
+        draw=draw,
+        validation=draw(VALIDATION_SEQUENCES, validation_generator),
+        quality=quality,
+        ends_at_pad=True,
+    )
+
+
+def _padded(tokenizer: CharTokenizer, word: str, length: int) -> Int[Tensor, " length"]:
+    """The ids of ``word`` followed by padding up to ``length``."""
+    padding = torch.full((length - len(word),), tokenizer.pad_id or 0, dtype=torch.long)
+    return torch.cat([tokenizer.encode(word), padding])
+
+
+def _until_first_pad(tokenizer: CharTokenizer, tokens: Tokens) -> list[str]:
+    """The text of each sequence before its first padding token."""
+    texts: list[str] = []
+    for row in tokens.cpu().tolist():
+        end = row.index(tokenizer.pad_id) if tokenizer.pad_id in row else len(row)
+        texts.append(tokenizer.decode(row[:end]))
+    return texts
 
 
 def _window_task(

@@ -76,7 +76,7 @@ def test_a_window_longer_than_the_text_is_refused(tmp_path: Path) -> None:
 
 
 def test_every_task_is_buildable_by_name() -> None:
-    assert TASKS == ("corpus", "alpha-repeat", "markov")
+    assert TASKS == ("corpus", "words", "alpha-repeat", "markov")
 
 
 def settings(**fields: object) -> SimpleNamespace:
