@@ -22,7 +22,13 @@ prompt, i.e. the judge's log-probabilities of the continuation tokens only,
 averaged over prompts (per-token perplexity exp(NLL)), beside the unigram entropy and the
 distinct-2 and distinct-3 fractions of the continuations (NLL alone rewards mode collapse).
 The "data" row is the true held-out continuations; "data, another prompt" gives each prompt
-the true continuation of the next window, the NLL of good text that ignores its prompt.
+the true continuation of the next window, the NLL of good text that ignores its prompt. The
+prompt gain of a row is how much its continuations depend on their own prompts,
+
+    gain = mean over prompts of NLL(continuation | the prompt two windows back) - NLL,
+
+in nats per character: 0 for continuations blind to their prompt (e.g. "data, another
+prompt", whose continuations are already one window off).
 
 Usage:
     python benchmarks/prompt_continuation.py                  # about 20 CPU-minutes
@@ -86,6 +92,8 @@ P_UNCOND = 0.1
 """Rows trained (and distilled) without a prompt, as ``examples/flm.py --p-uncond`` defaults."""
 SCORING_BATCH = 256
 SHOWN_EXAMPLES = 2
+GAIN_SHIFT = 2
+"""The prompt gain scores each continuation after the prompt this many windows back."""
 ENTROPY_TOLERANCE = 0.05
 
 
@@ -207,12 +215,14 @@ class ContinuationScorer:
         for metric in distinct.values():
             metric.update(continuation)
         nll = self.nll(tokens)
+        others = torch.cat([tokens[:, : self.prompt].roll(GAIN_SHIFT, 0), continuation], dim=1)
         known = self.context.known
         shown = self.corpus.tokenizer.decode_batch(tokens[:SHOWN_EXAMPLES, : self.prompt])
         written = self.corpus.tokenizer.decode_batch(continuation[:SHOWN_EXAMPLES])
         row: dict[str, object] = {
             "nll": nll.mean().item(),
             "nll_se": (nll.std() / math.sqrt(len(nll))).item(),
+            "prompt_gain": (self.nll(others) - nll).mean().item(),
             "perplexity": math.exp(nll.mean().item()),
             "entropy": entropy.compute().item(),
             "distinct_2": distinct[2].compute().item(),
@@ -325,6 +335,15 @@ def comparisons(rows: list[dict[str, object]], nll: dict[str, Tensor]) -> list[d
         }
         | paired(nll, "FLM 8", "replacement 8")
     )
+    gain, reference = by_name["FLM 8"]["prompt_gain"], by_name["replacement 8"]["prompt_gain"]
+    found.append(
+        {
+            "target": "8-step conditional FLM prompt gain > replacement's at 8 steps",
+            "value": gain,
+            "reference": reference,
+            "pass": float(gain) > float(reference),  # type: ignore[arg-type]
+        }
+    )
     known = [bool(row["known_exact"]) for row in rows]
     found.append(
         {
@@ -343,9 +362,7 @@ def describe(value: object, digits: int) -> str:
 def markdown(rows: list[dict[str, object]], run: dict[str, Any]) -> str:
     model, judge_report, k = run["model"], run["judge"], run["prompt"]
     lines = [
-        "# Prompt continuation judged by the AR judge",
-        "",
-        f"Character-level King James Bible (V = {run['vocab_size']}), windows of "
+        f"Prompt continuation judged by the AR judge. Character-level King James Bible (V = {run['vocab_size']}), windows of "
         f"L = {model['length']}; prompts are the first k = {k} characters of {run['samples']} "
         f"evenly spaced held-out windows, each model writes the other {model['length'] - k}. "
         f"AR, MDLM and both FLMs: {model['steps']} steps of batch {model['batch_size']} (same "
@@ -359,22 +376,24 @@ def markdown(rows: list[dict[str, object]], run: dict[str, Any]) -> str:
         f"{judge_report['validation_ppl']:.3f} on {judge_report['validation_windows']} held-out "
         "windows. NLL: the judge's mean -log p of the continuation characters given the "
         "prompt (nats per character, ± standard error over prompts); PPL = exp(NLL). Entropy "
-        "and distinct-n are of the continuations.",
+        "and distinct-n are of the continuations; prompt gain: NLL of the continuation after the "
+        "prompt two windows back minus NLL after its own (0: blind to the prompt).",
         "Samplers: " + "; ".join(f"{name}: {text}" for name, text in SAMPLERS.items()) + ".",
         f"Machine: {describe_machine(run['machine'])}; load average at the start "
         f"{', '.join(f'{v:.2f}' for v in run['load_average_start'])}. "
         f"{run['process_cpu_seconds']:.0f} CPU s in all ({run['wall_seconds']:.0f} s wall).",
         "",
-        "| method | steps | NFE | NLL / char | PPL | entropy | distinct-2 | distinct-3 | "
-        "prompt exact | CPU s / sample |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | NFE | NLL / char | PPL | prompt gain | entropy | distinct-2 | "
+        "distinct-3 | prompt exact | CPU s / sample |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['method']} | {row['steps'] if row['steps'] is not None else '-'} | "
             f"{row['nfe'] if row['nfe'] is not None else '-'} | "
             f"{describe(row['nll'], 3)} ± {describe(row['nll_se'], 3)} | "
-            f"{describe(row['perplexity'], 2)} | {describe(row['entropy'], 3)} | "
+            f"{describe(row['perplexity'], 2)} | {describe(row['prompt_gain'], 3)} | "
+            f"{describe(row['entropy'], 3)} | "
             f"{describe(row['distinct_2'], 3)} | {describe(row['distinct_3'], 3)} | "
             f"{row['known_exact']} | {describe(row['cpu_seconds_per_sample'], 5)} |"
         )

@@ -37,6 +37,9 @@ def test_the_continuation_nll_is_the_joint_minus_the_prompts() -> None:
     assert torch.allclose(scorer.nll(tokens), (joint - prompt) / (L - K), atol=1e-5)
     row, per_prompt = scorer(tokens)
     assert row["nll"] == pytest.approx(per_prompt.mean().item())
+    shifted = torch.cat([tokens[:, :K].roll(2, 0), tokens[:, K:]], dim=1)
+    gain = (scorer.nll(shifted) - per_prompt).mean().item()
+    assert row["prompt_gain"] == pytest.approx(gain)
     assert row["known_exact"] is True
     changed = tokens.clone()
     changed[0, 0] = (changed[0, 0] + 1) % V
@@ -85,7 +88,7 @@ def test_the_smoke_run_writes_every_row_and_comparison(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "prompt_continuation.json").read_text())
     assert report["benchmark"] == "prompt_continuation" and report["quick"] is True
-    assert (tmp_path / "prompt_continuation.md").read_text().startswith("# Prompt continuation")
+    assert (tmp_path / "prompt_continuation.md").read_text().startswith("Prompt continuation")
     names = [row["name"] for row in report["rows"]]
     for name in ("data", "data, another prompt", "AR", "FMLM 1", "FLM 8", "MDLM 8", "MDLM 1"):
         assert name in names
@@ -98,9 +101,9 @@ def test_the_smoke_run_writes_every_row_and_comparison(tmp_path: Path) -> None:
             assert row["nfe"] == length - prompt
         elif row["steps"] is not None:
             assert row["nfe"] == row["steps"]
-    assert len(report["targets"]) == 7
+    assert len(report["targets"]) == 8
     assert all(isinstance(target["pass"], bool) for target in report["targets"])
-    assert completed.stdout.count("PASS") + completed.stdout.count("FAIL") >= 7
+    assert completed.stdout.count("PASS") + completed.stdout.count("FAIL") >= 8
     assert any((tmp_path / "cache").glob("fmlm-prefix-v2-*.pt"))
 
 
