@@ -25,6 +25,7 @@ Writes ``<out-dir>/conditional.json`` and ``conditional.md`` and prints PASS/FAI
 """
 
 import argparse
+import functools
 import itertools
 import sys
 import time
@@ -147,6 +148,15 @@ def backbone(vocab: int, arguments: argparse.Namespace, two_time: bool = False) 
     )
 
 
+ContextSampler = Callable[[Tokens, torch.Generator], Context]
+"""Draws the training context of a batch from the step's generator."""
+
+
+def no_context(tokens: Tokens, generator: torch.Generator) -> Context:
+    """Nothing known: an unconditional model."""
+    return Context.none(tokens)
+
+
 def mixed_context(tokens: Tokens, generator: torch.Generator, p_uncond: float) -> Context:
     """Half the rows a random prefix, half random spans (the two evaluation shapes)."""
     prefix = fl.prefix_context(tokens, p_uncond=p_uncond, generator=generator)
@@ -188,14 +198,12 @@ def fit(
 
 
 def flm_loss(
-    predictor: fl.XPredictor, path: fl.LinearInterpolant, vocab: int, p_uncond: float | None
+    predictor: fl.XPredictor, path: fl.LinearInterpolant, vocab: int, contexts: ContextSampler
 ) -> Callable[[Tokens, torch.Generator], Tensor]:
-    """Cross-entropy on the unknown positions, known ones at time 1 (None: unconditional)."""
+    """Cross-entropy on the unknown positions of each drawn context, known ones at time 1."""
 
     def loss_of(tokens: Tokens, generator: torch.Generator) -> Tensor:
-        context = (
-            Context.none(tokens) if p_uncond is None else mixed_context(tokens, generator, p_uncond)
-        )
+        context = contexts(tokens, generator)
         t = context.times(fl.uniform_times(tokens.shape[0], generator=generator))
         noise = torch.randn(*tokens.shape, vocab, generator=generator)
         x_t = path.sample(noise, fl.one_hot(tokens, vocab), t)
@@ -209,7 +217,7 @@ def fmlm_loss(
     teacher: fl.XPredictor,
     path: fl.LinearInterpolant,
     vocab: int,
-    p_uncond: float,
+    contexts: ContextSampler,
 ) -> Callable[[Tokens, torch.Generator], Tensor]:
     """The v2 semigroup KL on the unknown positions; teacher and student share the context.
 
@@ -217,7 +225,7 @@ def fmlm_loss(
     """
 
     def loss_of(tokens: Tokens, generator: torch.Generator) -> Tensor:
-        context = mixed_context(tokens, generator, p_uncond)
+        context = contexts(tokens, generator)
         pair = fl.time_pairs(tokens.shape[0], boundary_prob=0.1, generator=generator)
         t, s = context.times(pair.t), context.times(pair.s)
         noise = torch.randn(*tokens.shape, vocab, generator=generator)
@@ -461,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(2)
     vocab = arguments.vocab
+    contexts = functools.partial(mixed_context, p_uncond=arguments.p_uncond)
     chain = MarkovChain(vocab, order=1, seed=arguments.seed, concentration=0.5)
     path = fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab))
     started, load_before = time.perf_counter(), machine_context()["load_average_1_5_15min"]
@@ -468,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     conditional = fl.XPredictor(backbone(vocab, arguments))
     fit(
         conditional,
-        flm_loss(conditional, path, vocab, arguments.p_uncond),
+        flm_loss(conditional, path, vocab, contexts),
         chain,
         arguments,
         arguments.train_steps,
@@ -477,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     unconditional = fl.XPredictor(backbone(vocab, arguments))
     fit(
         unconditional,
-        flm_loss(unconditional, path, vocab, None),
+        flm_loss(unconditional, path, vocab, no_context),
         chain,
         arguments,
         arguments.train_steps,
@@ -489,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     conditional.requires_grad_(False)
     fit(
         student,
-        fmlm_loss(student, conditional, path, vocab, arguments.p_uncond),
+        fmlm_loss(student, conditional, path, vocab, contexts),
         chain,
         arguments,
         arguments.distill_steps,
