@@ -24,8 +24,8 @@ words task the baseline, the best arm, its FMLM and MDLM are also trained at a q
 the budget: the trend of the gap to the target with training.
 
 Usage:
-    python benchmarks/study.py --part words --plot docs/assets/study.png    # ~20 CPU-min
-    python benchmarks/study.py --part corpus --plot docs/assets/study.png   # ~12 CPU-min
+    python benchmarks/study.py --part words --plot docs/assets/study.png    # 11 CPU-min
+    python benchmarks/study.py --part corpus --plot docs/assets/study.png   # 10 CPU-min
     python benchmarks/study.py --part report --plot docs/assets/study.png   # tables only
     python benchmarks/study.py --quick --out-dir /tmp/study                 # seconds
 
