@@ -61,8 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          samples=256),  # the teacher of examples/fmlm.py's alpha-repeat target
     "markov": dict(length=32, dim=64, depth=2, heads=2, steps=1500, batch_size=64,
                    ema_decay=0.995, samples=128),
-    "words": dict(length=8, dim=64, depth=2, heads=2, steps=1500, batch_size=128, lr=1e-3,
-                  ema_decay=0.995, samples=256),
+    "words": dict(length=8, dim=64, depth=2, heads=2, steps=1500, batch_size=128, lr=3e-3,
+                  warmup=50, ema_decay=0.995, samples=256),  # lr: docs/guides/study.md
 }
 SMOKE = dict(dim=32, depth=1, heads=2, steps=8, batch_size=8, warmup=2, samples=8, log_every=1,
              eval_every=4, sample_every=4, checkpoint_every=4)
