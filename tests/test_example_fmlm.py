@@ -172,7 +172,12 @@ def test_the_v2_recipe_options_are_saved_and_change_the_training(
     assert (config["boundary_prob"], config["beta2"]) == (0.25, 0.95)
     assert state["stages"]["v2"]["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
     defaults = load_checkpoint(tmp_path / "plain.pt", kind="fmlm")["config"]
-    assert (defaults["diagonal_fraction"], defaults["beta2"]) == (None, 0.999)
+    preset = fmlm.PRESETS["alpha-repeat"]  # the task's preset, else the Config defaults
+    assert (defaults["diagonal_fraction"], defaults["beta2"]) == (
+        preset.get("diagonal_fraction"),
+        preset.get("beta2", 0.999),
+    )
+    assert (defaults["pair_sampling"], defaults["boundary_prob"]) == ("gap-then-start", None)
     # The first step's loss comes before any update: another loss, on other pairs.
     assert plain["v2"]["train_loss"]["1"] != recipe["v2"]["train_loss"]["1"]
 
