@@ -133,6 +133,11 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
         fraction = self.diagonal_fraction
         if fraction is not None and not 0 <= fraction <= 1:
             raise ValueError(f"--diagonal-fraction must lie in [0, 1], got {fraction}")
+        if self.self_condition and fraction is not None:
+            raise ValueError(
+                "--diagonal-fraction: not with a self-conditioned teacher (the student's "
+                "estimate is bound to every row of the batch, the split calls it on a part)"
+            )
         if self.self_condition and self.solver != "euler":
             raise ValueError(
                 f"--solver {self.solver}: a self-conditioned teacher samples with Euler"
@@ -165,6 +170,8 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
     if saved is None:
         base = {name: teacher_config[name] for name in (*MODEL, "soft_cap")}
         base |= PRESETS[base["task"]] | PAPER_PRESETS.get(base["preset"], {})
+        if base["self_condition"]:  # a preset's split: plain teachers only (see check)
+            base["diagonal_fraction"] = None
         base |= (SMOKE | ({"bf16": False} if base["preset"] else {})) if options.smoke else {}
     else:
         if saved["teacher_digest"] != digest:

@@ -413,6 +413,15 @@ def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
 
 
 # ---------------------------------------------------------------------------- ablation flags
+def test_the_diagonal_split_is_refused_with_a_self_conditioned_teacher(
+    fmlm: ModuleType, sc_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The alpha-repeat preset's split is for plain teachers; asking for one is an error."""
+    args = ("--smoke", "--teacher", sc_teacher, "--diagonal-fraction", "0.5")
+    error = refused(fmlm, capsys, *args, "--out", tmp_path / "s.pt")
+    assert "--diagonal-fraction: not with a self-conditioned teacher" in error
+
+
 @pytest.mark.parametrize("method", ["v2", "v1"])
 def test_a_self_conditioned_teacher_is_distilled_into_a_self_conditioned_student(
     examples: dict[str, ModuleType],
