@@ -229,13 +229,12 @@ def validation_loss(predictor: fl.XPredictor, interpolant: fl.Interpolant, task:
                     config: Config, device: torch.device) -> float:  # fmt: skip
     """Cross-entropy on fixed sequences and noise, averaged over VALIDATION_TIMES (not a bound)."""
     tokens = task.validation.to(device)
-    x1 = fl.one_hot(tokens, task.vocab_size)
     losses = []
     for i, time_value in enumerate(VALIDATION_TIMES):
         generator = train.seeded_generator(config.seed, "validation", i, device=device)
-        noise = torch.randn(x1.shape, generator=generator, device=device)
-        t = torch.full((len(x1),), time_value, device=device)
-        logits = predictor.logits(interpolant.sample(noise, x1, t), t)
+        t = torch.full((len(tokens),), time_value, device=device)
+        x_t = interpolant.noised(tokens, t, task.vocab_size, generator=generator)
+        logits = predictor.logits(x_t, t)
         losses.append(fl.masked_mean(fl.cross_entropy(logits, tokens), task.mask(tokens)))
     return torch.stack(losses).mean().item()
 
