@@ -8,6 +8,7 @@ sampler and flow map needs.
 from typing import Any
 
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 
 from flowlm._checks import check_state, check_time, check_tokens
@@ -15,7 +16,7 @@ from flowlm._tensors import at_least_float32, broadcast_time
 from flowlm._types import Logits, Probs, State, Time, TokenLoss, TokenMask, Tokens
 from flowlm.embeddings import TimeEmbedding
 from flowlm.network_calls import record_network_call
-from flowlm.protocols import Backbone
+from flowlm.protocols import Backbone, RowSelectable
 
 
 class XPredictor(nn.Module):
@@ -66,6 +67,15 @@ class XPredictor(nn.Module):
     def forward(self, x_t: State, t: Time, s: Time | None = None) -> Probs:
         r"""Predicted data $\hat x_1$: probabilities over the vocabulary at every position."""
         return torch.softmax(at_least_float32(self.logits(x_t, t, s)), dim=-1)
+
+    def rows(self, index: Int[Tensor, " rows"]) -> "XPredictor":
+        """This predictor for the rows ``index`` of its batch (`flowlm.RowSelectable`).
+
+        A backbone holding inputs per row (e.g. `flowlm.WithPrevious`) keeps those rows';
+        any other backbone reads none, and the predictor is returned as it is.
+        """
+        backbone = self.backbone
+        return XPredictor(backbone.rows(index)) if isinstance(backbone, RowSelectable) else self
 
 
 class _CrossEntropyKeepingLogits(torch.autograd.Function):

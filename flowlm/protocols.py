@@ -2,12 +2,15 @@ r"""The contracts: what a backbone, a flow map, a velocity field and a distillat
 
 These are structural types (``typing.Protocol``): any object with the right call signature
 fits and nothing needs to inherit from them. They are ``runtime_checkable`` only so that
-the optional jaxtyping + beartype checks can verify arguments; flowlm's own logic never
-tests membership.
+the optional jaxtyping + beartype checks can verify arguments; flowlm's own logic tests
+membership of one only, the optional capability `RowSelectable`.
 Time is per example ``(batch,)`` or per token ``(batch, seq)`` everywhere (`flowlm.Time`).
 """
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+
+from jaxtyping import Int
+from torch import Tensor
 
 from flowlm._types import Logits, Probs, State, Time
 from flowlm.interpolants import Interpolant
@@ -146,4 +149,35 @@ class TwoTimeMap(Protocol):
 
     def __call__(self, x: State, t: Time, s: Time, /) -> State:
         r"""$X_{t \to s}(x)$."""
+        ...
+
+
+_Selectable = TypeVar("_Selectable", bound="RowSelectable")
+
+
+@runtime_checkable
+class RowSelectable(Protocol):
+    r"""A backbone, predictor or map that holds inputs per row of its batch, restricted to some rows.
+
+    A self-conditioned network bound to its batch's previous estimates (`flowlm.WithPrevious`)
+    can only be called on that batch; ``part = obj.rows(index)`` is the same object for the
+    rows ``index`` (called on ``x_t[index]``). `XPredictor` and `XPredMap` pass it on to
+    their backbone; a loss that calls its student on a part of the batch
+    (`flowlm.split_semigroup_kl_loss`) restricts it so. Anything without ``rows`` holds no
+    per-row input and is called on any rows as it is.
+
+    Examples:
+        >>> import torch
+        >>> from flowlm import WithPrevious, XPredictor
+        >>> def f(x, t, previous=None):
+        ...     return x + previous
+        >>> bound = XPredictor(WithPrevious(f, torch.eye(3)[:, None]))  # 3 rows, 1 position
+        >>> x, t = torch.zeros(2, 1, 3), torch.zeros(2)
+        >>> bound.rows(torch.tensor([2, 0])).logits(x, t)[:, 0]
+        tensor([[0., 0., 1.],
+                [1., 0., 0.]])
+    """
+
+    def rows(self: "_Selectable", index: Int[Tensor, " rows"], /) -> "_Selectable":
+        """The same kind of object for the rows ``index`` of its batch, in that order."""
         ...

@@ -21,17 +21,20 @@ today's training unchanged; the authors' values are given with each.
 """
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from flowlm._checks import check_jump, check_state, check_time
+from flowlm._tensors import broadcast_time, float32_or_wider
 from flowlm._types import Logits, Probs, State, Time, TokenLoss
-from flowlm.distill import diagonal_kl, kl_divergence, semigroup_target
-from flowlm.protocols import Backbone, Predictor, TwoTimeMap
+from flowlm.distill import kl_divergence, semigroup_target
+from flowlm.protocols import Backbone, Predictor, RowSelectable, TwoTimeMap
 from flowlm.self_conditioning import SelfConditionedBackbone
+
+_Part = TypeVar("_Part")
 
 
 class DiagonalSplit(NamedTuple):
@@ -94,6 +97,13 @@ def split_semigroup_kl_loss(
     estimates $f\,\text{diagonal} + (1 - f)\,\text{jump}$, at about half the network calls
     of `flowlm.distill.semigroup_kl_loss`, which puts both terms on every row.
 
+    The student's trained prediction is one call on the whole batch, at
+    $(t, t)$ on the diagonal rows and $(t, s)$ on the others; the teacher runs on the diagonal
+    rows only and the semigroup target's two calls on the jump rows only. A student or teacher
+    that holds inputs per row (`flowlm.RowSelectable`, e.g. a self-conditioned student bound
+    to its estimates with `flowlm.WithPrevious`) is restricted to those rows for those calls,
+    so every row's loss is the one it has alone.
+
     Args:
         student: the two-time map being trained.
         teacher: the frozen FLM denoiser $D_t$.
@@ -125,18 +135,23 @@ def split_semigroup_kl_loss(
         raise ValueError(f"the split covers {rows} rows, the batch has {x_t.shape[0]}")
     u = 0.5 * (t + s) if u is None else u
     check_time(u, x_t, "u")
-    loss = x_t.new_zeros(x_t.shape[:-1])
     on, off = split.diagonal, split.off_diagonal
-    if on.numel():
-        with torch.no_grad():
-            teacher_probs = teacher(x_t[on], t[on])
-        loss = loss.index_copy(0, on, diagonal_kl(student, teacher_probs, x_t[on], t[on]))
-    if off.numel():
-        x, start, end = x_t[off], t[off], s[off]
-        target = semigroup_target(student, x, start, u[off], end)
-        jump = kl_divergence(target, student.predictor.logits(x, start, end))
-        loss = loss.index_copy(0, off, jump)
-    return loss
+    target = x_t.new_zeros(x_t.shape, dtype=float32_or_wider(x_t.dtype))
+    with torch.no_grad():
+        if on.numel():
+            target = target.index_copy(0, on, _rows(teacher, on)(x_t[on], t[on]).to(target.dtype))
+        if off.numel():
+            jump = semigroup_target(_rows(student, off), x_t[off], t[off], u[off], s[off])
+            target = target.index_copy(0, off, jump.to(target.dtype))
+    on_diagonal = torch.zeros(x_t.shape[0], dtype=torch.bool, device=x_t.device)
+    on_diagonal = on_diagonal.index_fill(0, on, True)
+    end = torch.where(broadcast_time(on_diagonal, t), t, s)
+    return kl_divergence(target, student.predictor.logits(x_t, t, end))
+
+
+def _rows(part: _Part, index: Int[Tensor, " rows"]) -> _Part:
+    """``part`` for the rows ``index`` of its batch: `RowSelectable.rows`, else ``part`` itself."""
+    return part.rows(index) if isinstance(part, RowSelectable) else part
 
 
 def soft_cap(logits: Float[Tensor, "*shape"], cap: float = 30.0) -> Float[Tensor, "*shape"]:

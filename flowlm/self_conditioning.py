@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypedDict, Unpack, runtime_checkable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from flowlm._checks import check_state
@@ -67,7 +67,9 @@ class WithPrevious:
     r"""A self-conditioned backbone with its previous estimate bound: a plain `flowlm.Backbone`.
 
     ``WithPrevious(f, p)(x_t, t[, s]) = f(x_t, t[, s], previous=p)``, so `flowlm.XPredictor`,
-    `flowlm.XPredMap` and every distillation loss use it unchanged.
+    `flowlm.XPredMap` and every distillation loss use it unchanged. The estimate is per row
+    of its batch: `rows` keeps those of a part (`flowlm.RowSelectable`), which is how
+    `flowlm.split_semigroup_kl_loss` calls it on some rows.
 
     Attributes:
         backbone: the self-conditioned network.
@@ -90,6 +92,10 @@ class WithPrevious:
         if s is None:
             return self.backbone(x_t, t, previous=self.previous)
         return self.backbone(x_t, t, s, previous=self.previous)
+
+    def rows(self, index: Int[Tensor, " rows"]) -> "WithPrevious":
+        """The backbone with the estimate of the rows ``index`` only, for a call on ``x_t[index]``."""
+        return WithPrevious(self.backbone, None if self.previous is None else self.previous[index])
 
 
 def _first_estimate(

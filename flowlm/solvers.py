@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -86,6 +87,10 @@ class XPredMap(nn.Module):
         self.interpolant.check_state(x)
         x1_hat = self.predictor(x, t, s) if self.two_time else self.predictor(x, t)
         return self.interpolant.step(x, x1_hat, t, s)
+
+    def rows(self, index: Int[Tensor, " rows"]) -> "XPredMap":
+        """This map for the rows ``index`` of its batch: `XPredictor.rows` (`flowlm.RowSelectable`)."""
+        return XPredMap(self.predictor.rows(index), self.interpolant, self.two_time)
 
 
 class Euler(nn.Module):

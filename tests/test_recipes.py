@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 import flowlm as fl
 from flowlm import distill
 from flowlm.backbones import DiT
-from flowlm.recipes import SoftCapped, diagonal_split, soft_cap, split_semigroup_kl_loss
+from flowlm.recipes import (
+    DiagonalSplit,
+    SoftCapped,
+    diagonal_split,
+    soft_cap,
+    split_semigroup_kl_loss,
+)
 
 N = 40_000
 
@@ -103,6 +109,116 @@ def test_a_split_of_another_batch_is_refused() -> None:
     x, t, s = torch.randn(4, 3, 6), torch.zeros(4), torch.ones(4)
     with pytest.raises(ValueError, match="the split covers 5 rows, the batch has 4"):
         split_semigroup_kl_loss(student, teacher, x, t, s, diagonal_split(5, 0.5))
+
+
+class RowCounting(torch.nn.Module):
+    """A network that records the rows of every call (a self-conditioned one's estimate too)."""
+
+    def __init__(self, network: DiT) -> None:
+        super().__init__()
+        self.network = network
+        self.call_rows: list[int] = []
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None, **previous: Any
+    ) -> torch.Tensor:
+        self.call_rows.append(len(x))
+        return self.network(x, t, **previous) if s is None else self.network(x, t, s, **previous)
+
+
+def self_conditioned_pair(seed: int, vocab: int = 6) -> tuple[RowCounting, fl.XPredictor]:
+    """A random self-conditioned two-time student network, its own-estimate teacher (float64)."""
+    torch.manual_seed(seed)
+    network = DiT(vocab, 16, 1, 2, two_time=True, dropout=0.0, self_conditioning=True)
+    teacher = DiT(vocab, 16, 1, 2, dropout=0.0, self_conditioning=True)
+    network, teacher = network.double().eval(), teacher.double().eval()
+    with torch.no_grad():  # the estimate's input non-zero: it changes every prediction
+        for parameter in [*network.parameters(), *teacher.parameters()]:
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return RowCounting(network), fl.XPredictor(fl.WithOwnEstimate(teacher))
+
+
+def bound_student(network: RowCounting, previous: torch.Tensor) -> fl.XPredMap:
+    bound = fl.XPredictor(fl.WithPrevious(network, previous))
+    return fl.XPredMap(bound, fl.LinearInterpolant(), two_time=True)
+
+
+def jump_times(batch: int, length: int, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (batch, length) if per_token else (batch,)
+    t = 0.8 * torch.rand(shape)
+    return t, t + (1 - t) * torch.rand(shape)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_a_self_conditioned_students_split_loss_is_each_rows_loss_alone(per_token: bool) -> None:
+    """Oracle: every row computed alone, with its own row of the estimate bound."""
+    network, teacher = self_conditioned_pair(4)
+    batch, length = 8, 5
+    x = torch.randn(batch, length, 6, dtype=torch.float64)
+    t, s = (times.double() for times in jump_times(batch, length, per_token))
+    coins = torch.Generator().manual_seed(5)
+    previous = fl.draw_previous(network, x, t, s, generator=coins)
+    estimated = previous.flatten(1).abs().sum(1) > 0
+    assert 0 < int(estimated.sum()) < batch  # rows with an estimate and rows with zeros
+    split = diagonal_split(batch, 0.5, generator=torch.Generator().manual_seed(6))
+    parameters = [*network.parameters()]
+    got = split_semigroup_kl_loss(bound_student(network, previous), teacher, x, t, s, split)
+    got_gradients = torch.autograd.grad(got.sum(), parameters)
+    empty = torch.zeros(0, dtype=torch.long)
+    alone = []
+    gradients = [torch.zeros_like(parameter) for parameter in parameters]
+    for row in range(batch):
+        one = torch.tensor([row])
+        diagonal = bool((split.diagonal == row).any())
+        part = (
+            DiagonalSplit(torch.tensor([0]), empty)
+            if diagonal
+            else DiagonalSplit(empty, torch.tensor([0]))
+        )
+        student = bound_student(network, previous[one])
+        loss = split_semigroup_kl_loss(student, teacher, x[one], t[one], s[one], part)
+        alone.append(loss[0])
+        for total, gradient in zip(
+            gradients, torch.autograd.grad(loss.sum(), parameters), strict=True
+        ):
+            total += gradient
+    torch.testing.assert_close(got, torch.stack(alone), rtol=0, atol=1e-6)
+    for mine, oracle in zip(got_gradients, gradients, strict=True):
+        torch.testing.assert_close(mine, oracle, rtol=1e-5, atol=1e-6)
+    # The estimate matters: with none bound, the same rows give other losses.
+    unbound = split_semigroup_kl_loss(bound_student(network, None), teacher, x, t, s, split)
+    assert (unbound - got)[estimated].abs().max() > 1e-4
+    for rows in split:
+        assert got[rows].mean().item() > 1e-4
+
+
+@pytest.mark.parametrize("self_conditioned", [False, True])
+def test_the_split_loss_makes_no_more_network_calls_than_one_per_term_and_row(
+    self_conditioned: bool,
+) -> None:
+    """Student: one call on the batch, the target's two on the jump rows; teacher: diagonal."""
+    network, _ = self_conditioned_pair(7)
+    plain_student, plain_teacher = distillation_pair(7)
+    teacher_network = RowCounting(plain_teacher.backbone)
+    teacher = fl.XPredictor(teacher_network)
+    batch, length = 10, 4
+    x = torch.randn(batch, length, 6)
+    t, s = jump_times(batch, length, per_token=False)
+    if self_conditioned:
+        student = bound_student(network, fl.draw_previous(network, x, t, s))
+    else:
+        network = RowCounting(plain_student.predictor.backbone)
+        student = fl.XPredMap(fl.XPredictor(network), fl.LinearInterpolant(), two_time=True)
+    split = diagonal_split(batch, 0.3, generator=torch.Generator().manual_seed(8))
+    on, off = len(split.diagonal), len(split.off_diagonal)
+    network.call_rows.clear()
+    with fl.count_network_calls() as calls:
+        split_semigroup_kl_loss(student, teacher, x, t, s, split)
+    # Before: the diagonal (on rows), the target's two calls and the jump (off rows each).
+    assert calls.count == 4  # before: 5 (the jump and the diagonal each had their own)
+    assert sorted(network.call_rows) == sorted([batch, off, off])
+    assert sum(network.call_rows) == on + 3 * off  # the same rows as one call per term and row
+    assert teacher_network.call_rows == [on]
 
 
 def test_soft_cap_is_a_bounded_odd_near_identity() -> None:
