@@ -125,8 +125,6 @@ class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length,
             raise ValueError(
                 f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
             )
-        if self.self_condition_guidance is not None and not self.self_condition:
-            raise ValueError("--self-condition-guidance guides a --self-condition model")
         if self.self_condition and self.solver != "euler":
             raise ValueError(
                 f"--self-condition samples with Euler steps, not --solver {self.solver}"

@@ -11,6 +11,7 @@ reports NFE, entropy and the task's measures next to the teacher's 1- and 8-step
     python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only --prompt "And"
     python examples/fmlm.py --teacher runs/flm.pt --soft-cap 30   # the student's logits capped
     python examples/fmlm.py --teacher runs/flm.pt --out runs/fmlm.pt --sample-only --churn 0.8
+    python examples/fmlm.py --teacher runs/sc.pt --out runs/sc-fmlm.pt --self-condition-guidance 3
 
 Methods (--method), one branch each in the loop below:
 
@@ -33,7 +34,10 @@ teacher's checksum (a retrained teacher is refused); randomness and resumption a
 student's steps by γ-sampling (jump to s + C(1 - s), renoise back to s; one step unchanged).
 A self-conditioned teacher (flm.py --self-condition) is queried as its own two-call estimate;
 its self-conditioned student reads no estimate or its own first one, δ_{t,s}(x_t; 0), a coin
-per row, and is reported with 1 call per step ("steps") and 2 ("self_conditioned_steps").
+per row (bound to its rows: --diagonal-fraction splits them as any other batch), and is
+reported with 1 call per step ("steps"), 2 ("self_conditioned_steps"), and 1 reading the step
+before's estimate ("previous_estimate_steps", as flm.py samples), which
+--self-condition-guidance W guides: z(x̂₁') + W (z(x̂₁') - z(0)), one batched call per step.
 """
 
 import json
@@ -121,6 +125,7 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
     checkpoint_every: int = 100
     sample_steps: tuple[int, ...] = (1, 2, 4)
     solver: str = "euler"  # the teacher's sampler in the report
+    self_condition_guidance: float | None = None  # the student's z(x̂₁') + W (z(x̂₁') - z(0))
     churn: float = 0.0  # γ-sampling of the student's steps, in [0, 1): 0 is deterministic
     context: str = "none"  # distil with contexts (teacher and student see the same, t = s = 1)
     p_uncond: float = 0.1  # with a context: rows distilled with none
@@ -133,11 +138,6 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
         fraction = self.diagonal_fraction
         if fraction is not None and not 0 <= fraction <= 1:
             raise ValueError(f"--diagonal-fraction must lie in [0, 1], got {fraction}")
-        if self.self_condition and fraction is not None:
-            raise ValueError(
-                "--diagonal-fraction: not with a self-conditioned teacher (the student's "
-                "estimate is bound to every row of the batch, the split calls it on a part)"
-            )
         if self.self_condition and self.solver != "euler":
             raise ValueError(
                 f"--solver {self.solver}: a self-conditioned teacher samples with Euler"
@@ -170,8 +170,6 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
     if saved is None:
         base = {name: teacher_config[name] for name in (*MODEL, "soft_cap")}
         base |= PRESETS[base["task"]] | PAPER_PRESETS.get(base["preset"], {})
-        if base["self_condition"]:  # a preset's split: plain teachers only (see check)
-            base["diagonal_fraction"] = None
         base |= (SMOKE | ({"bf16": False} if base["preset"] else {})) if options.smoke else {}
     else:
         if saved["teacher_digest"] != digest:
@@ -395,6 +393,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if sc:  # 2 calls per step: the student's first estimate, then the jump reading it
                 own = fl.XPredMap(fl.XPredictor(fl.WithOwnEstimate(network)), interpolant, True)
                 result["self_conditioned_steps"] = report(own, label + ", 2 calls", **students)
+                guidance = config.self_condition_guidance  # 1 call: the step before's estimate
+                passed = fl.SelfConditionedMap(
+                    network, interpolant, two_time=True, guidance=guidance
+                )
+                label += ", the previous step's estimate"
+                result["previous_estimate_steps"] = report(passed, label, **students)
             if config.method == "v1":
                 taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
                 result["stage1_steps"] = report(taylor, "v1 stage-1 Taylor map", config=config)

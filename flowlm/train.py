@@ -653,7 +653,8 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
     every attribute named in ``positive`` $\ge 1$. NaN fails every range.
 
     The ablation settings too: ``soft_cap`` (unless None) positive and finite,
-    ``self_condition_guidance`` (unless None) finite and $\ge 0$, ``churn`` in $[0, 1)$.
+    ``self_condition_guidance`` (unless None) finite and $\ge 0$, and only with a true
+    ``self_condition`` (it guides the self-conditioning input), ``churn`` in $[0, 1)$.
 
     Args:
         settings: e.g. a settings dataclass.
@@ -688,6 +689,9 @@ def check_settings(settings: Any, world_size: int = 1, positive: Sequence[str] =
     for name, (allowed, requirement) in ranges.items():
         if hasattr(settings, name) and not allowed(value := getattr(settings, name)):
             raise ValueError(f"--{name.replace('_', '-')} {requirement}, got {value}")
+    guided = getattr(settings, "self_condition_guidance", None) is not None
+    if guided and not getattr(settings, "self_condition", False):
+        raise ValueError("--self-condition-guidance guides a --self-condition model")
     batch_size = getattr(settings, "batch_size", world_size)
     if batch_size % world_size:
         raise ValueError(f"--batch-size {batch_size} does not split over {world_size} processes")

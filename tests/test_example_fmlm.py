@@ -371,7 +371,7 @@ SPLIT_FLAGS = ["--diagonal-fraction", "0.5", "--pair-sampling", "sorted-uniform"
 @pytest.mark.parametrize(
     ("method", "teacher_fixture", "extra"),
     [("v2", "teacher", []), ("v2", "teacher", SPLIT_FLAGS), ("v1", "teacher", []),
-     ("v2", "sc_teacher", [])],
+     ("v2", "sc_teacher", []), ("v2", "sc_teacher", SPLIT_FLAGS)],
 )  # fmt: skip
 def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
     fmlm: ModuleType,
@@ -413,15 +413,6 @@ def test_the_distillation_loop_reads_the_host_only_at_log_and_checkpoint_steps(
 
 
 # ---------------------------------------------------------------------------- ablation flags
-def test_the_diagonal_split_is_refused_with_a_self_conditioned_teacher(
-    fmlm: ModuleType, sc_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The alpha-repeat preset's split is for plain teachers; asking for one is an error."""
-    args = ("--smoke", "--teacher", sc_teacher, "--diagonal-fraction", "0.5")
-    error = refused(fmlm, capsys, *args, "--out", tmp_path / "s.pt")
-    assert "--diagonal-fraction: not with a self-conditioned teacher" in error
-
-
 @pytest.mark.parametrize("method", ["v2", "v1"])
 def test_a_self_conditioned_teacher_is_distilled_into_a_self_conditioned_student(
     examples: dict[str, ModuleType],
@@ -434,9 +425,13 @@ def test_a_self_conditioned_teacher_is_distilled_into_a_self_conditioned_student
     result = run(fmlm, "--smoke", "--teacher", sc_teacher, "--method", method, "--out", student)
     check_report(result["steps"], ["1", "2", "4"], nfe_per_step=1)  # no estimate
     check_report(result["self_conditioned_steps"], ["1", "2", "4"], nfe_per_step=2)
+    check_report(result["previous_estimate_steps"], ["1", "2", "4"], nfe_per_step=1)
+    assert result["previous_estimate_steps"]["1"] == result["steps"]["1"]  # no step before
     check_report(result["teacher_steps"], ["1", "8"], nfe_per_step=1)  # its estimate passed on
     state = load_checkpoint(student, kind="fmlm")
     assert state["config"]["self_condition"]
+    preset = fmlm.PRESETS["alpha-repeat"].get("diagonal_fraction")  # the task's split applies
+    assert state["config"]["diagonal_fraction"] == preset
     assert state["config"]["soft_cap"] == 5.0  # the teacher's cap by default
     assert "previous_embedding.weight" in state["stages"][STAGES[method][-1]]["ema"]
     if method == "v2":  # the teacher is sampled exactly as examples/flm.py samples it
@@ -455,20 +450,68 @@ SC_REFUSALS = {
 """What a self-conditioned teacher refuses, by flags."""
 
 
-def test_a_resumed_self_conditioned_distillation_replays_the_uninterrupted_one(
-    fmlm: ModuleType, sc_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("fraction", ["0.5", "0.25"])
+def test_a_resumed_self_conditioned_split_distillation_replays_the_uninterrupted_one(
+    fmlm: ModuleType,
+    sc_teacher: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fraction: str,
 ) -> None:
+    """The student's estimate is bound to its rows: the diagonal split splits them too."""
     for flags, message in SC_REFUSALS.items():
         assert message in refused(fmlm, capsys, "--smoke", "--teacher", sc_teacher, *flags.split())
-    flags = [*RESUME_FLAGS, "--teacher", sc_teacher]
+    flags = [*RESUME_FLAGS, "--teacher", sc_teacher, "--diagonal-fraction", fraction]
     straight = run(fmlm, *flags, "--steps", "4", "--out", tmp_path / "straight.pt")
     run(fmlm, *flags, "--steps", "2", "--out", tmp_path / "resumed.pt")
     resumed = run(fmlm, *flags, "--steps", "4", "--out", tmp_path / "resumed.pt", "--resume")
     assert resumed["v2"]["train_loss"] == {
         step: straight["v2"]["train_loss"][step] for step in "34"
     }
-    for report in ("steps", "self_conditioned_steps", "teacher_steps"):
+    assert all(math.isfinite(loss) for loss in straight["v2"]["train_loss"].values())
+    for report in ("steps", "self_conditioned_steps", "previous_estimate_steps", "teacher_steps"):
         assert resumed[report] == straight[report]
+    state = load_checkpoint(tmp_path / "resumed.pt", kind="fmlm")
+    assert state["config"]["diagonal_fraction"] == float(fraction)
+
+
+def test_self_conditioning_guidance_guides_the_students_previous_estimate_sampler(
+    fmlm: ModuleType,
+    teacher: Path,
+    sc_teacher: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """z(x̂₁') + W (z(x̂₁') - z(0)): W = 0 is the unguided sampler, a large W moves it."""
+    common = ["--smoke", "--teacher", sc_teacher, "--steps", "2"]
+    trained = run(fmlm, *common, "--out", tmp_path / "plain.pt")
+    unguided = trained["previous_estimate_steps"]
+    sample = [*common, "--sample-only", "--self-condition-guidance"]
+    zero = run(fmlm, *sample, "0", "--out", tmp_path / "plain.pt")["previous_estimate_steps"]
+    assert zero == unguided
+    large = run(fmlm, *sample, "1000", "--out", tmp_path / "plain.pt")
+    check_report(large["previous_estimate_steps"], ["1", "2", "4"], nfe_per_step=1)  # one batch
+    assert large["previous_estimate_steps"]["1"] == unguided["1"]  # no estimate yet: z(0) alone
+    assert large["previous_estimate_steps"] != unguided  # w large enough for the tiny input
+    for report in ("steps", "self_conditioned_steps", "teacher_steps"):  # not guided
+        assert large[report] == trained[report]
+    # Saved like the other sampling settings, and read back with --sample-only.
+    saved = run(fmlm, *common, "--self-condition-guidance", "1000", "--out", tmp_path / "w.pt")
+    assert (
+        load_checkpoint(tmp_path / "w.pt", kind="fmlm")["config"]["self_condition_guidance"] == 1000
+    )
+    again = run(
+        fmlm, "--smoke", "--teacher", sc_teacher, "--sample-only", "--out", tmp_path / "w.pt"
+    )
+    assert saved["previous_estimate_steps"] == again["previous_estimate_steps"]
+    assert saved["previous_estimate_steps"] == large["previous_estimate_steps"]
+    refusals = {
+        (teacher, "1"): "error: --self-condition-guidance guides a --self-condition model",
+        (sc_teacher, "-1"): "error: --self-condition-guidance must be >= 0, got -1.0",
+    }
+    for (checkpoint, weight), message in refusals.items():
+        args = ("--smoke", "--teacher", checkpoint, "--self-condition-guidance", weight)
+        assert refused(fmlm, capsys, *args) == message
 
 
 def test_a_student_soft_cap_far_above_the_logits_is_the_uncapped_student(
