@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 passed = fl.SelfConditionedMap(
                     network, interpolant, two_time=True, guidance=guidance
                 )
-                label += ", the previous step's estimate"
-                result["previous_estimate_steps"] = report(passed, label, **students)
+                passing = label + ", the step before's estimate"
+                result["previous_estimate_steps"] = report(passed, passing, **students)
             if config.method == "v1":
                 taylor = fl.TaylorMap(velocity, networks["v1-stage1"])
                 result["stage1_steps"] = report(taylor, "v1 stage-1 Taylor map", config=config)
