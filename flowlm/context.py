@@ -10,13 +10,16 @@ infill or an already written block need no new mechanism (the documentation's gu
   ``masked_mean(cross_entropy(logits, tokens), context.unknown)``;
 - sampling: ``rollout(flow_map, noise, grid, context=context)`` holds the known positions
   one-hot at time 1 through every step (`Context.hold`); two-time maps see $t = s = 1$ there,
-  so one FMLM call fills every unknown position given the known ones.
+  so one FMLM call fills every unknown position given the known ones. A self-conditioned
+  sampler runs on the lifted state $[x, \hat x_1']$ (`flowlm.SelfConditionedMap`): hold
+  ``context.lift()``, which imposes the tokens on the state half $x$ only.
 
 The samplers `prefix_context`, `span_context` and `bernoulli_context` draw training contexts
 on the tokens' device; each drops the whole context of a row with probability ``p_uncond``,
 so the same network also stays unconditional (needed by `flowlm.Guidance`).
 """
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,15 +32,22 @@ from flowlm._tensors import broadcast_time
 from flowlm._types import State, Time, TokenMask, Tokens, TokenTime
 from flowlm.interpolants import one_hot
 from flowlm.protocols import FlowMap
+from flowlm.self_conditioning import lift_state, split_state
+
+SamplerState = Float[Tensor, "batch seq width"]
+"""What a sampler runs on: a token state ``(batch, seq, vocab)`` or a lifted one (``2 * vocab``)."""
 
 
 @dataclass(frozen=True)
 class Context:
-    """Known tokens: ``tokens`` where ``known`` is true; other entries of ``tokens`` are ignored.
+    r"""Known tokens: ``tokens`` where ``known`` is true; other entries of ``tokens`` are ignored.
 
     Attributes:
         tokens: integer ids ``(batch, seq)``.
         known: bool mask ``(batch, seq)``, true at the positions given (held at time 1).
+        lifted: the sampler's state is a self-conditioned lifted state $[x, \hat x_1']$
+            (`flowlm.lift_state`): the tokens are held in its state half $x$, and the
+            estimate half is the sampler's own at every position (see `lift`).
 
     Raises:
         TypeError: if ``tokens`` are not integers or ``known`` is not bool.
@@ -55,6 +65,7 @@ class Context:
 
     tokens: Tokens
     known: TokenMask
+    lifted: bool = False
 
     def __post_init__(self) -> None:
         tokens, known = self.tokens, self.known
@@ -157,15 +168,57 @@ class Context:
         one = torch.ones((), dtype=t.dtype, device=t.device)
         return torch.where(self.known, one, broadcast_time(t, self.known))
 
-    def impose(self, x: State) -> State:
-        """``x`` with every known position replaced by the exact one-hot vector of its token."""
+    def lift(self) -> "Context":
+        r"""This context, held in a self-conditioned sampler's lifted state $[x, \hat x_1']$.
+
+        The known tokens are imposed on the state half $x$ (one-hot, at time 1); the estimate
+        half $\hat x_1'$ is left as the sampler writes it, at known positions too: there it is
+        the network's own estimate at time 1, exactly what `flowlm.draw_previous` feeds in
+        training with contexts (the loss is masked there, so a one-hot estimate would be an
+        input the network never saw). Pass it to `flowlm.rollout` or `flowlm.block_rollout`
+        with a `flowlm.SelfConditionedMap` started from ``lift_state(noise)``.
+
+        Examples:
+            >>> from flowlm import lift_state
+            >>> context = Context.prefix(torch.tensor([[1, 0]]), 1).lift()
+            >>> context.impose(lift_state(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5)))
+            tensor([[[0.0000, 1.0000, 0.5000, 0.5000],
+                     [0.0000, 0.0000, 0.5000, 0.5000]]])
+        """
+        return dataclasses.replace(self, lifted=True)
+
+    def state(self, x: SamplerState) -> State:
+        """The token state a sampler's state holds: ``x``, or the state half of a lifted one.
+
+        Examples:
+            >>> Context.none(torch.zeros(1, 1, dtype=torch.long)).lift().state(torch.ones(1, 1, 4))
+            tensor([[[1., 1.]]])
+        """
+        return split_state(x).x if self.lifted else x
+
+    def with_state(self, x: SamplerState, state: State) -> SamplerState:
+        """The sampler's state ``x`` with its token state (`state`) replaced by ``state``.
+
+        Examples:
+            >>> context = Context.none(torch.zeros(1, 1, dtype=torch.long)).lift()
+            >>> context.with_state(torch.ones(1, 1, 4), torch.zeros(1, 1, 2))
+            tensor([[[0., 0., 1., 1.]]])
+        """
+        return lift_state(state, split_state(x).previous) if self.lifted else state
+
+    def impose(self, x: SamplerState) -> SamplerState:
+        """``x`` with every known position replaced by the exact one-hot vector of its token.
+
+        In a lifted context (`lift`), on the state half only.
+        """
         if x.ndim != 3 or x.shape[:2] != self.known.shape:
             raise ValueError(
                 f"a state of shape {tuple(x.shape)} does not fit a context of shape "
                 f"{tuple(self.known.shape)}: expected (batch, seq, vocab) with the same batch and seq"
             )
-        clean = one_hot(self.tokens, x.shape[-1], dtype=x.dtype)
-        return torch.where(self.known[..., None], clean, x)
+        state = self.state(x)
+        clean = one_hot(self.tokens, state.shape[-1], dtype=state.dtype)
+        return self.with_state(x, torch.where(self.known[..., None], clean, state))
 
     def hold(self, flow_map: FlowMap) -> "ConditionalMap":
         """``flow_map`` run with this context held at time 1 (what ``rollout(context=...)`` uses)."""
@@ -193,7 +246,7 @@ class ConditionalMap(nn.Module):
         self.flow_map = flow_map
         self.context = context
 
-    def forward(self, x: State, t: Time, s: Time) -> State:
+    def forward(self, x: SamplerState, t: Time, s: Time) -> SamplerState:
         r"""$X_{t\to s}$ with the known positions at time 1."""
         context = self.context
         moved = self.flow_map(context.impose(x), context.times(t), context.times(s))
