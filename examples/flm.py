@@ -30,7 +30,7 @@ from a generator seeded by (seed, k). So a resumed run replays the uninterrupted
 and N processes train on a global batch with the same distribution as one process's (i.i.d.
 rows, the same strata of times), not on the same numbers (so are self-conditioning's coins).
 Self-conditioning samples on the state [x, x̂₁'] (its Euler step, or --solver's with the
-estimate threaded through the stages), prompts held in the x half; validation reads its
+estimate threaded through the stages), prompts held one-hot in both halves; validation reads its
 two-call estimate. Flags override the task's preset, or
 with --resume / --sample-only the settings saved in the checkpoint. Checkpoints (model, EMA,
 optimizer, step, the tokenizer's state, settings) are replaced atomically and carry a

@@ -37,7 +37,7 @@ class Replacement(nn.Module):
     one-hot tokens, so the final state holds the context exactly. Use it with a plain
     ``rollout`` (no ``context=``, which would pass per-token times to the network). On a
     self-conditioned sampler's lifted state, give ``context.lift()``: $R_t$ acts on the state
-    half and the estimate half is the sampler's.
+    half only (the estimate half is the sampler's: the model never saw the tokens clean).
 
     Args:
         flow_map: the unconditional map.
@@ -190,8 +190,8 @@ def block_rollout(
     position before ``first`` must be known (e.g. ``first`` = the prompt's length; checked once
     per call, on the host). A self-conditioned sampler (`flowlm.SelfConditionedMap`) runs from
     ``lift_state(noise)`` with a lifted context (`Context.lift`; for none,
-    ``Context.none(tokens).lift()``): every block restarts from no estimate, and the blocks
-    are decoded from the state half.
+    ``Context.none(tokens).lift()``): every block restarts from ``x_init`` (no estimate but
+    the one-hot of the known tokens), and the blocks are decoded from the state half.
 
     Args:
         flow_map: a conditional flow map (trained with per-token times).

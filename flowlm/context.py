@@ -12,7 +12,7 @@ infill or an already written block need no new mechanism (the documentation's gu
   one-hot at time 1 through every step (`Context.hold`); two-time maps see $t = s = 1$ there,
   so one FMLM call fills every unknown position given the known ones. A self-conditioned
   sampler runs on the lifted state $[x, \hat x_1']$ (`flowlm.SelfConditionedMap`): hold
-  ``context.lift()``, which imposes the tokens on the state half $x$ only.
+  ``context.lift()``, which imposes the tokens on the state $x$ and on the estimate.
 
 The samplers `prefix_context`, `span_context` and `bernoulli_context` draw training contexts
 on the tokens' device; each drops the whole context of a row with probability ``p_uncond``,
@@ -46,8 +46,7 @@ class Context:
         tokens: integer ids ``(batch, seq)``.
         known: bool mask ``(batch, seq)``, true at the positions given (held at time 1).
         lifted: the sampler's state is a self-conditioned lifted state $[x, \hat x_1']$
-            (`flowlm.lift_state`): the tokens are held in its state half $x$, and the
-            estimate half is the sampler's own at every position (see `lift`).
+            (`flowlm.lift_state`): the tokens are held one-hot in both halves (see `lift`).
 
     Raises:
         TypeError: if ``tokens`` are not integers or ``known`` is not bool.
@@ -171,18 +170,18 @@ class Context:
     def lift(self) -> "Context":
         r"""This context, held in a self-conditioned sampler's lifted state $[x, \hat x_1']$.
 
-        The known tokens are imposed on the state half $x$ (one-hot, at time 1); the estimate
-        half $\hat x_1'$ is left as the sampler writes it, at known positions too: there it is
-        the network's own estimate at time 1, exactly what `flowlm.draw_previous` feeds in
-        training with contexts (the loss is masked there, so a one-hot estimate would be an
-        input the network never saw). Pass it to `flowlm.rollout` or `flowlm.block_rollout`
-        with a `flowlm.SelfConditionedMap` started from ``lift_state(noise)``.
+        At known positions both halves are the one-hot $e_{x_i}$: the state, which is data
+        there, and the estimate, whose exact value it is ($\mathbb E[x_1 \mid x_t] = e_{x_i}$
+        at time 1). Elsewhere the estimate half is the sampler's own. Pass it to
+        `flowlm.rollout` or `flowlm.block_rollout` with a `flowlm.SelfConditionedMap` started
+        from ``lift_state(noise)``; a context that is not lifted would read the lifted state
+        as one of ``2 * vocab`` tokens.
 
         Examples:
             >>> from flowlm import lift_state
             >>> context = Context.prefix(torch.tensor([[1, 0]]), 1).lift()
             >>> context.impose(lift_state(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5)))
-            tensor([[[0.0000, 1.0000, 0.5000, 0.5000],
+            tensor([[[0.0000, 1.0000, 0.0000, 1.0000],
                      [0.0000, 0.0000, 0.5000, 0.5000]]])
         """
         return dataclasses.replace(self, lifted=True)
@@ -209,16 +208,21 @@ class Context:
     def impose(self, x: SamplerState) -> SamplerState:
         """``x`` with every known position replaced by the exact one-hot vector of its token.
 
-        In a lifted context (`lift`), on the state half only.
+        In a lifted context (`lift`), in both halves: the state and the estimate.
         """
         if x.ndim != 3 or x.shape[:2] != self.known.shape:
             raise ValueError(
                 f"a state of shape {tuple(x.shape)} does not fit a context of shape "
                 f"{tuple(self.known.shape)}: expected (batch, seq, vocab) with the same batch and seq"
             )
-        state = self.state(x)
-        clean = one_hot(self.tokens, state.shape[-1], dtype=state.dtype)
-        return self.with_state(x, torch.where(self.known[..., None], clean, state))
+        if self.lifted:
+            state, previous = split_state(x)
+            return lift_state(self._one_hot_where_known(state), self._one_hot_where_known(previous))
+        return self._one_hot_where_known(x)
+
+    def _one_hot_where_known(self, x: State) -> State:
+        clean = one_hot(self.tokens, x.shape[-1], dtype=x.dtype)
+        return torch.where(self.known[..., None], clean, x)
 
     def hold(self, flow_map: FlowMap) -> "ConditionalMap":
         """``flow_map`` run with this context held at time 1 (what ``rollout(context=...)`` uses)."""

@@ -11,9 +11,9 @@ $\hat x_1' \in \mathbb{R}^{L \times V}$ (zeros when there is none), and is calle
 - **Sampling** (`SelfConditionedMap`): each step feeds the $\hat x_1$ of the step before, at no
   extra network call. The sampler's state is explicit, never kept in a module: the *lifted
   state* $[x, \hat x_1']$ of shape ``(batch, seq, 2 * vocab)`` (`lift_state`, `split_state`),
-  which `flowlm.rollout` runs unchanged: with known tokens (``context.lift()``, held in the
-  state half), in blocks, and with any step rule (``solver=``, the estimate threaded through
-  its stages).
+  which `flowlm.rollout` runs unchanged: with known tokens (``context.lift()``, held one-hot
+  in both halves), in blocks, and with any step rule (``solver=``, the estimate threaded
+  through its stages).
 - **Guidance** on the self-conditioning input: logits
   $z_w = z(\hat x_1') + w\,(z(\hat x_1') - z(0))$, both in one batched call.
 - **Distillation** of a self-conditioned teacher. The losses of `flowlm.distill` query the
@@ -284,8 +284,9 @@ class SelfConditionedMap(nn.Module):
     estimate passed on is still the last call's, so the two halves may differ there.)
 
     Conditioning composes with it, on one code path: ``rollout(sampler, lift_state(noise),
-    grid, context=context.lift())`` (and `flowlm.block_rollout`, `flowlm.Replacement`) hold
-    the known tokens one-hot at time 1 in the state half; wrap the backbone in
+    grid, context=context.lift())`` (and `flowlm.block_rollout`) hold the known tokens
+    one-hot at time 1 in the state half and as the estimate there (its exact value);
+    `flowlm.Replacement` noises them in the state half only; wrap the backbone in
     `flowlm.Guidance` for classifier-free guidance on the context (it passes the estimate on).
 
     Args:
@@ -342,7 +343,7 @@ class SelfConditionedMap(nn.Module):
         self.solver = solver
 
     def forward(self, lifted: LiftedState, t: Time, s: Time) -> LiftedState:
-        r"""$[x, \hat x_1'] \mapsto [X_{t \to s}(x), \hat x_1]$: one call (two with ``estimate_first``)."""
+        r"""$[x, \hat x_1'] \mapsto [X_{t \to s}(x), \hat x_1]$: one call per stage (+1 with ``estimate_first``)."""
         x, previous = split_state(lifted)
         self.interpolant.check_state(x)
         if self.estimate_first:

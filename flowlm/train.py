@@ -1002,7 +1002,7 @@ def sample_rollout(
     """`flowlm.rollout` of ``flow_map`` from ``noise`` on ``time_grid(n_steps)``, as the examples sample.
 
     A `flowlm.SelfConditionedMap` runs on the lifted state, from ``[noise, 0]``, with the
-    context lifted (`flowlm.Context.lift`: its tokens held in the state half), and the result
+    context lifted (`flowlm.Context.lift`: its tokens held one-hot in both halves), and the result
     holds its state half; ``block`` generates blocks of that many positions in order, after
     the known prefix of ``context`` (`flowlm.block_rollout`).
 

@@ -599,20 +599,22 @@ def test_every_self_conditioned_sampler_holds_the_context_in_the_state_half(
         torch.testing.assert_close(final.sum(-1), torch.ones(3, L, dtype=F64), rtol=0, atol=1e-5)
 
 
-def test_the_estimate_half_is_the_samplers_own_at_known_positions_too() -> None:
-    """Known positions: the state half one-hot, the estimate half the network's x̂₁ (as trained)."""
+def test_known_positions_are_one_hot_in_both_halves_the_rest_is_the_samplers_estimate() -> None:
     context, model = context_batch(), sc_dit()
     sampler = fl.SelfConditionedMap(model, interpolant())
-    held = context.lift().hold(sampler)
     lifted = context.lift().impose(lifted_noise())
-    t, s = torch.full((3,), 0.25, dtype=F64), torch.full((3,), 0.5, dtype=F64)
-    x, previous = fl.split_state(held(lifted, t, s))
     x_in, previous_in = fl.split_state(lifted)
+    assert_holds(x_in, context)
+    assert_holds(previous_in, context)  # the exact estimate of known data
+    assert torch.equal(previous_in[context.unknown], torch.zeros_like(previous_in[context.unknown]))
+    t, s = torch.full((3,), 0.25, dtype=F64), torch.full((3,), 0.5, dtype=F64)
+    x, previous = fl.split_state(context.lift().hold(sampler)(lifted, t, s))
     with torch.no_grad():
         logits = model(x_in, context.times(t), previous=previous_in)
-    torch.testing.assert_close(previous, torch.softmax(logits, -1), rtol=0, atol=1e-12)
+    estimate = torch.softmax(logits, -1)[context.unknown]
+    torch.testing.assert_close(previous[context.unknown], estimate, rtol=0, atol=1e-12)
     assert_holds(x, context)
-    assert torch.equal(previous_in, torch.zeros_like(previous_in))  # from no estimate
+    assert_holds(previous, context)
 
 
 @pytest.mark.parametrize("rule", list(RULES))
@@ -702,7 +704,10 @@ def test_self_conditioned_blocks_write_the_state_half_into_the_next_context() ->
         assert bool((t[:, :2] == 1).all())
         assert torch.equal(x_in[:, :2], fl.one_hot(tokens[:, :2], V, F64))
         assert previous_in is not None
-    assert torch.equal(recorder.calls[4][3], torch.zeros(3, L, V, dtype=F64))  # from no estimate
+    # round 2 starts from no estimate but the one-hot of every known token, block 1 included
+    known = context.known | (torch.arange(L) < 2)
+    zeros = torch.zeros(3, L, V, dtype=F64)
+    assert torch.equal(recorder.calls[4][3], Context(tokens, known).impose(zeros))
 
 
 def test_guidance_at_zero_weight_on_a_self_conditioned_sampler_is_the_conditional_one() -> None:
