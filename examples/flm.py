@@ -21,6 +21,7 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --out flm.pt --sample-only --prompt "And" --guidance 1 --block 8
     python examples/flm.py --self-condition         # the DiT also reads its previous estimate
     python examples/flm.py --out flm.pt --sample-only --self-condition-guidance 3   # z + 3 (z - z(0))
+    python examples/flm.py --self-condition --context prefix --out sc.pt   # then --prompt, --solver heun
     python examples/flm.py --soft-cap 30            # logits 30 tanh(z / 30), training and sampling
     torchrun --nproc_per_node=2 examples/flm.py     # DDP: --batch-size is the global batch
 
