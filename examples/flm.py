@@ -21,6 +21,7 @@ Euler sampler (§4) at a few step counts and reports NFE, entropy and the task's
     python examples/flm.py --out flm.pt --sample-only --prompt "And" --guidance 1 --block 8
     python examples/flm.py --self-condition         # the DiT also reads its previous estimate
     python examples/flm.py --out flm.pt --sample-only --self-condition-guidance 3   # z + 3 (z - z(0))
+    python examples/flm.py --self-condition --context prefix --out sc.pt   # then --prompt, --solver heun
     python examples/flm.py --soft-cap 30            # logits 30 tanh(z / 30), training and sampling
     torchrun --nproc_per_node=2 examples/flm.py     # DDP: --batch-size is the global batch
 
@@ -29,8 +30,9 @@ device) from generators seeded by (seed, k, r); the times are stratified over th
 from a generator seeded by (seed, k). So a resumed run replays the uninterrupted one exactly,
 and N processes train on a global batch with the same distribution as one process's (i.i.d.
 rows, the same strata of times), not on the same numbers (so are self-conditioning's coins).
-Self-conditioning samples with its own Euler step on the state [x, x̂₁'], without prompts or
---guidance; validation reads its two-call estimate. Flags override the task's preset, or
+Self-conditioning samples on the state [x, x̂₁'] (its Euler step, or --solver's with the
+estimate threaded through the stages), prompts held one-hot in both halves; validation reads its
+two-call estimate. Flags override the task's preset, or
 with --resume / --sample-only the settings saved in the checkpoint. Checkpoints (model, EMA,
 optimizer, step, the tokenizer's state, settings) are replaced atomically and carry a
 checksum; --resume and --sample-only reuse the saved tokenizer (no retraining, no download).
@@ -125,10 +127,6 @@ class Config(TaskSettings):  # --task, --text, --tokenizer, --dataset, --length,
             raise ValueError(
                 f"--dim / --heads must be an even number, got {self.dim} / {self.heads}"
             )
-        if self.self_condition and self.solver != "euler":
-            raise ValueError(
-                f"--self-condition samples with Euler steps, not --solver {self.solver}"
-            )
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -155,8 +153,6 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
         sample_steps = tuple(saved_config["sample_steps"])
         config = replace(Config(**saved_config | {"sample_steps": sample_steps}), **given)
     config.check(procs.world_size)
-    if config.self_condition and (flags := train.conditioning_flags(options)):
-        raise ValueError(f"--{min(flags)}: a --self-condition model samples without conditioning")
     task = task_of(config, None if saved is None else tokenizer_from_state(saved["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
     needed = train.transformer_step_bytes(
@@ -185,15 +181,15 @@ def draw_batch(task: Task, config: Config, step: int, procs: train.Processes):
 def make_sampler(
     config: Config, network: torch.nn.Module, interpolant: fl.Interpolant
 ) -> fl.FlowMap:
-    """FLM's Euler sampler (self-conditioned: on [x, x̂₁']), or a second-order ODE solver."""
-    if config.self_condition:  # each step reads the x̂₁ of the step before, at no extra call
+    """FLM's Euler sampler, or a second-order ODE solver (self-conditioned: on [x, x̂₁'])."""
+    rule = {"midpoint": fl.Midpoint, "heun": fl.Heun}.get(config.solver)  # None: Euler
+    if config.self_condition:  # each call reads the x̂₁ of the call before, at no extra call
         guidance = config.self_condition_guidance
-        return fl.SelfConditionedMap(network, interpolant, guidance=guidance)
+        return fl.SelfConditionedMap(network, interpolant, guidance=guidance, solver=rule)
     predictor = fl.XPredictor(network)
-    if config.solver == "euler":
+    if rule is None:
         return fl.XPredMap(predictor, interpolant)  # x + (γ_s - γ_t)(x̂₁ - x)/(1 - γ_t)
-    velocity = fl.XPredVelocity(predictor, interpolant)
-    return fl.Midpoint(velocity) if config.solver == "midpoint" else fl.Heun(velocity)
+    return rule(fl.XPredVelocity(predictor, interpolant))
 
 
 def sample(flow_map: fl.FlowMap, n_steps: int, count: int, task: Task, config: Config,

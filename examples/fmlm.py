@@ -37,7 +37,8 @@ its self-conditioned student reads no estimate or its own first one, δ_{t,s}(x_
 per row (bound to its rows: --diagonal-fraction splits them as any other batch), and is
 reported with 1 call per step ("steps"), 2 ("self_conditioned_steps"), and 1 reading the step
 before's estimate ("previous_estimate_steps", as flm.py samples), which
---self-condition-guidance W guides: z(x̂₁') + W (z(x̂₁') - z(0)), one batched call per step.
+--self-condition-guidance W guides: z(x̂₁') + W (z(x̂₁') - z(0)), one batched call per step;
+--prompt / --infill / --guidance / --block work as with a plain student.
 """
 
 import json
@@ -138,10 +139,6 @@ class Config(TaskSettings):  # the data flags, the teacher's (MODEL)
         fraction = self.diagonal_fraction
         if fraction is not None and not 0 <= fraction <= 1:
             raise ValueError(f"--diagonal-fraction must lie in [0, 1], got {fraction}")
-        if self.self_condition and self.solver != "euler":
-            raise ValueError(
-                f"--solver {self.solver}: a self-conditioned teacher samples with Euler"
-            )
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[Namespace, dict[str, Any]]:
@@ -183,8 +180,6 @@ def settle(options: Namespace, given: dict[str, Any], procs: train.Processes):
         base |= {"sample_steps": tuple(base["sample_steps"])}
     config = replace(Config(**base), **given)
     config.check(procs.world_size)
-    if config.self_condition and (flags := train.conditioning_flags(options)):
-        raise ValueError(f"--{min(flags)}: a self-conditioned teacher samples unconditioned")
     task = task_of(config, tokenizer_from_state(teacher["tokenizer"]))
     rows = max(config.batch_size // procs.world_size, config.samples)
     needed = train.transformer_step_bytes(rows, config.length, task.vocab_size, config.dim,
@@ -404,7 +399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["stage1_steps"] = report(taylor, "v1 stage-1 Taylor map", config=config)
             euler = fl.XPredMap(teacher, interpolant)
             sampler = fl.Heun(velocity) if config.solver == "heun" else euler  # unguided
-            sampler = fl.SelfConditionedMap(teacher_net, interpolant) if sc else sampler  # its own
+            if sc:  # its own sampler, the estimate threaded through Heun's stages too
+                rule = fl.Heun if config.solver == "heun" else None
+                sampler = fl.SelfConditionedMap(teacher_net, interpolant, solver=rule)
             teacher_config = replace(config, sample_steps=TEACHER_STEPS)
             label = f"teacher FLM {config.solver}"
             result["teacher_steps"] = report(sampler, label, config=teacher_config)

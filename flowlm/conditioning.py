@@ -12,16 +12,18 @@ A context is clean data at time 1 (`Context`); these are the usual ways to sampl
   `rollout` with the earlier blocks as context: $\lceil L/b\rceil$ rollouts.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowlm._tensors import broadcast_time
-from flowlm._types import Grid, Logits, State, Time, TokenTime
-from flowlm.context import Context
+from flowlm._types import Grid, Logits, Probs, State, Time, TokenTime
+from flowlm.context import Context, SamplerState
 from flowlm.interpolants import Interpolant, one_hot
 from flowlm.protocols import Backbone, FlowMap
+from flowlm.self_conditioning import SelfConditionedBackbone
 from flowlm.solvers import Trajectory, decode, rollout
 
 
@@ -33,7 +35,9 @@ class Replacement(nn.Module):
     noise $\varepsilon$ (one draw per step, shared by $R_t$ and $R_s$). The wrapped map is
     called with the per-example times it was trained on. At $\gamma_s = 1$, $R_s$ returns the
     one-hot tokens, so the final state holds the context exactly. Use it with a plain
-    ``rollout`` (no ``context=``, which would pass per-token times to the network).
+    ``rollout`` (no ``context=``, which would pass per-token times to the network). On a
+    self-conditioned sampler's lifted state, give ``context.lift()``: $R_t$ acts on the state
+    half only (the estimate half is the sampler's: the model never saw the tokens clean).
 
     Args:
         flow_map: the unconditional map.
@@ -64,19 +68,27 @@ class Replacement(nn.Module):
         self.interpolant = interpolant
         self.generator = generator
 
-    def forward(self, x: State, t: Time, s: Time) -> State:
-        r"""$R_s(X_{t\to s}(R_t(x)))$."""
-        known = self.context.known[..., None]
-        if x.shape[:2] != self.context.known.shape:
+    def forward(self, x: SamplerState, t: Time, s: Time) -> SamplerState:
+        r"""$R_s(X_{t\to s}(R_t(x)))$ (on the state half of a lifted context's state)."""
+        context = self.context
+        if x.shape[:2] != context.known.shape:
             raise ValueError(
                 f"a state of shape {tuple(x.shape)} does not fit a context of shape "
-                f"{tuple(self.context.known.shape)}"
+                f"{tuple(context.known.shape)}"
             )
-        noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        clean = one_hot(self.context.tokens, x.shape[-1], dtype=x.dtype)
-        x = torch.where(known, self.interpolant.sample(noise, clean, t), x)
+        state = context.state(x)
+        noise = torch.randn(
+            state.shape, generator=self.generator, device=x.device, dtype=state.dtype
+        )
+        clean = one_hot(context.tokens, state.shape[-1], dtype=state.dtype)
+        x = context.with_state(x, self._reset(state, noise, clean, t))
         moved = self.flow_map(x, t, s)
-        return torch.where(known, self.interpolant.sample(noise, clean, s), moved)
+        return context.with_state(moved, self._reset(context.state(moved), noise, clean, s))
+
+    def _reset(self, state: State, noise: State, clean: State, t: Time) -> State:
+        """$R_t$: the known positions of ``state`` at the interpolant's sample of their tokens."""
+        noised = self.interpolant.sample(noise, clean, t)
+        return torch.where(self.context.known[..., None], noised, state)
 
 
 class Guidance(nn.Module):
@@ -90,8 +102,16 @@ class Guidance(nn.Module):
     $2B$ rows, so a rollout counts one network call per step. $w = 0$ is the conditional
     model, larger $w$ sharpens the conditional. Train the backbone with ``p_uncond > 0``.
 
+    A self-conditioned backbone stays one: ``previous=`` $\hat x_1'$ is passed to both
+    branches, the unconditional one reading zeros (no estimate) at the forgotten positions,
+    so that the prompt cannot reach it through the estimate. Inside
+    ``flowlm.SelfConditionedMap(Guidance(f, w), ..., guidance=u)`` both guidances compose:
+    $z = z_w(\hat x_1') + u\,(z_w(\hat x_1') - z_w(0))$, i.e.
+    $(1+u)(1+w)\,z_c(\hat x_1') - (1+u)w\,z_u(\hat x_1') - u(1+w)\,z_c(0) + uw\,z_u(0)$
+    (symmetric in the two: either order gives it), in one call on $4B$ rows.
+
     Args:
-        backbone: a network trained with per-token times.
+        backbone: a network trained with per-token times, plain or self-conditioned.
         weight: the guidance weight $w \ge 0$.
         generator: random source of the forgetting noise, on the state's device.
 
@@ -107,7 +127,10 @@ class Guidance(nn.Module):
     """
 
     def __init__(
-        self, backbone: Backbone, weight: float, generator: torch.Generator | None = None
+        self,
+        backbone: Backbone | SelfConditionedBackbone,
+        weight: float,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if not weight >= 0:
@@ -116,18 +139,23 @@ class Guidance(nn.Module):
         self.weight = weight
         self.generator = generator
 
-    def forward(self, x_t: State, t: Time, s: Time | None = None, /) -> Logits:
-        """Guided logits."""
+    def forward(
+        self, x_t: State, t: Time, s: Time | None = None, /, previous: Probs | None = None
+    ) -> Logits:
+        """Guided logits (given the previous estimate, for a self-conditioned backbone)."""
         t = _per_token(t, x_t)
         clean = t >= 1
         noise = torch.randn(x_t.shape, generator=self.generator, device=x_t.device, dtype=x_t.dtype)
         x_both = torch.cat([x_t, torch.where(clean[..., None], noise, x_t)])
-        t_both = torch.cat([t, _forget(t, clean)])
-        if s is None:
-            logits = self.backbone(x_both, t_both)
-        else:
+        times = [torch.cat([t, _forget(t, clean)])]
+        if s is not None:
             s = _per_token(s, x_t)
-            logits = self.backbone(x_both, t_both, torch.cat([s, _forget(s, clean)]))
+            times.append(torch.cat([s, _forget(s, clean)]))
+        inputs = {}
+        if previous is not None:  # the unconditional branch forgets the estimate there too
+            forgotten = torch.where(clean[..., None], torch.zeros_like(previous), previous)
+            inputs = {"previous": torch.cat([previous, forgotten])}
+        logits = self.backbone(x_both, *times, **inputs)
         conditional, unconditional = logits.chunk(2)
         return conditional + self.weight * (conditional - unconditional)
 
@@ -160,14 +188,17 @@ def block_rollout(
     the flow (as in prefix training) and the decoded tokens of block $k$ join the context.
     So $\mathrm{NFE} = \lceil (L - \text{first})/b\rceil \times$ (calls per rollout). Every
     position before ``first`` must be known (e.g. ``first`` = the prompt's length; checked once
-    per call, on the host).
+    per call, on the host). A self-conditioned sampler (`flowlm.SelfConditionedMap`) runs from
+    ``lift_state(noise)`` with a lifted context (`Context.lift`; for none,
+    ``Context.none(tokens).lift()``): every block restarts from ``x_init`` (no estimate but
+    the one-hot of the known tokens), and the blocks are decoded from the state half.
 
     Args:
         flow_map: a conditional flow map (trained with per-token times).
         x_init: the noise every block starts from.
         grid: model times of each block's rollout.
         block_size: positions per block, $b \ge 1$.
-        context: known tokens (default: none).
+        context: known tokens (default: none, on a token state).
         first: where the first block starts.
         networks: modules whose calls count (as in `rollout`).
 
@@ -196,6 +227,6 @@ def block_rollout(
         trajectory = rollout(flow_map, x_init, grid, networks=networks, context=context)
         x, nfe = trajectory.x, nfe + trajectory.nfe
         block = (positions >= start) & (positions < start + block_size)
-        tokens = torch.where(block & context.unknown, decode(x), context.tokens)
-        context = Context(tokens, context.known | block)
+        tokens = torch.where(block & context.unknown, decode(context.state(x)), context.tokens)
+        context = dataclasses.replace(context, tokens=tokens, known=context.known | block)
     return Trajectory(x=x, nfe=nfe, grid=grid.to(x_init.device, x_init.dtype))

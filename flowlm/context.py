@@ -10,13 +10,16 @@ infill or an already written block need no new mechanism (the documentation's gu
   ``masked_mean(cross_entropy(logits, tokens), context.unknown)``;
 - sampling: ``rollout(flow_map, noise, grid, context=context)`` holds the known positions
   one-hot at time 1 through every step (`Context.hold`); two-time maps see $t = s = 1$ there,
-  so one FMLM call fills every unknown position given the known ones.
+  so one FMLM call fills every unknown position given the known ones. A self-conditioned
+  sampler runs on the lifted state $[x, \hat x_1']$ (`flowlm.SelfConditionedMap`): hold
+  ``context.lift()``, which imposes the tokens on the state $x$ and on the estimate.
 
 The samplers `prefix_context`, `span_context` and `bernoulli_context` draw training contexts
 on the tokens' device; each drops the whole context of a row with probability ``p_uncond``,
 so the same network also stays unconditional (needed by `flowlm.Guidance`).
 """
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,15 +32,21 @@ from flowlm._tensors import broadcast_time
 from flowlm._types import State, Time, TokenMask, Tokens, TokenTime
 from flowlm.interpolants import one_hot
 from flowlm.protocols import FlowMap
+from flowlm.self_conditioning import lift_state, split_state
+
+SamplerState = Float[Tensor, "batch seq width"]
+"""What a sampler runs on: a token state ``(batch, seq, vocab)`` or a lifted one (``2 * vocab``)."""
 
 
 @dataclass(frozen=True)
 class Context:
-    """Known tokens: ``tokens`` where ``known`` is true; other entries of ``tokens`` are ignored.
+    r"""Known tokens: ``tokens`` where ``known`` is true; other entries of ``tokens`` are ignored.
 
     Attributes:
         tokens: integer ids ``(batch, seq)``.
         known: bool mask ``(batch, seq)``, true at the positions given (held at time 1).
+        lifted: the sampler's state is a self-conditioned lifted state $[x, \hat x_1']$
+            (`flowlm.lift_state`): the tokens are held one-hot in both halves (see `lift`).
 
     Raises:
         TypeError: if ``tokens`` are not integers or ``known`` is not bool.
@@ -55,6 +64,7 @@ class Context:
 
     tokens: Tokens
     known: TokenMask
+    lifted: bool = False
 
     def __post_init__(self) -> None:
         tokens, known = self.tokens, self.known
@@ -157,13 +167,60 @@ class Context:
         one = torch.ones((), dtype=t.dtype, device=t.device)
         return torch.where(self.known, one, broadcast_time(t, self.known))
 
-    def impose(self, x: State) -> State:
-        """``x`` with every known position replaced by the exact one-hot vector of its token."""
+    def lift(self) -> "Context":
+        r"""This context, held in a self-conditioned sampler's lifted state $[x, \hat x_1']$.
+
+        At known positions both halves are the one-hot $e_{x_i}$: the state, which is data
+        there, and the estimate, whose exact value it is ($\mathbb E[x_1 \mid x_t] = e_{x_i}$
+        at time 1). Elsewhere the estimate half is the sampler's own. Pass it to
+        `flowlm.rollout` or `flowlm.block_rollout` with a `flowlm.SelfConditionedMap` started
+        from ``lift_state(noise)``; a context that is not lifted would read the lifted state
+        as one of ``2 * vocab`` tokens.
+
+        Examples:
+            >>> from flowlm import lift_state
+            >>> context = Context.prefix(torch.tensor([[1, 0]]), 1).lift()
+            >>> context.impose(lift_state(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5)))
+            tensor([[[0.0000, 1.0000, 0.0000, 1.0000],
+                     [0.0000, 0.0000, 0.5000, 0.5000]]])
+        """
+        return dataclasses.replace(self, lifted=True)
+
+    def state(self, x: SamplerState) -> State:
+        """The token state a sampler's state holds: ``x``, or the state half of a lifted one.
+
+        Examples:
+            >>> Context.none(torch.zeros(1, 1, dtype=torch.long)).lift().state(torch.ones(1, 1, 4))
+            tensor([[[1., 1.]]])
+        """
+        return split_state(x).x if self.lifted else x
+
+    def with_state(self, x: SamplerState, state: State) -> SamplerState:
+        """The sampler's state ``x`` with its token state (`state`) replaced by ``state``.
+
+        Examples:
+            >>> context = Context.none(torch.zeros(1, 1, dtype=torch.long)).lift()
+            >>> context.with_state(torch.ones(1, 1, 4), torch.zeros(1, 1, 2))
+            tensor([[[0., 0., 1., 1.]]])
+        """
+        return lift_state(state, split_state(x).previous) if self.lifted else state
+
+    def impose(self, x: SamplerState) -> SamplerState:
+        """``x`` with every known position replaced by the exact one-hot vector of its token.
+
+        In a lifted context (`lift`), in both halves: the state and the estimate.
+        """
         if x.ndim != 3 or x.shape[:2] != self.known.shape:
             raise ValueError(
                 f"a state of shape {tuple(x.shape)} does not fit a context of shape "
                 f"{tuple(self.known.shape)}: expected (batch, seq, vocab) with the same batch and seq"
             )
+        if self.lifted:
+            state, previous = split_state(x)
+            return lift_state(self._one_hot_where_known(state), self._one_hot_where_known(previous))
+        return self._one_hot_where_known(x)
+
+    def _one_hot_where_known(self, x: State) -> State:
         clean = one_hot(self.tokens, x.shape[-1], dtype=x.dtype)
         return torch.where(self.known[..., None], clean, x)
 
@@ -193,7 +250,7 @@ class ConditionalMap(nn.Module):
         self.flow_map = flow_map
         self.context = context
 
-    def forward(self, x: State, t: Time, s: Time) -> State:
+    def forward(self, x: SamplerState, t: Time, s: Time) -> SamplerState:
         r"""$X_{t\to s}$ with the known positions at time 1."""
         context = self.context
         moved = self.flow_map(context.impose(x), context.times(t), context.times(s))

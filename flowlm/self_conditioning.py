@@ -11,7 +11,9 @@ $\hat x_1' \in \mathbb{R}^{L \times V}$ (zeros when there is none), and is calle
 - **Sampling** (`SelfConditionedMap`): each step feeds the $\hat x_1$ of the step before, at no
   extra network call. The sampler's state is explicit, never kept in a module: the *lifted
   state* $[x, \hat x_1']$ of shape ``(batch, seq, 2 * vocab)`` (`lift_state`, `split_state`),
-  which `flowlm.rollout` runs unchanged.
+  which `flowlm.rollout` runs unchanged: with known tokens (``context.lift()``, held one-hot
+  in both halves), in blocks, and with any step rule (``solver=``, the estimate threaded
+  through its stages).
 - **Guidance** on the self-conditioning input: logits
   $z_w = z(\hat x_1') + w\,(z(\hat x_1') - z(0))$, both in one batched call.
 - **Distillation** of a self-conditioned teacher. The losses of `flowlm.distill` query the
@@ -34,6 +36,7 @@ from no estimate at every step, the map such a student is distilled as (its one 
 ``estimate_first`` sampler's from ``lift_state(noise)``).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypedDict, Unpack, runtime_checkable
 
@@ -46,6 +49,8 @@ from flowlm._tensors import at_least_float32, broadcast_time
 from flowlm._types import Logits, Probs, State, Time
 from flowlm.heads import XPredictor
 from flowlm.interpolants import Interpolant
+from flowlm.protocols import FlowMap, VelocityField
+from flowlm.reparam import TimeReparam
 
 LiftedState = Float[Tensor, "batch seq lifted"]
 """A self-conditioned sampler's state $[x, \\hat x_1']$: ``2 * vocab`` entries per position."""
@@ -274,6 +279,22 @@ class SelfConditionedMap(nn.Module):
     with one network call. Start from ``lift_state(noise)``; read the result with
     `split_state` (at $s = 1$ both halves are $\hat x_1$).
 
+    With ``solver`` (e.g. `flowlm.Heun`, `flowlm.Midpoint`) the step is that rule on the
+    velocity field $v(x, t) = \sigma'\hat x_0 + \alpha'\hat x_1$, the estimate threaded
+    through its stages: each network call reads the estimate of the call before (the first
+    one the incoming $\hat x_1'$), and the step passes on the estimate of its last call. A
+    Heun step is then $\hat x_1 = f(x, t, \hat x_1')$,
+    $\tilde x = x + \Delta\,v(x, t; \hat x_1)$, $\hat x_1'' = f(\tilde x, s, \hat x_1)$,
+    $X_{t\to s}(x) = x + \tfrac{\Delta}{2}(v(x, t; \hat x_1) + v(\tilde x, s; \hat x_1''))$,
+    passing $\hat x_1''$ on. (Where the rule ends on the data it takes its Euler step, and the
+    estimate passed on is still the last call's, so the two halves may differ there.)
+
+    Conditioning composes with it, on one code path: ``rollout(sampler, lift_state(noise),
+    grid, context=context.lift())`` (and `flowlm.block_rollout`) hold the known tokens
+    one-hot at time 1 in the state half and as the estimate there (its exact value);
+    `flowlm.Replacement` noises them in the state half only; wrap the backbone in
+    `flowlm.Guidance` for classifier-free guidance on the context (it passes the estimate on).
+
     Args:
         backbone: the self-conditioned network.
         interpolant: the path it steps along.
@@ -283,15 +304,25 @@ class SelfConditionedMap(nn.Module):
         estimate_first: first estimate $\hat x_1$ with the incoming estimate (same times),
             then make the step self-conditioned on it: 2 calls per step (the natural one-step
             sampler with an estimate).
+        solver: a step rule built on a velocity field, ``solver(field)`` a `flowlm.FlowMap`
+            (`flowlm.Euler`, `flowlm.Midpoint`, `flowlm.Heun` or any such); ``None``: the
+            x-prediction step. Not with ``two_time`` (a two-time map jumps; a step rule
+            integrates a one-time field).
+
+    Raises:
+        ValueError: if ``solver`` is given with ``two_time``.
 
     Examples:
-        >>> from flowlm import LinearInterpolant, rollout, time_grid
+        >>> from flowlm import Heun, LinearInterpolant, rollout, time_grid
         >>> from flowlm.backbones import DiT
         >>> model = DiT(5, dim=16, depth=1, heads=2, self_conditioning=True)
         >>> sampler = SelfConditionedMap(model, LinearInterpolant())
         >>> trajectory = rollout(sampler, lift_state(torch.randn(2, 3, 5)), time_grid(4))
         >>> trajectory.nfe, split_state(trajectory.x).x.shape
         (4, torch.Size([2, 3, 5]))
+        >>> heun = SelfConditionedMap(model, LinearInterpolant(), solver=Heun)
+        >>> rollout(heun, lift_state(torch.randn(2, 3, 5)), time_grid(4)).nfe
+        8
     """
 
     def __init__(
@@ -302,20 +333,31 @@ class SelfConditionedMap(nn.Module):
         two_time: bool = False,
         guidance: float | None = None,
         estimate_first: bool = False,
+        solver: Callable[[VelocityField], FlowMap] | None = None,
     ) -> None:
         super().__init__()
+        if solver is not None and two_time:
+            raise ValueError(
+                "solver: a two-time map jumps from t to s; a step rule integrates a one-time "
+                "field (give two_time=False, or no solver)"
+            )
         self.backbone = backbone
         self.interpolant = interpolant
         self.two_time = two_time
         self.guidance = guidance
         self.estimate_first = estimate_first
+        self.solver = solver
 
     def forward(self, lifted: LiftedState, t: Time, s: Time) -> LiftedState:
-        r"""$[x, \hat x_1'] \mapsto [X_{t \to s}(x), \hat x_1]$: one call (two with ``estimate_first``)."""
+        r"""$[x, \hat x_1'] \mapsto [X_{t \to s}(x), \hat x_1]$: one call per stage (+1 with ``estimate_first``)."""
         x, previous = split_state(lifted)
         self.interpolant.check_state(x)
         if self.estimate_first:
             previous = self.estimate(x, t, s, previous).to(x.dtype)
+        if self.solver is not None:
+            field = _ThreadedField(self, previous)
+            moved = self.solver(field)(x, t, s)
+            return lift_state(moved, field.previous)
         x1_hat = self.estimate(x, t, s, previous)
         return lift_state(self.interpolant.step(x, x1_hat, t, s), x1_hat)
 
@@ -334,3 +376,25 @@ class SelfConditionedMap(nn.Module):
         )
         conditioned, unconditioned = logits.chunk(2)
         return conditioned + self.guidance * (conditioned - unconditioned)
+
+
+class _ThreadedField:
+    r"""The velocity field of one self-conditioned step: each call reads the call before's $\hat x_1$.
+
+    Made afresh for every step by `SelfConditionedMap` (the estimate between steps stays in
+    the lifted state); ``previous`` is the estimate of the last call.
+    """
+
+    def __init__(self, sampler: SelfConditionedMap, previous: Probs) -> None:
+        self.sampler = sampler
+        self.previous = previous
+
+    @property
+    def reparam(self) -> TimeReparam:
+        """The interpolant's clock."""
+        return self.sampler.interpolant.reparam
+
+    def __call__(self, x: State, t: Time, /) -> State:
+        r"""$dx/d\gamma = \sigma'\hat x_0 + \alpha'\hat x_1$, $\hat x_1 = f(x, t, \hat x_1')$."""
+        self.previous = self.sampler.estimate(x, t, t, self.previous).to(x.dtype)
+        return self.sampler.interpolant.velocity(x, self.previous, t)

@@ -1005,15 +1005,16 @@ def sample_rollout(
 ) -> Trajectory:
     """`flowlm.rollout` of ``flow_map`` from ``noise`` on ``time_grid(n_steps)``, as the examples sample.
 
-    A `flowlm.SelfConditionedMap` runs on the lifted state, from ``[noise, 0]``, and the
-    result holds its state half; ``block`` generates blocks of that many positions in order,
-    after the known prefix of ``context`` (`flowlm.block_rollout`).
+    A `flowlm.SelfConditionedMap` runs on the lifted state, from ``[noise, 0]``, with the
+    context lifted (`flowlm.Context.lift`: its tokens held one-hot in both halves), and the result
+    holds its state half; ``block`` generates blocks of that many positions in order, after
+    the known prefix of ``context`` (`flowlm.block_rollout`).
 
     Args:
         flow_map: the sampler.
         noise: the starting states.
         n_steps: steps of the uniform grid.
-        context: known tokens held at time 1 (not with a self-conditioned map).
+        context: known tokens held at time 1.
         block: positions per block, or None for all at once.
 
     Examples:
@@ -1023,16 +1024,18 @@ def sample_rollout(
         torch.Size([2, 4, 3])
     """
     grid = time_grid(n_steps)
-    if isinstance(flow_map, SelfConditionedMap):
-        if context is not None or block is not None:
-            raise ValueError("a self-conditioned sampler holds no known tokens and no blocks")
-        trajectory = rollout(flow_map, lift_state(noise), grid)
-        return dataclasses.replace(trajectory, x=split_state(trajectory.x).x)
+    lifted = isinstance(flow_map, SelfConditionedMap)
+    x_init = lift_state(noise) if lifted else noise
+    if lifted and (context is not None or block is not None):
+        tokens = torch.zeros(noise.shape[:2], dtype=torch.long, device=noise.device)
+        context = (Context.none(tokens) if context is None else context).lift()
     if block is None:
-        return rollout(flow_map, noise, grid, context=context)
-    prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
-    first = min(prefix, noise.shape[1] - 1)
-    return block_rollout(flow_map, noise, grid, block, context=context, first=first)
+        trajectory = rollout(flow_map, x_init, grid, context=context)
+    else:
+        prefix = 0 if context is None else int(context.known[0].cumprod(0).sum())
+        first = min(prefix, noise.shape[1] - 1)
+        trajectory = block_rollout(flow_map, x_init, grid, block, context=context, first=first)
+    return dataclasses.replace(trajectory, x=split_state(trajectory.x).x) if lifted else trajectory
 
 
 def soft_capped(

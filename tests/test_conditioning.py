@@ -495,3 +495,297 @@ def test_replacement_rejects_a_state_of_another_shape() -> None:
         Replacement(step, context_batch(), path)(
             torch.randn(2, L, V, dtype=F64), torch.zeros(2), torch.ones(2)
         )
+
+
+# ---------------------------------------------------------------- self-conditioned samplers
+
+
+class ScRecorder(nn.Module):
+    """A self-conditioned backbone wrapper that keeps every (state, t, s, previous) call."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.calls: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []
+
+    def forward(
+        self, x: Tensor, t: Tensor, s: Tensor | None = None, /, previous: Tensor | None = None
+    ) -> Tensor:
+        self.calls.append((x, t, s, previous))
+        times = (t,) if s is None else (t, s)
+        return self.backbone(x, *times, previous=previous)
+
+
+class IgnoresEstimate(nn.Module):
+    """A plain backbone taking (and ignoring) ``previous=``: a self-conditioned network."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(
+        self, x: Tensor, t: Tensor, s: Tensor | None = None, /, previous: Tensor | None = None
+    ) -> Tensor:
+        return self.backbone(x, t) if s is None else self.backbone(x, t, s)
+
+
+def sc_dit(two_time: bool = False, seed: int = 0) -> DiT:
+    """A self-conditioned DiT whose estimate input is trained-looking (it reads the estimate)."""
+    torch.manual_seed(seed)
+    model = DiT(
+        V, dim=16, depth=1, heads=2, two_time=two_time, dropout=0.0, self_conditioning=True
+    ).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+RULES: dict[str, type[fl.Euler] | type[fl.Midpoint] | type[fl.Heun] | None] = {
+    "x-prediction map": None,
+    "euler": fl.Euler,
+    "midpoint": fl.Midpoint,
+    "heun": fl.Heun,
+}
+"""The step rules of a one-time self-conditioned sampler (None: its x-prediction step)."""
+
+
+def sc_samplers(backbone: nn.Module, two_time: bool) -> dict[str, fl.SelfConditionedMap]:
+    path = interpolant()
+    if two_time:
+        return {
+            "two-time map": fl.SelfConditionedMap(backbone, path, two_time=True),
+            "estimate first": fl.SelfConditionedMap(
+                backbone, path, two_time=True, estimate_first=True
+            ),
+        }
+    maps = {
+        name: fl.SelfConditionedMap(backbone, path, solver=rule) for name, rule in RULES.items()
+    }
+    maps["guided estimate"] = fl.SelfConditionedMap(backbone, path, guidance=2.0)
+    return maps
+
+
+def lifted_noise(batch: int = 3, seed: int = 0) -> Tensor:
+    noise = torch.randn(batch, L, V, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    return fl.lift_state(noise)
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_every_self_conditioned_sampler_holds_the_context_in_the_state_half(
+    two_time: bool, n_steps: int
+) -> None:
+    context = context_batch()
+    recorder = ScRecorder(sc_dit(two_time))
+    for name, sampler in sc_samplers(recorder, two_time).items():
+        recorder.calls.clear()
+        grid = fl.time_grid(n_steps, dtype=F64)
+        trajectory = fl.rollout(
+            sampler, lifted_noise(), grid, context=context.lift(), save_states=True
+        )
+        assert trajectory.states is not None
+        for state in trajectory.states:
+            assert_holds(fl.split_state(state).x, context)
+        assert trajectory.nfe == len(recorder.calls) > 0, name
+        for x, t, s, previous in recorder.calls:  # the guided estimate: two batches of 3
+            assert previous is not None and previous.shape == x.shape
+            for rows in torch.arange(len(x)).split(3):
+                assert t[rows].shape == (3, L) and bool((t[rows][context.known] == 1).all()), name
+                assert_holds(x[rows], context)
+                if s is not None:
+                    assert bool((s[rows][context.known] == 1).all())
+        final = fl.split_state(trajectory.x).x  # on the simplex (the clock's rounding)
+        torch.testing.assert_close(final.sum(-1), torch.ones(3, L, dtype=F64), rtol=0, atol=1e-5)
+
+
+def test_known_positions_are_one_hot_in_both_halves_the_rest_is_the_samplers_estimate() -> None:
+    context, model = context_batch(), sc_dit()
+    sampler = fl.SelfConditionedMap(model, interpolant())
+    lifted = context.lift().impose(lifted_noise())
+    x_in, previous_in = fl.split_state(lifted)
+    assert_holds(x_in, context)
+    assert_holds(previous_in, context)  # the exact estimate of known data
+    assert torch.equal(previous_in[context.unknown], torch.zeros_like(previous_in[context.unknown]))
+    t, s = torch.full((3,), 0.25, dtype=F64), torch.full((3,), 0.5, dtype=F64)
+    x, previous = fl.split_state(context.lift().hold(sampler)(lifted, t, s))
+    with torch.no_grad():
+        logits = model(x_in, context.times(t), previous=previous_in)
+    estimate = torch.softmax(logits, -1)[context.unknown]
+    torch.testing.assert_close(previous[context.unknown], estimate, rtol=0, atol=1e-12)
+    assert_holds(x, context)
+    assert_holds(previous, context)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("guidance", [None, 1.5])
+def test_a_network_ignoring_its_estimate_samples_as_the_plain_conditional_sampler(
+    rule: str, guidance: float | None
+) -> None:
+    model, path, context = dit(), interpolant(), context_batch()
+    plain_net: nn.Module = model if guidance is None else Guidance(model, guidance)
+    sc_net: nn.Module = IgnoresEstimate(model)
+    if guidance is not None:
+        torch.manual_seed(0)
+        plain_net = Guidance(model, guidance, torch.Generator().manual_seed(4))
+        sc_net = Guidance(sc_net, guidance, torch.Generator().manual_seed(4))
+    predictor = fl.XPredictor(plain_net)
+    step_rule = RULES[rule]
+    plain = (
+        fl.XPredMap(predictor, path)
+        if step_rule is None
+        else step_rule(fl.XPredVelocity(predictor, path))
+    )
+    sampler = fl.SelfConditionedMap(sc_net, path, solver=step_rule)
+    noise, grid = fl.split_state(lifted_noise()).x, fl.time_grid(3, dtype=F64)
+    expected = fl.rollout(plain, noise, grid, context=context)
+    got = fl.rollout(sampler, fl.lift_state(noise), grid, context=context.lift())
+    assert got.nfe == expected.nfe
+    torch.testing.assert_close(fl.split_state(got.x).x, expected.x, rtol=0, atol=1e-12)
+    blocks = block_rollout(sampler, fl.lift_state(noise), grid, 2, context=context.lift())
+    plain_blocks = block_rollout(plain, noise, grid, 2, context=context)
+    assert blocks.nfe == plain_blocks.nfe == 2 * expected.nfe
+    torch.testing.assert_close(fl.split_state(blocks.x).x, plain_blocks.x, rtol=0, atol=1e-12)
+
+
+def test_an_ignored_estimate_under_replacement_is_plain_replacement() -> None:
+    model, path, context = dit(), interpolant(), context_batch()
+    plain = Replacement(
+        fl.XPredMap(fl.XPredictor(model), path), context, path, torch.Generator().manual_seed(2)
+    )
+    sc_map = fl.SelfConditionedMap(IgnoresEstimate(model), path)
+    lifted = Replacement(sc_map, context.lift(), path, torch.Generator().manual_seed(2))
+    noise, grid = fl.split_state(lifted_noise()).x, fl.time_grid(4, dtype=F64)
+    expected = fl.rollout(plain, noise, grid).x
+    got = fl.split_state(fl.rollout(lifted, fl.lift_state(noise), grid).x).x
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert_holds(got, context)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_an_empty_context_is_the_unconditional_self_conditioned_sampler(rule: str) -> None:
+    sampler = fl.SelfConditionedMap(sc_dit(), interpolant(), solver=RULES[rule])
+    empty = Context.none(torch.zeros(3, L, dtype=torch.long)).lift()
+    grid = fl.time_grid(3, dtype=F64)
+    conditional = fl.rollout(sampler, lifted_noise(), grid, context=empty)
+    unconditional = fl.rollout(sampler, lifted_noise(), grid)
+    torch.testing.assert_close(conditional.x, unconditional.x, rtol=0, atol=1e-12)
+    assert conditional.nfe == unconditional.nfe
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_self_conditioned_blocks_of_one_block_are_all_at_once(first: int) -> None:
+    sampler = fl.SelfConditionedMap(sc_dit(), interpolant(), solver=fl.Heun)
+    context = Context.prefix(torch.tensor([[2, 1, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0]]), first)
+    grid = fl.time_grid(3, dtype=F64)
+    at_once = fl.rollout(sampler, lifted_noise(), grid, context=context.lift())
+    one_block = block_rollout(
+        sampler, lifted_noise(), grid, L - first, context=context.lift(), first=first
+    )
+    assert torch.equal(one_block.x, at_once.x)
+    assert one_block.nfe == at_once.nfe == 6
+
+
+def test_self_conditioned_blocks_write_the_state_half_into_the_next_context() -> None:
+    recorder = ScRecorder(sc_dit())
+    sampler = fl.SelfConditionedMap(recorder, interpolant(), solver=fl.Heun)
+    context, grid = context_batch().lift(), fl.time_grid(2, dtype=F64)
+    first_round = fl.rollout(sampler, lifted_noise(), grid, context=context).x
+    # Heun passes on its corrector's estimate: the halves differ at t = 1, the state is decoded.
+    x, previous = fl.split_state(first_round)
+    unknown = context.unknown
+    assert not torch.allclose(x[unknown], previous[unknown], atol=1e-3)
+    recorder.calls.clear()
+    trajectory = block_rollout(sampler, lifted_noise(), grid, 2, context=context)
+    tokens = fl.decode(fl.split_state(trajectory.x).x)
+    assert torch.equal(tokens[:, :2], fl.decode(x)[:, :2])
+    assert_holds(fl.split_state(trajectory.x).x, context_batch())
+    for x_in, t, _, previous_in in recorder.calls[4:]:  # round 2: block 1 clean at time 1
+        assert bool((t[:, :2] == 1).all())
+        assert torch.equal(x_in[:, :2], fl.one_hot(tokens[:, :2], V, F64))
+        assert previous_in is not None
+    # round 2 starts from no estimate but the one-hot of every known token, block 1 included
+    known = context.known | (torch.arange(L) < 2)
+    zeros = torch.zeros(3, L, V, dtype=F64)
+    assert torch.equal(recorder.calls[4][3], Context(tokens, known).impose(zeros))
+
+
+def test_guidance_at_zero_weight_on_a_self_conditioned_sampler_is_the_conditional_one() -> None:
+    model, path, context = sc_dit(), interpolant(), context_batch().lift()
+    grid = fl.time_grid(3, dtype=F64)
+    for rule in RULES.values():
+        guided = fl.SelfConditionedMap(Guidance(model, 0.0), path, solver=rule, guidance=0.0)
+        plain = fl.SelfConditionedMap(model, path, solver=rule)
+        x_guided = fl.rollout(guided, lifted_noise(), grid, context=context)
+        x_plain = fl.rollout(plain, lifted_noise(), grid, context=context)
+        torch.testing.assert_close(x_guided.x, x_plain.x, rtol=0, atol=1e-12)
+        assert x_guided.nfe == x_plain.nfe
+
+
+def test_both_guidances_compose_in_one_call_of_four_branches() -> None:
+    recorder, w, u = ScRecorder(sc_dit()), 1.5, 0.75
+    sampler = fl.SelfConditionedMap(
+        Guidance(recorder, w, torch.Generator().manual_seed(2)), interpolant(), guidance=u
+    )
+    context = context_batch()
+    x = context.impose(torch.randn(3, L, V, dtype=F64))
+    previous = torch.softmax(torch.randn(3, L, V, dtype=F64), -1)
+    t = context.times(torch.tensor([0.1, 0.4, 0.8], dtype=F64))
+    with fl.count_network_calls() as calls:
+        logits = sampler.logits(x, t, t, previous)
+    assert calls.count == 1 and len(recorder.calls) == 1
+    assert recorder.calls[0][0].shape[0] == 12
+    # the estimate's guidance doubles the rows first: each half forgets with its own noise
+    noise = torch.randn(6, L, V, generator=torch.Generator().manual_seed(2), dtype=F64)
+    model, known = recorder.backbone, context.known[..., None]
+    x_u_p, x_u_0 = (torch.where(known, half, x) for half in noise.chunk(2))
+    t_u = torch.where(context.known, 0.0, t)
+    forgotten = torch.where(known, 0.0, previous)  # the unconditional branch: no estimate there
+    zeros = torch.zeros_like(previous)
+    with torch.no_grad():
+        z_c_p, z_u_p = model(x, t, previous=previous), model(x_u_p, t_u, previous=forgotten)
+        z_c_0, z_u_0 = model(x, t, previous=zeros), model(x_u_0, t_u, previous=zeros)
+    expected = (1 + u) * (1 + w) * z_c_p - (1 + u) * w * z_u_p - u * (1 + w) * z_c_0 + u * w * z_u_0
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
+
+
+def test_guidance_passes_the_estimate_to_both_branches_forgetting_it_where_clean() -> None:
+    recorder = ScRecorder(sc_dit())
+    context = context_batch()
+    x = context.impose(torch.randn(3, L, V, dtype=F64))
+    previous = torch.softmax(torch.randn(3, L, V, dtype=F64), -1)
+    t = context.times(torch.full((3,), 0.5, dtype=F64))
+    Guidance(recorder, 1.0)(x, t, previous=previous)
+    seen = recorder.calls[0][3]
+    assert seen is not None
+    assert torch.equal(seen[:3], previous)
+    assert torch.equal(seen[3:], torch.where(context.known[..., None], 0.0, previous))
+    Guidance(recorder, 1.0)(x, t)
+    assert recorder.calls[1][3] is None  # a plain call stays plain
+
+
+def test_a_self_conditioned_heun_step_threads_the_estimate_through_its_stages() -> None:
+    recorder, path = ScRecorder(sc_dit()), interpolant()
+    sampler = fl.SelfConditionedMap(recorder, path, solver=fl.Heun)
+    x, previous = fl.split_state(lifted_noise())
+    previous = torch.softmax(torch.randn_like(previous), -1)
+    t, s = torch.full((3,), 0.2, dtype=F64), torch.full((3,), 0.6, dtype=F64)
+    with fl.count_network_calls() as calls:
+        moved, passed_on = fl.split_state(sampler(fl.lift_state(x, previous), t, s))
+    assert calls.count == 2
+    model = recorder.backbone
+    with torch.no_grad():
+        first = torch.softmax(model(x, t, previous=previous), -1)
+        delta = (path.reparam(s) - path.reparam(t))[:, None, None]
+        v_start = path.velocity(x, first, t)
+        x_tilde = x + delta * v_start
+        second = torch.softmax(model(x_tilde, s, previous=first), -1)
+        expected = x + 0.5 * delta * (v_start + path.velocity(x_tilde, second, s))
+    assert torch.equal(recorder.calls[1][3], first)  # the corrector reads the predictor's
+    torch.testing.assert_close(moved, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(passed_on, second, rtol=0, atol=1e-12)
+
+
+def test_a_step_rule_with_a_two_time_map_is_refused() -> None:
+    with pytest.raises(ValueError, match="a two-time map jumps"):
+        fl.SelfConditionedMap(sc_dit(two_time=True), interpolant(), two_time=True, solver=fl.Heun)

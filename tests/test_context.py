@@ -187,3 +187,25 @@ def test_templates_that_do_not_fit_are_an_error() -> None:
         Context.from_template("abz", encode, 4)
     with pytest.raises(ValueError, match="one character"):
         Context.from_template("ab", encode, 4, hole="__")
+
+
+def test_a_lifted_context_imposes_on_both_halves_and_reads_the_state_half() -> None:
+    tokens = torch.tensor([[3, 1, 0, 2]])
+    known = torch.tensor([[True, False, True, False]])
+    x, previous = torch.randn(1, 4, 5, dtype=torch.float64), torch.rand(1, 4, 5).double()
+    context = Context(tokens, known).lift()
+    assert context.lifted and not Context(tokens, known).lifted
+    imposed = fl.split_state(context.impose(fl.lift_state(x, previous)))
+    assert torch.equal(imposed.x, Context(tokens, known).impose(x))
+    assert torch.equal(imposed.previous, Context(tokens, known).impose(previous))
+    lifted = fl.lift_state(x, previous)
+    assert torch.equal(context.state(lifted), x)
+    assert torch.equal(context.with_state(lifted, context.state(lifted)), lifted)
+    plain = Context(tokens, known)
+    assert plain.state(x) is x and plain.with_state(x, previous) is previous
+
+
+def test_a_lifted_context_refuses_a_state_that_is_not_lifted(checks: str) -> None:
+    context = Context.none(torch.zeros(1, 2, dtype=torch.long)).lift()
+    with pytest.raises(ValueError, match="a lifted state has 2 \\* vocab entries"):
+        context.impose(torch.zeros(1, 2, 5))

@@ -138,3 +138,62 @@ def test_fmlm_refuses_bad_conditioning_flags(
     assert "give one of them" in line
     line = refused(fmlm, capsys, "--teacher", str(teacher), "--smoke", "--p-uncond", "-0.5")
     assert "--p-uncond" in line
+
+
+# ---------------------------------------------------------------- self-conditioned models
+
+
+@pytest.fixture(scope="module")
+def sc_teacher(flm: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sc_teacher") / "flm.pt"
+    flm.main([*SMOKE, "--context", "prefix", "--self-condition", "--out", str(path)])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("flags", "calls_per_step", "known"),
+    [
+        (["--prompt", "ab"], 1, {0: "a", 1: "b"}),
+        (["--infill", "a__b", "--solver", "heun"], 2, {0: "a", 3: "b"}),
+        (["--prompt", "ab", "--block", "2", "--guidance", "1.5"], 3, {0: "a", 1: "b"}),
+        (
+            ["--prompt", "abc", "--self-condition-guidance", "2", "--solver", "midpoint"],
+            2,
+            {2: "c"},
+        ),
+    ],
+)
+def test_a_self_conditioned_flm_samples_with_prompts_infills_blocks_guidance_and_solvers(
+    flm: ModuleType,
+    sc_teacher: Path,
+    flags: list[str],
+    calls_per_step: int,
+    known: dict[int, str],
+) -> None:
+    result = flm.main(
+        ["--sample-only", "--out", str(sc_teacher), "--sample-steps", "1", "2", *flags]
+    )
+    for n_steps, (nfe, texts) in samples(result).items():
+        assert nfe == calls_per_step * n_steps  # blocks of 2 after "ab": 3 rollouts
+        assert texts and all(len(text) == 8 for text in texts)
+        assert all(text[i] == char for text in texts for i, char in known.items())
+
+
+def test_a_self_conditioned_teacher_and_student_continue_a_prompt(
+    fmlm: ModuleType, sc_teacher: Path
+) -> None:
+    result = fmlm.main(
+        ["--teacher", str(sc_teacher), "--smoke", "--context", "prefix", "--prompt", "abc"]
+    )
+    per_step = {"steps": 1, "self_conditioned_steps": 2, "teacher_steps": 1}
+    for key, calls in per_step.items():  # the 1-call jump, the 2-call map, the teacher's sampler
+        for n_steps, (nfe, texts) in samples(result, key).items():
+            assert nfe == calls * n_steps
+            assert texts and all(text.startswith("abc") for text in texts), key
+    flags = "--smoke --infill _a_ --block 4 --guidance 2 --solver heun".split()
+    result = fmlm.main(["--teacher", str(sc_teacher), *flags])
+    per_step = {"steps": 2, "self_conditioned_steps": 4, "teacher_steps": 4}  # 2 blocks
+    for key, calls in per_step.items():
+        for n_steps, (nfe, texts) in samples(result, key).items():
+            assert nfe == calls * n_steps, key
+            assert all(text[1] == "a" for text in texts), key

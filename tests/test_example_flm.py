@@ -306,12 +306,6 @@ def test_a_killed_write_leaves_no_partial_file_after_the_next_start(
             ["--self-condition", "--self-condition-guidance", "-1"],
             "--self-condition-guidance must be >= 0, got -1.0",
         ),
-        (["--self-condition", "--solver", "heun"], "--self-condition samples with Euler steps"),
-        (
-            ["--self-condition", "--prompt", "And"],
-            "--prompt: a --self-condition model samples without conditioning",
-        ),
-        (["--self-condition", "--block", "4"], "--block: a --self-condition model samples without"),
     ],
 )
 def test_configuration_errors_are_one_line_and_exit_code_2(

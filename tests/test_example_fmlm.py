@@ -443,8 +443,6 @@ def test_a_self_conditioned_teacher_is_distilled_into_a_self_conditioned_student
 
 
 SC_REFUSALS = {
-    "--solver heun": "--solver heun: a self-conditioned teacher samples with Euler",
-    "--prompt abc": "--prompt: a self-conditioned teacher samples unconditioned",
     "--no-self-condition": "--self-condition False contradicts the teacher's True",
 }
 """What a self-conditioned teacher refuses, by flags."""

@@ -357,7 +357,7 @@ def test_saved_run_needs_the_file_for_sample_only_and_refuses_the_wrong_kind(
 
 
 def test_sample_rollout_runs_a_self_conditioned_sampler_on_the_lifted_state() -> None:
-    """From [noise, 0], the state half returned; the plain map runs on the state as rollout does."""
+    """From [noise, 0] with the context lifted, the state half returned; a plain map as rollout."""
     import flowlm as fl
 
     def network(
@@ -378,5 +378,17 @@ def test_sample_rollout_runs_a_self_conditioned_sampler_on_the_lifted_state() ->
     assert torch.equal(
         train.sample_rollout(plain, noise, 3).x, fl.rollout(plain, noise, fl.time_grid(3)).x
     )
-    with pytest.raises(ValueError, match="a self-conditioned sampler holds no known tokens"):
-        train.sample_rollout(sampler, noise, 3, block=2)
+    prompt = fl.Context.prefix(torch.tensor([[2, 1, 0, 0], [0, 2, 0, 0]]), 2)
+    prompted = train.sample_rollout(sampler, noise, 3, prompt)  # the context lifted
+    held = fl.rollout(sampler, fl.lift_state(noise), fl.time_grid(3), context=prompt.lift())
+    assert torch.equal(prompted.x, fl.split_state(held.x).x)
+    assert torch.equal(prompted.x[:, :2], fl.one_hot(prompt.tokens[:, :2], 3))
+    blocks = train.sample_rollout(sampler, noise, 3, prompt, block=1)  # after the prompt
+    lifted = fl.block_rollout(
+        sampler, fl.lift_state(noise), fl.time_grid(3), 1, context=prompt.lift(), first=2
+    )
+    assert blocks.nfe == lifted.nfe == 2 * 3
+    assert torch.equal(blocks.x, fl.split_state(lifted.x).x)
+    assert torch.equal(blocks.x[:, :2], fl.one_hot(prompt.tokens[:, :2], 3))
+    unprompted = train.sample_rollout(sampler, noise, 3, block=2)  # blocks need no context
+    assert unprompted.nfe == 2 * 3 and unprompted.x.shape == noise.shape
