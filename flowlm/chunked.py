@@ -9,7 +9,7 @@ product per chunk and saves about three ``(batch, seq, vocab)`` tensors at the p
 training step. The values equal the unchunked ones up to float rounding.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -183,7 +183,8 @@ def chunked_expectation_and_argmax(
     The expectation of the table's rows under the predicted distribution (in the table's
     dtype) and the most likely token, at every position; neither the logits nor the
     probabilities of more than ``chunk_size`` positions exist at a time, so no
-    ``(batch, seq, vocab)`` tensor is allocated.
+    ``(batch, seq, vocab)`` tensor is allocated. `chunked_expectations_and_argmax` does the
+    same for several tables in one pass.
 
     Examples:
         >>> head, table = torch.nn.Linear(3, 6), torch.randn(6, 2)
@@ -193,18 +194,48 @@ def chunked_expectation_and_argmax(
         >>> torch.allclose(mean, probs @ table, atol=1e-6), torch.equal(tokens, probs.argmax(-1))
         (True, True)
     """
+    (mean,), tokens = chunked_expectations_and_argmax(
+        head, features, [table], chunk_size=chunk_size
+    )
+    return mean, tokens
+
+
+def chunked_expectations_and_argmax(
+    head: Head,
+    features: Features,
+    tables: Sequence[Float[Tensor, "vocab _"]],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[tuple[Float[Tensor, "batch seq _"], ...], Tokens]:
+    r"""$pE_1, \dots, pE_k$ and $\arg\max_v p_v$ from one chunked pass of the head.
+
+    As `chunked_expectation_and_argmax`, with one expectation per table (each in its table's
+    dtype): the head runs once per chunk whatever the number of tables, and the tables are
+    never joined (no ``vocab``-sized copy).
+
+    Examples:
+        >>> head, first, second = torch.nn.Linear(3, 6), torch.randn(6, 2), torch.randn(6, 4)
+        >>> features = torch.randn(2, 5, 3)
+        >>> (a, b), tokens = chunked_expectations_and_argmax(head, features, [first, second])
+        >>> probs = torch.softmax(head(features), -1)
+        >>> torch.allclose(a, probs @ first, atol=1e-6), torch.allclose(b, probs @ second, atol=1e-6)
+        (True, True)
+    """
     _check_chunk_size(chunk_size)
     if features.ndim != 3:
         raise ValueError(f"features must have shape (batch, seq, dim), got {tuple(features.shape)}")
-    means: list[Tensor] = []
+    if not tables:
+        raise ValueError("pass at least one table")
+    means: list[list[Tensor]] = [[] for _ in tables]
     tokens: list[Tensor] = []
     for start in range(0, features.shape[1], chunk_size):
         probs = _wide_softmax(head(features[:, start : start + chunk_size]))
-        if probs.shape[-1] != table.shape[0]:
-            raise ValueError(
-                f"the head predicts {probs.shape[-1]} entries but the table has "
-                f"{table.shape[0]} rows"
-            )
-        means.append(probs.to(table.dtype) @ table)
+        for table, pieces in zip(tables, means, strict=True):
+            if probs.shape[-1] != table.shape[0]:
+                raise ValueError(
+                    f"the head predicts {probs.shape[-1]} entries but the table has "
+                    f"{table.shape[0]} rows"
+                )
+            pieces.append(probs.to(table.dtype) @ table)
         tokens.append(probs.argmax(-1))
-    return torch.cat(means, dim=1), torch.cat(tokens, dim=1)
+    return tuple(torch.cat(pieces, dim=1) for pieces in means), torch.cat(tokens, dim=1)
