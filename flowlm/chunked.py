@@ -45,16 +45,16 @@ def _check_positions(features: Tensor, other: Tensor, what: str) -> None:
 
 
 def _per_chunk(
-    loss: Callable[[Tensor, Tensor], Tensor],
+    loss: Callable[..., Tensor],
     features: Tensor,
-    other: Tensor,
+    *others: Tensor,
     chunk_size: int,
     checkpoint: bool,
-) -> TokenLoss:
+) -> Tensor:
     recomputed = checkpoint and torch.is_grad_enabled()
     pieces: list[Tensor] = []
     for start in range(0, features.shape[1], chunk_size):
-        chunk = (features[:, start : start + chunk_size], other[:, start : start + chunk_size])
+        chunk = tuple(x[:, start : start + chunk_size] for x in (features, *others))
         if recomputed:
             piece = recompute(loss, *chunk, use_reentrant=False)
             assert isinstance(piece, Tensor)
@@ -110,7 +110,7 @@ def chunked_cross_entropy(
         check_tokens(targets, log_probs.shape[-1])
         return -log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
-    return _per_chunk(loss, features, tokens, chunk_size, checkpoint)
+    return _per_chunk(loss, features, tokens, chunk_size=chunk_size, checkpoint=checkpoint)
 
 
 def chunked_kl_divergence(
@@ -140,7 +140,7 @@ def chunked_kl_divergence(
     def loss(chunk: Tensor, p: Tensor) -> Tensor:
         return (torch.special.xlogy(p, p) - p * _wide_log_softmax(head(chunk))).sum(-1)
 
-    return _per_chunk(loss, features, target, chunk_size, checkpoint)
+    return _per_chunk(loss, features, target, chunk_size=chunk_size, checkpoint=checkpoint)
 
 
 def chunked_softmax(
@@ -239,3 +239,47 @@ def chunked_expectations_and_argmax(
             pieces.append(probs.to(table.dtype) @ table)
         tokens.append(probs.argmax(-1))
     return tuple(torch.cat(pieces, dim=1) for pieces in means), torch.cat(tokens, dim=1)
+
+
+def chunked_expectation(
+    head: Head,
+    features: Features,
+    table: Float[Tensor, "vocab width"],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint: bool = True,
+) -> Float[Tensor, "batch seq width"]:
+    r"""$\mathrm{sg}(p)\,E$ for $p = \mathrm{softmax}(\mathrm{head}(f_i))$, chunk by chunk, differentiable in $E$.
+
+    The probabilities are a constant (no gradient reaches the head or the features); the
+    table gets $\partial\ell/\partial E = \sum_i p_i^\top\,\partial\ell/\partial(pE)_i$, which
+    needs $p$ again. With ``checkpoint=True`` (and gradients on) each chunk's probabilities are
+    recomputed in the backward pass instead of stored, so no ``(batch, seq, vocab)`` tensor is
+    kept for it; without, autograd keeps them all.
+
+    Examples:
+        >>> head, table = torch.nn.Linear(3, 6), torch.randn(6, 2, requires_grad=True)
+        >>> features = torch.randn(2, 5, 3)
+        >>> mean = chunked_expectation(head, features, table, chunk_size=2)
+        >>> probs = torch.softmax(head(features), -1).detach()
+        >>> torch.allclose(mean, probs @ table, atol=1e-6)
+        True
+        >>> (gradient,) = torch.autograd.grad(mean.sum(), table)
+        >>> torch.allclose(gradient, probs.sum((0, 1))[:, None].expand(6, 2), atol=1e-6)
+        True
+    """
+    _check_chunk_size(chunk_size)
+    if features.ndim != 3:
+        raise ValueError(f"features must have shape (batch, seq, dim), got {tuple(features.shape)}")
+
+    def expectation(chunk: Tensor) -> Tensor:
+        with torch.no_grad():
+            probs = _wide_softmax(head(chunk))
+        if probs.shape[-1] != table.shape[0]:
+            raise ValueError(
+                f"the head predicts {probs.shape[-1]} entries but the table has "
+                f"{table.shape[0]} rows"
+            )
+        return probs.to(table.dtype) @ table
+
+    return _per_chunk(expectation, features.detach(), chunk_size=chunk_size, checkpoint=checkpoint)

@@ -32,7 +32,12 @@ from torch import Tensor, nn
 from flowlm._checks import check_state, check_time
 from flowlm._tensors import broadcast_time
 from flowlm._types import Logits, State, Time, TokenLoss, Tokens
-from flowlm.chunked import DEFAULT_CHUNK_SIZE, Features, chunked_expectations_and_argmax
+from flowlm.chunked import (
+    DEFAULT_CHUNK_SIZE,
+    Features,
+    chunked_expectation,
+    chunked_expectations_and_argmax,
+)
 from flowlm.embedded import (
     Embedded,
     EmbeddedXPredictor,
@@ -162,15 +167,20 @@ def draw_embedded_previous(
     probability: float = 0.5,
     generator: torch.Generator | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint: bool = True,
 ) -> EmbeddedEstimate:
     r"""The training-time embedded estimate: per example, $\mathrm{sg}(\hat x_1(h_t; 0))P$ or $0$.
 
     `flowlm.draw_previous` in embedded form: the first call $f(h_t, t[, s], 0)$ is made
     without gradient for every example (one recorded network call), its estimate's product
-    with $P$ (``previous_table``) computed ``chunk_size`` positions at a time; then a
-    Bernoulli coin per example, drawn like `flowlm.draw_previous`'s (``torch.rand(batch)`` on
-    ``h_t``'s device from ``generator``: the same generator state gives the same coins), keeps
-    it with probability ``probability``. No ``(batch, seq, vocab)`` tensor, no host read.
+    with $P$ (``previous_table``) computed ``chunk_size`` positions at a time
+    (`flowlm.chunked.chunked_expectation`); then a Bernoulli coin per example, drawn like
+    `flowlm.draw_previous`'s (``torch.rand(batch)`` on ``h_t``'s device from ``generator``:
+    the same generator state gives the same coins), keeps it with probability
+    ``probability``. The stop-gradient is on the estimate $\hat x_1'$, as on the dense path:
+    $q$ is differentiable in $P$ (the gradient the dense second call gives the estimate's
+    input layer), and with ``checkpoint=True`` the backward pass recomputes each chunk's
+    probabilities rather than keeping them. No ``(batch, seq, vocab)`` tensor, no host read.
 
     Args:
         backbone: the self-conditioned embedded network.
@@ -180,6 +190,7 @@ def draw_embedded_previous(
         probability: chance that an example gets the estimate rather than zeros.
         generator: random source on ``h_t``'s device.
         chunk_size: positions per chunk of the output head.
+        checkpoint: recompute each chunk's probabilities in the backward pass.
 
     Returns:
         $q$ in the estimate table's dtype: $\hat x_1P$ or zeros, per example.
@@ -199,9 +210,13 @@ def draw_embedded_previous(
         features = EmbeddedXPredictor(
             EmbeddedWithPrevious(backbone, None), chunk_size=chunk_size
         ).features(h_t, t, s)
-        (estimate,), _ = chunked_expectations_and_argmax(
-            backbone.output_head, features, [_estimate_table(backbone)], chunk_size=chunk_size
-        )
+    estimate = chunked_expectation(
+        backbone.output_head,
+        features,
+        _estimate_table(backbone),
+        chunk_size=chunk_size,
+        checkpoint=checkpoint,
+    )
     coins = torch.rand(h_t.shape[0], generator=generator, device=h_t.device)
     keep = broadcast_time(coins < probability, estimate)
     return torch.where(keep, estimate, torch.zeros_like(estimate))
@@ -243,7 +258,9 @@ def embedded_self_conditioned_loss(
         >>> torch.allclose(loss, torch.full((2, 3), 7.0).log())  # fresh: uniform predictions
         True
     """
-    previous = draw_embedded_previous(backbone, h_t, t, s, chunk_size=chunk_size, **draw)
+    previous = draw_embedded_previous(
+        backbone, h_t, t, s, chunk_size=chunk_size, checkpoint=checkpoint, **draw
+    )
     predictor = EmbeddedXPredictor(EmbeddedWithPrevious(backbone, previous), chunk_size)
     return predictor.cross_entropy(h_t, t, tokens, s, checkpoint=checkpoint)
 
