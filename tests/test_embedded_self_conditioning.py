@@ -253,6 +253,10 @@ def test_a_self_conditioned_step_makes_no_vocabulary_sized_tensor_and_no_host_re
     # training step holds a few chunks and the weights' gradients, far below one unit
     assert sampling.peak < 4 * chunk_unit
     assert training.peak < unit / 2
+    # the tracker sees them: without checkpointing, autograd keeps every chunk's probabilities
+    with LiveTensorBytes() as stored:
+        embedded_self_conditioned_loss(model, h, t, tokens, chunk_size=chunk, checkpoint=False)
+    assert stored.peak > 2 * unit
     assert state.shape == (B, seq, 2 * D + 1)
 
 
