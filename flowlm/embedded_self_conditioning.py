@@ -35,6 +35,7 @@ from flowlm._types import Logits, State, Time, TokenLoss, Tokens
 from flowlm.chunked import (
     DEFAULT_CHUNK_SIZE,
     Features,
+    Head,
     chunked_expectation,
     chunked_expectations_and_argmax,
 )
@@ -284,6 +285,9 @@ class EmbeddedSelfConditionedMap(nn.Module):
         backbone: the self-conditioned embedded network.
         interpolant: the path (any `flowlm.Interpolant`: its steps are linear).
         two_time: call the network with both times (FMLM's two-time denoiser).
+        guidance: $w$ of $z_w = z(q) + w(z(q) - z(0))$ (guidance on the estimate, as
+            `flowlm.SelfConditionedMap`'s), both in one call on a doubled batch and combined
+            chunk by chunk; ``None`` for no guidance. The guided estimate is passed on.
         estimate_first: first estimate $\hat x_1$ with the incoming estimate (same times),
             then make the step self-conditioned on it: 2 calls per step (the one-step FMLM
             sampler with an estimate).
@@ -311,6 +315,7 @@ class EmbeddedSelfConditionedMap(nn.Module):
         interpolant: Interpolant,
         *,
         two_time: bool = False,
+        guidance: float | None = None,
         estimate_first: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
@@ -321,6 +326,7 @@ class EmbeddedSelfConditionedMap(nn.Module):
         self.backbone = backbone
         self.interpolant = interpolant
         self.two_time = two_time
+        self.guidance = guidance
         self.estimate_first = estimate_first
         self.chunk_size = chunk_size
 
@@ -379,14 +385,44 @@ class EmbeddedSelfConditionedMap(nn.Module):
     def _predict(
         self, h: Embedded, t: Time, s: Time, previous: EmbeddedEstimate | None
     ) -> tuple[Embedded, EmbeddedEstimate, Tokens]:
-        r"""$\hat x_1E$, $\hat x_1P$ and $\arg\max\hat x_1$ given $q$: one recorded call."""
+        r"""$\hat x_1E$, $\hat x_1P$ and $\arg\max\hat x_1$ given $q$ (guided): one recorded call."""
         network = self.backbone
-        predictor = EmbeddedXPredictor(EmbeddedWithPrevious(network, previous), self.chunk_size)
-        features = predictor.features(h, t, s) if self.two_time else predictor.features(h, t)
+        features, head = self._features(h, t, s if self.two_time else None, previous)
         (x1_embedded, x1_previous), tokens = chunked_expectations_and_argmax(
-            network.output_head,
+            head,
             features,
             [network.input_table, _estimate_table(network)],
             chunk_size=self.chunk_size,
         )
         return x1_embedded, x1_previous, tokens
+
+    def _features(
+        self, h: Embedded, t: Time, s: Time | None, previous: EmbeddedEstimate | None
+    ) -> tuple[Tensor, Head]:
+        r"""The features and the head whose softmax is $\hat x_1$ (guided logits with guidance).
+
+        With guidance, $f(h, q)$ and $f(h, 0)$ come from one call on the doubled batch and
+        are joined along the width; the head maps each half and combines the logits
+        $z(q) + w(z(q) - z(0))$, chunk by chunk like any head.
+        """
+        network = self.backbone
+        if self.guidance is None:
+            predictor = EmbeddedXPredictor(EmbeddedWithPrevious(network, previous), self.chunk_size)
+            return predictor.features(h, t, s), network.output_head
+        if previous is None:
+            previous = h.new_zeros(*h.shape[:-1], self.widths()[1])
+        doubled = EmbeddedXPredictor(
+            EmbeddedWithPrevious(network, torch.cat([previous, torch.zeros_like(previous)])),
+            self.chunk_size,
+        )
+        both = doubled.features(
+            torch.cat([h, h]), torch.cat([t, t]), None if s is None else torch.cat([s, s])
+        )
+        conditioned, unconditioned = both.chunk(2)
+        width, weight = conditioned.shape[-1], self.guidance
+
+        def guided(features: Tensor) -> Logits:
+            logits = network.output_head(features[..., :width])
+            return logits + weight * (logits - network.output_head(features[..., width:]))
+
+        return torch.cat([conditioned, unconditioned], dim=-1), guided

@@ -197,6 +197,30 @@ def test_the_rollout_on_h_and_q_equals_the_dense_self_conditioned_rollout(
     assert x.std() > 1e-3  # predictions are far from uniform
 
 
+@pytest.mark.parametrize("two_time", [False, True])
+def test_guidance_on_the_estimate_is_the_dense_guidance_in_one_call(two_time: bool):
+    model = conditioned_dit(two_time, seed=11)
+    path = fl.LinearInterpolant(reparam=fl.TokenAccuracy(V))
+    x0 = torch.randn(B, L, V, dtype=torch.float64)
+    grid = fl.time_grid(4, dtype=torch.float64)
+    options = {"two_time": two_time, "guidance": 3.0}
+    dense = fl.rollout(fl.SelfConditionedMap(model, path, **options), fl.lift_state(x0), grid)
+    sampler = EmbeddedSelfConditionedMap(model, path, chunk_size=4, **options)
+    ours = fl.rollout(sampler, x0 @ model.input_table, grid)
+    x, previous = fl.split_state(dense.x)
+    torch.testing.assert_close(ours.x[..., :D], x @ model.input_table, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ours.x[..., D : 2 * D], previous @ table(model), rtol=1e-10, atol=1e-12
+    )
+    assert torch.equal(sampled_tokens(ours.x), fl.decode(x))
+    assert ours.nfe == dense.nfe == 4
+    # guidance changes the samples' path: the unguided rollout ends elsewhere
+    unguided = fl.rollout(
+        EmbeddedSelfConditionedMap(model, path, two_time=two_time), x0 @ model.input_table, grid
+    )
+    assert (unguided.x[..., :D] - ours.x[..., :D]).abs().max() > 1e-3
+
+
 def test_each_step_reads_the_estimate_of_the_step_before():
     model = conditioned_dit(seed=7)
     path = fl.LinearInterpolant(reparam=fl.TokenAccuracy(V))
