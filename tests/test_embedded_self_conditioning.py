@@ -293,22 +293,21 @@ def test_a_bound_self_conditioned_student_distils_as_the_dense_one():
     x_t, _ = noisy_state()
     t = torch.tensor([0.0, 0.3, 0.5], dtype=torch.float64)
     s = torch.tensor([1.0, 0.9, 0.6], dtype=torch.float64)
+    # dense: the student bound to its drawn estimate, the teacher on its own estimate
     previous = fl.draw_previous(student_net, x_t, t, s, probability=1.0)
     dense_student = fl.XPredMap(
         fl.XPredictor(fl.WithPrevious(student_net, previous)), path, two_time=True
     )
-    dense = semigroup_kl_loss(
-        dense_student, fl.XPredictor(fl.WithOwnEstimate(teacher_net)), x_t, t, s
-    )
-    bound = EmbeddedWithPrevious(student_net, previous @ table(student_net))
+    teacher = fl.XPredictor(fl.WithOwnEstimate(teacher_net))
+    dense = semigroup_kl_loss(dense_student, teacher, x_t, t, s)
+    # embedded: the same estimates as products with the tables, drawn on h alone
+    h_student, h_teacher = x_t @ student_net.input_table, x_t @ teacher_net.input_table
+    q_student = draw_embedded_previous(student_net, h_student, t, s, probability=1.0)
+    q_teacher = draw_embedded_previous(teacher_net, h_teacher, t, probability=1.0)
+    bound = EmbeddedWithPrevious(student_net, q_student)
     student = EmbeddedXPredMap(EmbeddedXPredictor(bound, chunk_size=4), path, two_time=True)
-    teacher_previous = fl.draw_previous(teacher_net, x_t, t, probability=1.0)
-    teacher = EmbeddedXPredictor(
-        EmbeddedWithPrevious(teacher_net, teacher_previous @ table(teacher_net))
-    )
-    ours = embedded_semigroup_kl_loss(
-        student, teacher, x_t @ student_net.input_table, x_t @ teacher_net.input_table, t, s
-    )
+    embedded_teacher = EmbeddedXPredictor(EmbeddedWithPrevious(teacher_net, q_teacher))
+    ours = embedded_semigroup_kl_loss(student, embedded_teacher, h_student, h_teacher, t, s)
     torch.testing.assert_close(ours, dense)
     assert dense.min() > 1e-4
 
