@@ -320,7 +320,7 @@ class EmbeddedSelfConditionedMap(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
-        _estimate_table(backbone)
+        _estimate_table(backbone)  # refuse a backbone that reads no estimate, here
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
         self.backbone = backbone
