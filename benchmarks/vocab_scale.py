@@ -22,8 +22,17 @@ issue's targets are written into the
 results (JSON and markdown) and printed as PASS/FAIL lines, pass or fail; the results are
 rewritten after every repeat.
 
+Self-conditioning (``self_conditioning`` in the results, its own table): the self-conditioned
+training step (two network calls, the first without gradient) and 8-step rollout, dense
+(`flowlm.self_conditioned_logits`, `flowlm.SelfConditionedMap`) and embedded
+(`flowlm.embedded_self_conditioned_loss`, `flowlm.EmbeddedSelfConditionedMap`), next to the
+plain embedded rows, at the largest vocabulary only, with their peaks in ``(batch, seq, vocab)``
+fp32 units. ``--self-conditioning`` measures just this section and writes it into the
+existing results (the other rows are kept as they were measured).
+
     python benchmarks/vocab_scale.py            # the full run (10-15 min per repeat on 2 cores)
     python benchmarks/vocab_scale.py --quick    # seconds: small vocabularies, a tiny model
+    python benchmarks/vocab_scale.py --self-conditioning --repeats 1   # that section only
 """
 
 import argparse
@@ -58,6 +67,7 @@ from torch.utils._pytree import tree_leaves
 import flowlm as fl
 from flowlm.backbones import CausalTransformer, DiT
 from flowlm.embedded import EmbeddedXPredictor, EmbeddedXPredMap, embedded_sample, sampled_tokens
+from flowlm.embedded_self_conditioning import EmbeddedSelfConditionedMap
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -69,6 +79,15 @@ PATHS = {
     "fmlm_rollout_1": ("dense", "embedded"),
     "ar_generate": ("dense",),
 }
+SELF_CONDITIONING_ROWS = (
+    ("sc_train_step", "dense"),
+    ("sc_train_step", "embedded"),
+    ("flm_train_step", "embedded"),
+    ("sc_rollout_8", "dense"),
+    ("sc_rollout_8", "embedded"),
+    ("flm_rollout_8", "embedded"),
+)
+"""The self-conditioning section's rows (``sc_``: a self-conditioned DiT), largest V only."""
 
 
 @dataclass(frozen=True)
@@ -138,13 +157,66 @@ def _randomized(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _dit(settings: Settings, vocab: int, two_time: bool = False) -> DiT:
-    model = DiT(vocab, settings.dim, settings.depth, settings.heads, two_time=two_time)
+def _dit(
+    settings: Settings, vocab: int, two_time: bool = False, self_conditioning: bool = False
+) -> DiT:
+    model = DiT(
+        vocab,
+        settings.dim,
+        settings.depth,
+        settings.heads,
+        two_time=two_time,
+        self_conditioning=self_conditioning,
+    )
     return _randomized(model, seed=1 + two_time)  # type: ignore[return-value]
+
+
+def build_self_conditioned_row(
+    what: str, path: str, vocab: int, settings: Settings
+) -> Callable[[], object]:
+    """A self-conditioned row's call: the training step or the 8-step rollout, dense or embedded."""
+    b, seq = settings.batch, settings.seq
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(vocab, (b, seq), generator=generator)
+    t = torch.rand(b, generator=generator)
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab))
+    model = _dit(settings, vocab, self_conditioning=True)
+    embedded = EmbeddedXPredictor(model)
+    if what == "sc_train_step":
+        model.train()
+
+        def dense_step() -> object:
+            model.zero_grad(set_to_none=True)
+            x_t = interpolant.noised(tokens, t)
+            fl.cross_entropy(fl.self_conditioned_logits(model, x_t, t), tokens).mean().backward()
+            return None
+
+        def embedded_step() -> object:
+            model.zero_grad(set_to_none=True)
+            h_t = embedded_sample(
+                interpolant, embedded.noise(b, seq), embedded.embed_tokens(tokens), t
+            )
+            fl.embedded_self_conditioned_loss(model, h_t, t, tokens).mean().backward()
+            return None
+
+        return dense_step if path == "dense" else embedded_step
+    model.eval()
+    grid = fl.time_grid(8)
+    if path == "dense":
+        dense_map = fl.SelfConditionedMap(model, interpolant)
+        return lambda: fl.decode(
+            fl.split_state(
+                fl.rollout(dense_map, fl.lift_state(torch.randn(b, seq, vocab)), grid).x
+            ).x
+        )
+    embedded_map = EmbeddedSelfConditionedMap(model, interpolant)
+    return lambda: sampled_tokens(fl.rollout(embedded_map, embedded.noise(b, seq), grid).x)
 
 
 def build_row(what: str, path: str, vocab: int, settings: Settings) -> Callable[[], object]:
     """The call one row measures, with its model and data built beforehand."""
+    if what.startswith("sc_"):
+        return build_self_conditioned_row(what, path, vocab, settings)
     b, seq = settings.batch, settings.seq
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(vocab, (b, seq), generator=generator)
@@ -250,6 +322,122 @@ def tokens_identical(settings: Settings) -> bool:
         h0 = embedded.embed(x0)
     ours = fl.rollout(EmbeddedXPredMap(embedded, interpolant), h0, grid).x
     return bool(torch.equal(sampled_tokens(ours), fl.decode(dense)))
+
+
+def self_conditioned_tokens_identical(settings: Settings) -> bool:
+    """Embedded vs dense self-conditioned 8-step rollouts from the same noise: the same tokens."""
+    vocab = settings.identical_vocab
+    model = _dit(settings, vocab, self_conditioning=True).eval()
+    interpolant = fl.LinearInterpolant(reparam=fl.TokenAccuracy(vocab))
+    x0 = torch.randn(
+        settings.batch, settings.seq, vocab, generator=torch.Generator().manual_seed(3)
+    )
+    grid = fl.time_grid(8)
+    dense = fl.rollout(fl.SelfConditionedMap(model, interpolant), fl.lift_state(x0), grid).x
+    with torch.no_grad():
+        h0 = x0 @ model.input_table
+    ours = fl.rollout(EmbeddedSelfConditionedMap(model, interpolant), h0, grid).x
+    return bool(torch.equal(sampled_tokens(ours), fl.decode(fl.split_state(dense).x)))
+
+
+def self_conditioning_section(settings: Settings, quick: bool) -> dict[str, Any]:
+    """The self-conditioned rows at the largest vocabulary (medians over ``settings.repeats``).
+
+    Each row runs in a fresh process (in this one for a quick run), in a new random order on
+    each repeat; the targets compare the embedded self-conditioned step with the plain
+    embedded one and with the dense self-conditioned one, in ``(batch, seq, vocab)`` units.
+    """
+    vocab = settings.vocab_sizes[-1]
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    identical = self_conditioned_tokens_identical(settings)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in SELF_CONDITIONING_ROWS}
+    order = random.Random(0)
+    for repeat in range(settings.repeats):
+        shuffled = list(SELF_CONDITIONING_ROWS)
+        order.shuffle(shuffled)
+        for what, path in shuffled:
+            if quick:
+                row = measure_row(what, path, vocab, settings)
+            else:
+                row = row_in_subprocess(what, path, vocab, smoke=False)
+            runs[(what, path)].append(row)
+            print(f"self-conditioning repeat {repeat + 1}: {row}", file=sys.stderr, flush=True)
+    unit = settings.batch * settings.seq * vocab * 4 / MIB
+    rows = [
+        {
+            **_medians(runs[key]),
+            "peak_units": round(statistics.median(r["peak_mib"] for r in runs[key]) / unit, 3),
+        }
+        for key in SELF_CONDITIONING_ROWS
+    ]
+
+    def peak(what: str, path: str) -> float:
+        return _find(rows, what, path, vocab)["peak_mib"]
+
+    # (target, value, limit, unit, strict): "< 1 unit" means no (B, L, V) tensor was added
+    checks = [
+        (
+            "embedded self-conditioned training step: peak above the plain embedded step's "
+            "< 1 (B, L, V) unit",
+            (peak("sc_train_step", "embedded") - peak("flm_train_step", "embedded")) / unit,
+            1.0,
+            "units above",
+            True,
+        ),
+        (
+            "embedded self-conditioned training step: peak <= 0.5x the dense self-conditioned "
+            "step's",
+            peak("sc_train_step", "embedded") / peak("sc_train_step", "dense"),
+            0.5,
+            "x",
+            False,
+        ),
+        (
+            "embedded self-conditioned 8-step rollout: peak <= 0.2x the dense self-conditioned "
+            "rollout's",
+            peak("sc_rollout_8", "embedded") / peak("sc_rollout_8", "dense"),
+            0.2,
+            "x",
+            False,
+        ),
+        (
+            "embedded self-conditioned 8-step rollout: peak above the plain embedded rollout's "
+            "< 1 (B, L, V) unit",
+            (peak("sc_rollout_8", "embedded") - peak("flm_rollout_8", "embedded")) / unit,
+            1.0,
+            "units above",
+            True,
+        ),
+    ]
+    targets: list[dict[str, Any]] = []
+    for name, value, limit, what, strict in checks:
+        value = round(value, 3)
+        passed = value < limit if strict else value <= limit
+        targets.append(
+            {"target": name, "value": value, "limit": limit, "unit": what, "pass": passed}
+        )
+    targets.append(
+        {
+            "target": "embedded vs dense self-conditioned 8-step rollout tokens identical "
+            f"(V = {settings.identical_vocab})",
+            "value": identical,
+            "limit": True,
+            "unit": "",
+            "pass": identical,
+        }
+    )
+    for target in targets:
+        target["status"] = verdict(target["pass"])
+    return {
+        "vocab_size": vocab,
+        "unit_mib": round(unit, 3),
+        "rows": rows,
+        "tokens_identical": identical,
+        "load_at_start": load_at_start,
+        "load_at_end": [round(x, 2) for x in os.getloadavg()],
+        "repeats_done": settings.repeats,
+        "targets": targets,
+    }
 
 
 def xt_units(settings: Settings) -> float:
@@ -454,6 +642,26 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| target | measured | status |", "|---|---|---|"]
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {t['value']} {t['unit']} | {t['status']} |")
+    section = results.get("self_conditioning")
+    if section is not None:
+        lines += [
+            "",
+            f"Self-conditioning at V = {section['vocab_size']} (one (B, L, V) fp32 unit = "
+            f"{section['unit_mib']} MiB; medians of {section['repeats_done']} repeat(s), each "
+            f"row in a fresh process; load average {section['load_at_start']} at the start, "
+            f"{section['load_at_end']} at the end):",
+            "",
+            "| what | path | peak live tensors (MiB) | peak (units) | RSS growth (MiB) | CPU s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in section["rows"]:
+            lines.append(
+                f"| {r['what']} | {r['path']} | {r['peak_mib']:.1f} | {r['peak_units']} | "
+                f"{r['rss_mib']:.1f} | {r['cpu_s']:.2f} |"
+            )
+        lines += ["", "| target | measured | status |", "|---|---|---|"]
+        for t in section["targets"]:
+            lines.append(f"| {t['target']} | {t['value']} {t['unit']} | {t['status']} |")
     return "\n".join(lines)
 
 
@@ -497,6 +705,11 @@ def _flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=positive_int, default=None, help="repeats per row")
     parser.add_argument("--row", nargs=3, metavar=("WHAT", "PATH", "V"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--self-conditioning",
+        action="store_true",
+        help="measure only the self-conditioning section, into the existing results",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,6 +720,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.row is not None:
         what, path, vocab = args.row
         print(json.dumps(measure_row(what, path, int(vocab), settings)))
+        return 0
+    if args.self_conditioning:
+        existing = args.out_dir / "vocab_scale.json"
+        if not existing.is_file():
+            print(
+                f"error: --self-conditioning updates {existing}: run the full benchmark first",
+                file=sys.stderr,
+            )
+            return 2
+        results = json.loads(existing.read_text())
+        results["self_conditioning"] = self_conditioning_section(settings, args.quick)
+        write_results(args.out_dir, "vocab_scale", results, markdown(results))
+        print_verdicts(results["self_conditioning"]["targets"])
         return 0
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     identical = tokens_identical(settings)
@@ -542,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(results, args.plot)
         print_verdicts(results["targets"])
+    results["self_conditioning"] = self_conditioning_section(settings, args.quick)
+    write_results(args.out_dir, "vocab_scale", results, markdown(results))
+    print_verdicts(results["self_conditioning"]["targets"])
     return 0
 
 

@@ -25,6 +25,12 @@ from flowlm.context import (
     prefix_context,
     span_context,
 )
+from flowlm.embedded_self_conditioning import (
+    EmbeddedSelfConditionedMap,
+    EmbeddedWithPrevious,
+    draw_embedded_previous,
+    embedded_self_conditioned_loss,
+)
 from flowlm.embeddings import TimeEmbedding, sinusoidal_features
 from flowlm.gamma_sampling import GammaSampling
 from flowlm.heads import LearnedTimeWeighting, XPredictor, cross_entropy, masked_mean
@@ -85,6 +91,8 @@ __all__ = [
     "ConditionalMap",
     "Context",
     "CosineInterpolant",
+    "EmbeddedSelfConditionedMap",
+    "EmbeddedWithPrevious",
     "Euler",
     "ExampleTime",
     "FlowMap",
@@ -136,7 +144,9 @@ __all__ = [
     "decode",
     "decoding_accuracy",
     "diagonal_split",
+    "draw_embedded_previous",
     "draw_previous",
+    "embedded_self_conditioned_loss",
     "lift_state",
     "linear_snr",
     "masked_mean",

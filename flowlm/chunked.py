@@ -9,7 +9,7 @@ product per chunk and saves about three ``(batch, seq, vocab)`` tensors at the p
 training step. The values equal the unchunked ones up to float rounding.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -45,16 +45,16 @@ def _check_positions(features: Tensor, other: Tensor, what: str) -> None:
 
 
 def _per_chunk(
-    loss: Callable[[Tensor, Tensor], Tensor],
+    loss: Callable[..., Tensor],
     features: Tensor,
-    other: Tensor,
+    *others: Tensor,
     chunk_size: int,
     checkpoint: bool,
-) -> TokenLoss:
+) -> Tensor:
     recomputed = checkpoint and torch.is_grad_enabled()
     pieces: list[Tensor] = []
     for start in range(0, features.shape[1], chunk_size):
-        chunk = (features[:, start : start + chunk_size], other[:, start : start + chunk_size])
+        chunk = tuple(x[:, start : start + chunk_size] for x in (features, *others))
         if recomputed:
             piece = recompute(loss, *chunk, use_reentrant=False)
             assert isinstance(piece, Tensor)
@@ -110,7 +110,7 @@ def chunked_cross_entropy(
         check_tokens(targets, log_probs.shape[-1])
         return -log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
-    return _per_chunk(loss, features, tokens, chunk_size, checkpoint)
+    return _per_chunk(loss, features, tokens, chunk_size=chunk_size, checkpoint=checkpoint)
 
 
 def chunked_kl_divergence(
@@ -140,7 +140,7 @@ def chunked_kl_divergence(
     def loss(chunk: Tensor, p: Tensor) -> Tensor:
         return (torch.special.xlogy(p, p) - p * _wide_log_softmax(head(chunk))).sum(-1)
 
-    return _per_chunk(loss, features, target, chunk_size, checkpoint)
+    return _per_chunk(loss, features, target, chunk_size=chunk_size, checkpoint=checkpoint)
 
 
 def chunked_softmax(
@@ -183,7 +183,8 @@ def chunked_expectation_and_argmax(
     The expectation of the table's rows under the predicted distribution (in the table's
     dtype) and the most likely token, at every position; neither the logits nor the
     probabilities of more than ``chunk_size`` positions exist at a time, so no
-    ``(batch, seq, vocab)`` tensor is allocated.
+    ``(batch, seq, vocab)`` tensor is allocated. `chunked_expectations_and_argmax` does the
+    same for several tables in one pass.
 
     Examples:
         >>> head, table = torch.nn.Linear(3, 6), torch.randn(6, 2)
@@ -193,18 +194,92 @@ def chunked_expectation_and_argmax(
         >>> torch.allclose(mean, probs @ table, atol=1e-6), torch.equal(tokens, probs.argmax(-1))
         (True, True)
     """
+    (mean,), tokens = chunked_expectations_and_argmax(
+        head, features, [table], chunk_size=chunk_size
+    )
+    return mean, tokens
+
+
+def chunked_expectations_and_argmax(
+    head: Head,
+    features: Features,
+    tables: Sequence[Float[Tensor, "vocab _"]],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[tuple[Float[Tensor, "batch seq _"], ...], Tokens]:
+    r"""$pE_1, \dots, pE_k$ and $\arg\max_v p_v$ from one chunked pass of the head.
+
+    As `chunked_expectation_and_argmax`, with one expectation per table (each in its table's
+    dtype): the head runs once per chunk whatever the number of tables, and the tables are
+    never joined (no ``vocab``-sized copy).
+
+    Examples:
+        >>> head, first, second = torch.nn.Linear(3, 6), torch.randn(6, 2), torch.randn(6, 4)
+        >>> features = torch.randn(2, 5, 3)
+        >>> (a, b), tokens = chunked_expectations_and_argmax(head, features, [first, second])
+        >>> probs = torch.softmax(head(features), -1)
+        >>> torch.allclose(a, probs @ first, atol=1e-6), torch.allclose(b, probs @ second, atol=1e-6)
+        (True, True)
+    """
     _check_chunk_size(chunk_size)
     if features.ndim != 3:
         raise ValueError(f"features must have shape (batch, seq, dim), got {tuple(features.shape)}")
-    means: list[Tensor] = []
+    if not tables:
+        raise ValueError("pass at least one table")
+    means: list[list[Tensor]] = [[] for _ in tables]
     tokens: list[Tensor] = []
     for start in range(0, features.shape[1], chunk_size):
         probs = _wide_softmax(head(features[:, start : start + chunk_size]))
+        for table, pieces in zip(tables, means, strict=True):
+            if probs.shape[-1] != table.shape[0]:
+                raise ValueError(
+                    f"the head predicts {probs.shape[-1]} entries but the table has "
+                    f"{table.shape[0]} rows"
+                )
+            pieces.append(probs.to(table.dtype) @ table)
+        tokens.append(probs.argmax(-1))
+    return tuple(torch.cat(pieces, dim=1) for pieces in means), torch.cat(tokens, dim=1)
+
+
+def chunked_expectation(
+    head: Head,
+    features: Features,
+    table: Float[Tensor, "vocab width"],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint: bool = True,
+) -> Float[Tensor, "batch seq width"]:
+    r"""$\mathrm{sg}(p)\,E$ for $p = \mathrm{softmax}(\mathrm{head}(f_i))$, chunk by chunk, differentiable in $E$.
+
+    The probabilities are a constant (no gradient reaches the head or the features); the
+    table gets $\partial\ell/\partial E = \sum_i p_i^\top\,\partial\ell/\partial(pE)_i$, which
+    needs $p$ again. With ``checkpoint=True`` (and gradients on) each chunk's probabilities are
+    recomputed in the backward pass instead of stored, so no ``(batch, seq, vocab)`` tensor is
+    kept for it; without, autograd keeps them all.
+
+    Examples:
+        >>> head, table = torch.nn.Linear(3, 6), torch.randn(6, 2, requires_grad=True)
+        >>> features = torch.randn(2, 5, 3)
+        >>> mean = chunked_expectation(head, features, table, chunk_size=2)
+        >>> probs = torch.softmax(head(features), -1).detach()
+        >>> torch.allclose(mean, probs @ table, atol=1e-6)
+        True
+        >>> (gradient,) = torch.autograd.grad(mean.sum(), table)
+        >>> torch.allclose(gradient, probs.sum((0, 1))[:, None].expand(6, 2), atol=1e-6)
+        True
+    """
+    _check_chunk_size(chunk_size)
+    if features.ndim != 3:
+        raise ValueError(f"features must have shape (batch, seq, dim), got {tuple(features.shape)}")
+
+    def expectation(chunk: Tensor) -> Tensor:
+        with torch.no_grad():
+            probs = _wide_softmax(head(chunk))
         if probs.shape[-1] != table.shape[0]:
             raise ValueError(
                 f"the head predicts {probs.shape[-1]} entries but the table has "
                 f"{table.shape[0]} rows"
             )
-        means.append(probs.to(table.dtype) @ table)
-        tokens.append(probs.argmax(-1))
-    return torch.cat(means, dim=1), torch.cat(tokens, dim=1)
+        return probs.to(table.dtype) @ table
+
+    return _per_chunk(expectation, features.detach(), chunk_size=chunk_size, checkpoint=checkpoint)

@@ -37,6 +37,30 @@ def test_smoke_run_writes_every_row_target_and_the_plot(tmp_path: Path, one_thre
     assert set(results["head_to_head_cpu_s"]) == {"flm_train_step/embedded", "ar_train_step/dense"}
     assert "| target |" in (tmp_path / "vocab_scale.md").read_text()
     assert plot.stat().st_size > 0
+    section = results["self_conditioning"]
+    rows = {(r["what"], r["path"]) for r in section["rows"]}
+    assert rows == set(vocab_scale.SELF_CONDITIONING_ROWS)
+    assert all(r["peak_mib"] > 0 and r["peak_units"] > 0 for r in section["rows"])
+    assert section["tokens_identical"] is True
+    assert all(t["status"] == ("PASS" if t["pass"] else "FAIL") for t in section["targets"])
+    assert "Self-conditioning at V = 300" in (tmp_path / "vocab_scale.md").read_text()
+
+
+def test_the_self_conditioning_section_updates_existing_results(tmp_path: Path, one_thread: None):
+    before = json.loads((ROOT / "results" / "vocab_scale.json").read_text())
+    before.pop("self_conditioning", None)
+    (tmp_path / "vocab_scale.json").write_text(json.dumps(before))
+    assert vocab_scale.main(["--quick", "--self-conditioning", "--out-dir", str(tmp_path)]) == 0
+    after = json.loads((tmp_path / "vocab_scale.json").read_text())
+    assert {key: after[key] for key in before} == before  # the other rows are kept as measured
+    assert after["self_conditioning"]["vocab_size"] == vocab_scale.SMOKE.vocab_sizes[-1]
+    table = (tmp_path / "vocab_scale.md").read_text()
+    assert "| flm_train_step | 50258 | embedded |" in table and "sc_rollout_8" in table
+
+
+def test_the_self_conditioning_section_needs_existing_results(tmp_path: Path, capsys):
+    assert vocab_scale.main(["--quick", "--self-conditioning", "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --self-conditioning updates")
 
 
 def test_live_bytes_sees_allocations_and_frees():

@@ -135,19 +135,36 @@ class DiT(nn.Module):
                 ``previous`` passed to a model without self-conditioning or of the wrong shape.
         """
         h = self._embed(x_t)
-        if previous is not None:
-            h = h + self._embed_previous(previous, h)
-        return self.forward_embedded(h, t, s)
+        embedded_previous = None if previous is None else self._embed_previous(previous, h)
+        return self.forward_embedded(h, t, s, previous=embedded_previous)
 
     @property
     def input_table(self) -> Float[Tensor, "vocab dim"]:
         r"""The input table $E$ ($V \times d$): a state $x$ enters the network as $h = xE$."""
         return self.embedding.weight
 
+    @property
+    def previous_table(self) -> Float[Tensor, "vocab dim"] | None:
+        r"""The estimate's input table $P$ ($V \times d$; ``None`` without self-conditioning).
+
+        An estimate $\hat x_1'$ enters the network as $\hat x_1' P$, added to $h = x_t E$; the
+        table is a view of the ``previous_embedding`` weight.
+        """
+        return None if self.previous_embedding is None else self.previous_embedding.weight.T
+
     def forward_embedded(
-        self, h: Float[Tensor, "batch seq dim"], t: Time, s: Time | None = None, /
+        self,
+        h: Float[Tensor, "batch seq dim"],
+        t: Time,
+        s: Time | None = None,
+        /,
+        previous: Float[Tensor, "batch seq dim"] | None = None,
     ) -> Logits:
         r"""Logits from an embedded state $h = x_t E$: ``forward(x_t, ...)`` without the table.
+
+        ``previous`` is the embedded estimate $\hat x_1' P$ (`previous_table`), so that
+        ``forward_embedded(x @ input_table, t, previous=p @ previous_table)`` equals
+        ``forward(x, t, previous=p)``.
 
         Examples:
             >>> model = DiT(5, dim=16, depth=1, heads=2)
@@ -155,16 +172,47 @@ class DiT(nn.Module):
             >>> torch.equal(model.forward_embedded(x @ model.input_table, t), model(x, t))
             True
         """
-        return self.output_head(self.embedded_features(h, t, s))
+        return self.output_head(self.embedded_features(h, t, s, previous=previous))
 
     def embedded_features(
-        self, h: Float[Tensor, "batch seq dim"], t: Time, s: Time | None = None, /
+        self,
+        h: Float[Tensor, "batch seq dim"],
+        t: Time,
+        s: Time | None = None,
+        /,
+        previous: Float[Tensor, "batch seq dim"] | None = None,
     ) -> Float[Tensor, "batch seq dim"]:
-        """The features `output_head` maps to logits, position by position, from $h = x_t E$.
+        r"""The features `output_head` maps to logits, position by position, from $h = x_t E$.
+
+        ``previous`` is the self-conditioning input in embedded form, $\hat x_1' P$ with
+        $P$ = `previous_table` (``None``: no estimate): the network reads $h + \hat x_1' P$,
+        which is how `forward` reads an estimate given over the vocabulary.
 
         Raises:
-            ValueError: as `forward`.
+            ValueError: as `forward`, or on an embedded ``previous`` of another shape than ``h``.
+
+        Examples:
+            >>> model = DiT(5, dim=16, depth=1, heads=2, self_conditioning=True)
+            >>> x, t, p = torch.rand(2, 3, 5), torch.rand(2), torch.rand(2, 3, 5)
+            >>> assert model.previous_table is not None
+            >>> features = model.embedded_features(
+            ...     x @ model.input_table, t, previous=p @ model.previous_table
+            ... )
+            >>> torch.allclose(model.output_head(features), model(x, t, previous=p))
+            True
         """
+        if previous is not None:
+            if self.previous_embedding is None:
+                raise ValueError(
+                    "this DiT has no self-conditioning input: build it with "
+                    "self_conditioning=True to pass previous"
+                )
+            if previous.shape != h.shape:
+                raise ValueError(
+                    f"the embedded estimate previous has shape {tuple(previous.shape)}, the "
+                    f"embedded state {tuple(h.shape)}: they must match"
+                )
+            h = h + previous
         check_time(t, h, "t")
         c = self.time_embedding(t)
         if self.target_time_embedding is None:
