@@ -62,7 +62,9 @@ class DiT(nn.Module):
     $x_t E + \hat x_1' P$ with a bias-free $P \in \mathbb{R}^{V \times d}$ that starts at zero,
     so a fresh model ignores the estimate, and no estimate (``previous=None``) means
     $\hat x_1' = 0$. The map is created after every other weight, so the other weights of a
-    seeded model are the same with or without it.
+    seeded model are the same with or without it. On the embedded path the estimate enters
+    as its product $q = \hat x_1'P$ (`previous_table`,
+    ``embedded_features(h, t, previous=q)``; see `flowlm.embedded_self_conditioning`).
 
     Args:
         vocab_size: $V$, entries per position.
