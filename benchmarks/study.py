@@ -685,6 +685,35 @@ MEASURE = {"words": "real_words", "corpus": "judge_ppl"}
 perplexity (lower is better)."""
 
 
+SELECTION = ("seeds", "seeded_arms", "more_seeded", "reference_seeds", "distilled", "trend")
+"""Part settings that choose which models run, not how one is trained or sampled."""
+
+
+def finished_rows(
+    out: Path, part: Part, noise_seed: int
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """The rows an earlier run of this section wrote, by model, when they are this run's:
+    the same noise and every setting equal but the `SELECTION`; else none."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    settings = json.loads(json.dumps(dataclasses.asdict(part)))
+    if earlier["noise_seed"] != noise_seed or any(
+        earlier["settings"][key] != value for key, value in settings.items() if key not in SELECTION
+    ):
+        return {}
+    done: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in earlier["rows"]:
+        done.setdefault(model_of(row), []).append(row)
+    return done
+
+
+def model_of(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What names a row's model: its kind, arm, seed, budget and training steps."""
+    trained = row.get("train_steps", row.get("distill_steps"))
+    return (row["model"], row["arm"], row["seed"], row["multiple"], trained)
+
+
 def sample_rows(
     data: Data, sampler: Sampler, steps: tuple[int, ...], common: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -754,6 +783,20 @@ class PartRun:
         )
         self.rows: list[dict[str, Any]] = []
         self.arms = {arm.name: arm for arm in part.arms}
+        self.done = finished_rows(out, part, seed)
+
+    def sampled(
+        self, sampler: Sampler, steps: tuple[int, ...], common: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """`sample_rows`, or the rows an earlier run wrote for the same model and steps."""
+        earlier = self.done.get(model_of(common), [])
+        if [row["steps"] for row in earlier] == list(steps):
+            print(
+                f"   {common['model']} {common['arm']} seed {common['seed']}: rows reused",
+                flush=True,
+            )
+            return earlier
+        return sample_rows(self.data, sampler, steps, common)
 
     def save(self, extra: dict[str, Any]) -> None:
         result = {
@@ -761,6 +804,7 @@ class PartRun:
             "settings": dataclasses.asdict(self.part),
             "costs": self.costs,
             "judge": self.data.judge,
+            "noise_seed": self.seed,
             "rows": self.rows,
             "cpu_seconds": time.process_time() - self.started,
             "load_average_start": self.load_start,
@@ -804,7 +848,7 @@ class PartRun:
         common = self.common("FLM", arm.name, arm.lever, seed, multiple) | training_fields(
             trained, cost
         )
-        self.rows += sample_rows(self.data, sampler, self.part.flm_steps, common)
+        self.rows += self.sampled(sampler, self.part.flm_steps, common)
 
     def fmlm(self, arm: Arm, seed: int, multiple: float = 1.0) -> None:
         teacher, recipe, _ = self.teacher(arm, seed, multiple)
@@ -819,9 +863,7 @@ class PartRun:
         flow_map = student_flow_map(network, recipe, interpolant_of(recipe, self.data.vocab_size))
         common = self.common("FMLM v2", arm.name, arm.lever, seed, multiple)
         common |= {"distill_steps": steps, "distill_cpu_seconds": student.cpu_seconds}
-        self.rows += sample_rows(
-            self.data, flow_sampler(flow_map, self.noise), self.part.fmlm_steps, common
-        )
+        self.rows += self.sampled(flow_sampler(flow_map, self.noise), self.part.fmlm_steps, common)
 
     def mdlm(self, seed: int, multiple: float = 1.0) -> None:
         cost = self.costs["relative"]["MDLM"]
@@ -837,7 +879,7 @@ class PartRun:
             return model.sample(self.part.samples, self.part.length, n_steps, generator)
 
         common = self.common("MDLM", "MDLM", None, seed, multiple) | training_fields(trained, cost)
-        self.rows += sample_rows(self.data, sampler, self.part.mdlm_steps, common)
+        self.rows += self.sampled(sampler, self.part.mdlm_steps, common)
 
     def ar(self) -> None:
         cost = self.costs["relative"]["AR"]
@@ -853,38 +895,26 @@ class PartRun:
         common = self.common("AR", "AR", None, self.part.baseline.seed, 1.0) | training_fields(
             trained, cost
         )
-        self.rows += sample_rows(
-            self.data,
+        self.rows += self.sampled(
             lambda _: (generate(model, self.part.samples, length, generator), length),
             (length,),
             common,
         )
 
     def run_arms(self) -> None:
-        """Every arm at the first seed, the baseline and the seeded arms at every seed, the
-        arms ahead by more than the seed spread at every seed, then FMLM, MDLM and AR."""
+        """In order of need, so that a run stopped early keeps the most important rows: every
+        arm at the first seed; the baseline at every seed; the seeded arms at every seed; the
+        baseline's FMLM, MDLM and AR at the first seed and the FMLM of the best arms (mean
+        ahead of the baseline's); FMLM and MDLM at the other reference seeds; then the arms
+        ahead of the baseline by more than its seed spread, at every seed."""
         part, first, task = self.part, self.part.seeds[0], self.part.task
         baseline = part.arms[0]
-        progress: dict[str, Any] = {"seeded_arms": [], "best_arms": []}
+        progress: dict[str, Any] = {"seeded_arms": list(part.seeded_arms), "best_arms": []}
         self.data_row()
         for arm in part.arms:
             self.flm(arm, first)
             self.save(progress)
-        for seed in part.seeds[1:]:
-            self.flm(baseline, seed)
-            self.save(progress)
-        base = seed_qualities(self.rows, baseline.name, task)
-        spread = max(base) - min(base)
-        ahead = [
-            arm
-            for arm in part.arms[1:]
-            if seed_qualities(self.rows, arm.name, task)[0] - statistics.fmean(base) > spread
-        ]
-        ahead.sort(key=lambda arm: -seed_qualities(self.rows, arm.name, task)[0])
-        seeded = [self.arms[name] for name in part.seeded_arms]
-        seeded += [arm for arm in ahead if arm not in seeded][: part.more_seeded]
-        progress["seeded_arms"] = [arm.name for arm in seeded]
-        for arm in seeded:
+        for arm in (baseline, *(self.arms[name] for name in part.seeded_arms)):
             for seed in part.seeds[1:]:
                 self.flm(arm, seed)
                 self.save(progress)
@@ -895,18 +925,34 @@ class PartRun:
         best = sorted(
             (arm for arm in part.arms[1:] if mean[arm.name] > mean[baseline.name]),
             key=lambda arm: -mean[arm.name],
-        )
-        progress["best_arms"] = [arm.name for arm in best[: part.distilled]]
-        for seed in part.reference_seeds:
-            self.fmlm(baseline, seed)
-            self.save(progress)
-        for arm in best[: part.distilled]:
+        )[: part.distilled]
+        progress["best_arms"] = [arm.name for arm in best]
+        self.fmlm(baseline, first)
+        self.mdlm(first)
+        self.ar()
+        for arm in best:
             self.fmlm(arm, first)
             self.save(progress)
-        for seed in part.reference_seeds:
+        for seed in part.reference_seeds[1:]:
+            self.fmlm(baseline, seed)
             self.mdlm(seed)
             self.save(progress)
-        self.ar()
+        base = seed_qualities(self.rows, baseline.name, task)
+        spread = max(base) - min(base)
+        ahead = sorted(
+            (
+                arm
+                for arm in part.arms[1:]
+                if arm.name not in part.seeded_arms
+                and seed_qualities(self.rows, arm.name, task)[0] - statistics.fmean(base) > spread
+            ),
+            key=lambda arm: -seed_qualities(self.rows, arm.name, task)[0],
+        )[: part.more_seeded]
+        progress["seeded_arms"] += [arm.name for arm in ahead]
+        for arm in ahead:
+            for seed in part.seeds[1:]:
+                self.flm(arm, seed)
+                self.save(progress)
         self.save(progress)
 
     def run_trend(self) -> None:
