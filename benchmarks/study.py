@@ -905,8 +905,9 @@ class PartRun:
         """In order of need, so that a run stopped early keeps the most important rows: every
         arm at the first seed; the baseline at every seed; the seeded arms at every seed; the
         baseline's FMLM, MDLM and AR at the first seed and the FMLM of the best arms (mean
-        ahead of the baseline's); FMLM and MDLM at the other reference seeds; then the arms
-        ahead of the baseline by more than its seed spread, at every seed."""
+        ahead of the baseline's); FMLM and MDLM at the other reference seeds, and the FMLM of
+        the best arms that are seeded arms; then the arms ahead of the baseline by more than
+        its seed spread, at every seed."""
         part, first, task = self.part, self.part.seeds[0], self.part.task
         baseline = part.arms[0]
         progress: dict[str, Any] = {"seeded_arms": list(part.seeded_arms), "best_arms": []}
@@ -937,6 +938,10 @@ class PartRun:
             self.fmlm(baseline, seed)
             self.mdlm(seed)
             self.save(progress)
+        for arm in (arm for arm in best if arm.name in part.seeded_arms):
+            for seed in part.reference_seeds[1:]:
+                self.fmlm(arm, seed)
+                self.save(progress)
         base = seed_qualities(self.rows, baseline.name, task)
         spread = max(base) - min(base)
         ahead = sorted(
@@ -1262,9 +1267,13 @@ def markdown(report: dict[str, Any]) -> str:
         settings = part["settings"]
         base = settings["baseline"]
         sections = "; ".join(
-            f"{name}: {s['cpu_seconds']:.0f} CPU s, load average {s['load_average_start']} at the "
-            f"start and {s['load_average_end']} at the end"
+            f"{name} (its last run: {s['cpu_seconds']:.0f} CPU s, load average "
+            f"{s['load_average_start']} at the start and {s['load_average_end']} at the end)"
             for name, s in part["sections"].items()
+        )
+        sections = (
+            f"{part['work']['training']:.0f} CPU s of training and {part['work']['sampling']:.0f} "
+            f"of sampling in the models of the tables; sections: {sections}"
         )
         lines += [
             f"### {part['part']}",
@@ -1436,7 +1445,19 @@ def load_part(cache: Path, task: str) -> dict[str, Any] | None:
         "rows": rows,
     }
     part["summaries"] = arm_summaries(rows, task, first["settings"]["arms"][0]["name"])
+    part["work"] = work_seconds(rows)
     return part
+
+
+def work_seconds(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The process CPU seconds of the models behind the rows: training (once per model,
+    whichever run trained it) and sampling."""
+    models = {model_of(r): r for r in rows if r["model"] != "data"}
+    training = sum(
+        r.get("train_cpu_seconds", r.get("distill_cpu_seconds", 0.0)) for r in models.values()
+    )
+    sampling = sum(r.get("sample_cpu_seconds") or 0.0 for r in rows)
+    return {"training": training, "sampling": sampling}
 
 
 def write_report(out_dir: Path, plot_path: Path) -> list[dict[str, Any]]:
