@@ -1283,7 +1283,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{base['warmup']} steps), EMA {base['ema_decay']}, clock {base['clock']}, "
             f"{base['times']} times; {settings['steps']} steps at budget x1, FMLM distillation "
             f"{settings['distill_steps']} steps; {settings['samples']} samples per cell, fixed "
-            f"noise; baseline seeds {settings['seeds']}. Sections: {sections}.",
+            f"noise; baseline seeds {settings['seeds']}. Work: {sections}.",
             "",
             costs_line(part),
             "",
