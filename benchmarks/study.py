@@ -53,7 +53,8 @@ every model (a crash loses at most the model in training) and, at its end, rebui
 ``<out-dir>/study.json`` (every row, the settings, the costs, the seed summaries, the targets
 and the machine's load), ``study.md`` (the tables and the verdicts) and the plot from the
 sections done so far. Trained models are cached in ``<out-dir>/cache/`` under a hash of
-their settings and reused by later runs.
+their settings and reused by later runs, and a rerun of a section reuses the rows of the
+models it already sampled when only the choice of models (`SELECTION`) changed.
 """
 
 import argparse
