@@ -13,18 +13,30 @@ samples, teacher plus distillation <= 15 CPU-minutes. ``--trend-steps`` also dis
 the same teacher at other ``--steps`` (the rest of the defaults unchanged), for the trend of
 the one-step rate with the distillation budget.
 
+Screening (``--screen N``): v2 distilled for N steps from one teacher (``--teacher PATH``, trained
+there with ``--teacher-flags`` on top of the preset unless it exists), once with the preset's
+flags and once per ``--levers`` entry (extra ``fmlm.py`` flags, one quoted string each, ``""``
+the preset), so each lever is compared with the preset at the same steps. The runs are merged
+into ``<out-dir>/alpha_repeat_screen.json`` (by teacher flags, steps and lever; two screens may
+run at once) and tabulated in ``alpha_repeat_screen.md``; the default run's table repeats it.
+
 Usage:
     python benchmarks/alpha_repeat.py                          # about 10 CPU-minutes
     python benchmarks/alpha_repeat.py --methods v2 --trend-steps 1000 2000
     python benchmarks/alpha_repeat.py --quick --out-dir /tmp/a # seconds, for tests
+    python benchmarks/alpha_repeat.py --screen 1500 --teacher /tmp/t.pt \
+        --levers "" "--pair-sampling sorted-uniform" "--ema-decay 0.995"
 
 Writes ``<out-dir>/alpha_repeat.json`` and ``<out-dir>/alpha_repeat.md``.
 """
 
 import argparse
+import fcntl
+import json
+import shlex
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from distillation import ExampleFailed, run_example
 from harness import (
@@ -43,6 +55,7 @@ METHODS = ("v2", "v1")
 SAMPLE_STEPS = (1, 2, 4, 8)
 TARGET = {"one_step_valid_min": 0.9, "letters_min": LETTERS, "cpu_seconds_max": 15 * 60}
 QUICK_SAMPLES = 16
+SCREEN = "alpha_repeat_screen"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +67,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=[],
         help="more v2 distillations from the same teacher at these --steps",
+    )
+    parser.add_argument(
+        "--screen", type=positive_int, help="screen --levers at this many distillation steps"
+    )
+    parser.add_argument(
+        "--levers", nargs="+", default=[""], help='extra fmlm.py flags per run ("": the preset)'
+    )
+    parser.add_argument("--teacher", type=Path, help="--screen: the teacher checkpoint")
+    parser.add_argument(
+        "--teacher-flags", default="", help="--screen: extra flm.py flags of a new --teacher"
     )
 
 
@@ -154,12 +177,103 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def screen_key(entry: dict[str, Any]) -> str:
+    return json.dumps([entry["teacher_flags"], entry["screen_steps"], entry["lever"]])
+
+
+def merge_screen(out_dir: Path, record: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Add a run (``kind``: "teachers" or "runs") to the screen's JSON, under a file lock."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{SCREEN}.json"
+    with (out_dir / f"{SCREEN}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        screen = json.loads(path.read_text()) if path.exists() else {"teachers": {}, "runs": {}}
+        key = record["teacher_flags"] if kind == "teachers" else screen_key(record)
+        screen[kind][key] = record
+        screen["machine"] = machine_context()
+        write_results(out_dir, SCREEN, screen, screen_markdown(screen))
+    return screen
+
+
+def flags_cell(flags: str) -> str:
+    return f"`{flags}`" if flags else "(preset)"
+
+
+def screen_markdown(screen: dict[str, Any]) -> str:
+    """The screening table: each lever's cells and its one-step change from the preset."""
+    lines = [
+        "Screening (`benchmarks/alpha_repeat.py --screen N`): `python examples/fmlm.py --teacher "
+        "TEACHER --method v2 --steps N LEVER` with the default run's flags, TEACHER from "
+        "`python examples/flm.py --task alpha-repeat TEACHER FLAGS`. Cells: valid rate / letters "
+        "covered; Δ1: the one-step valid rate minus the preset's (empty lever) at the same "
+        "teacher and N. CPU-s: the distillation's process, at the load average shown "
+        "(1 min, before and after).",
+        "",
+        "| teacher flags | N | lever | "
+        + " | ".join(f"{n} step(s)" for n in SAMPLE_STEPS)
+        + " | Δ1 | CPU-s | load |",
+        "|---|---|---|" + "---|" * len(SAMPLE_STEPS) + "---|---|---|",
+    ]
+    runs = cast(dict[str, dict[str, Any]], screen["runs"])
+    best: tuple[float, str] = (-1.0, "")
+    for entry in runs.values():
+        head = f"| {flags_cell(entry['teacher_flags'])} | {entry['screen_steps']} | "
+        head += f"{flags_cell(entry['lever'])} |"
+        if "error" in entry:
+            lines.append(f"{head} error: {entry['error']} |")
+            continue
+        preset = runs.get(screen_key(entry | {"lever": ""}), {})
+        one_step = entry["steps"]["1"]["valid_rate"]
+        delta = ""
+        if "steps" in preset and entry["lever"]:
+            change = one_step - preset["steps"]["1"]["valid_rate"]
+            delta = f"{change:+.3f}"
+            where = f"teacher {flags_cell(entry['teacher_flags'])}, N = {entry['screen_steps']}"
+            best = max(best, (change, f"{flags_cell(entry['lever'])} ({where})"))
+        cells = " | ".join(cell(entry["steps"].get(str(n))) for n in SAMPLE_STEPS)
+        load = f"{entry['load_average_before'][0]:.1f}, {entry['load_average_after'][0]:.1f}"
+        lines.append(f"{head} {cells} | {delta} | {entry['cpu_seconds']:.0f} | {load} |")
+    if best[1]:
+        lines += ["", f"Largest one-step gain over the preset: {best[1]} ({best[0]:+.3f})."]
+    teachers = cast(dict[str, dict[str, Any]], screen["teachers"])
+    if teachers:
+        lines += ["", "| teacher flags | " + " | ".join(f"{n} step(s)" for n in SAMPLE_STEPS)
+                  + " | CPU-s |", "|---|" + "---|" * len(SAMPLE_STEPS) + "---|"]  # fmt: skip
+        for flags, teacher in teachers.items():
+            cells = " | ".join(cell(teacher["steps"].get(str(n))) for n in SAMPLE_STEPS)
+            lines.append(f"| {flags_cell(flags)} | {cells} | {teacher['cpu_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def screen(arguments: argparse.Namespace, shared: list[str]) -> None:
+    """Distil v2 for ``--screen`` steps from ``--teacher`` with each lever; merge the runs."""
+    if arguments.teacher is None:
+        raise SystemExit("error: --screen needs --teacher PATH (trained there if missing)")
+    checkpoint, teacher_flags = arguments.teacher, arguments.teacher_flags
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        if not checkpoint.exists():
+            argv = ["--task", "alpha-repeat", *shlex.split(teacher_flags), *shared]
+            teacher = run_example("flm.py", [*argv, "--out", str(checkpoint)], work / "t.json")
+            teacher |= {"steps": measures(teacher.pop("result")["steps"]), "argv": argv}
+            merge_screen(arguments.out_dir, teacher | {"teacher_flags": teacher_flags}, "teachers")
+        for i, lever in enumerate(arguments.levers):
+            flags = ["--method", "v2", "--steps", str(arguments.screen), *shlex.split(lever)]
+            argv = ["--teacher", str(checkpoint), *flags, *shared]
+            run = distil(lever, argv, work / f"d{i}.json", 0.0)
+            run.pop("total_cpu_seconds", None)  # the teacher's CPU is in the teachers' table
+            labels = {"teacher_flags": teacher_flags, "screen_steps": arguments.screen}
+            merge_screen(arguments.out_dir, run | labels | {"lever": lever}, "runs")
+
+
 def main() -> None:
     arguments = parse_flags(__doc__, add_flags)
     if arguments.quick:
         arguments.samples = QUICK_SAMPLES
     load_before = load_average()
     shared = shared_flags(arguments)
+    if arguments.screen is not None:
+        return screen(arguments, shared)
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         checkpoint = work / "flm.pt"
@@ -187,7 +301,11 @@ def main() -> None:
         "distillations": distillations,
         "verdict": target_met(default_v2),
     }
-    write_results(arguments.out_dir, "alpha_repeat", report, markdown(report))
+    table = markdown(report)
+    screened = arguments.out_dir / f"{SCREEN}.json"
+    if screened.exists():  # the levers screened so far, beside the defaults' result
+        table += "\n\n## Screening\n\n" + screen_markdown(json.loads(screened.read_text()))
+    write_results(arguments.out_dir, "alpha_repeat", report, table)
     name = (
         f"alpha-repeat, default v2: one-step valid >= {TARGET['one_step_valid_min']}, "
         f"{LETTERS} letters, <= {TARGET['cpu_seconds_max'] / 60:.0f} CPU-minutes"
