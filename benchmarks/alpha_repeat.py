@@ -32,13 +32,14 @@ Writes ``<out-dir>/alpha_repeat.json`` and ``<out-dir>/alpha_repeat.md``.
 
 import argparse
 import fcntl
+import importlib.util
 import json
 import shlex
 import tempfile
 from pathlib import Path
 from typing import Any, cast
 
-from distillation import ExampleFailed, run_example
+from distillation import EXAMPLES, ExampleFailed, run_example
 from harness import (
     describe_machine,
     load_average,
@@ -177,8 +178,26 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def example_presets() -> dict[str, dict[str, Any]]:
+    """The alpha-repeat presets of examples/flm.py and examples/fmlm.py as they stand now."""
+    presets = {}
+    for script in ("flm", "fmlm"):
+        spec = importlib.util.spec_from_file_location(script, EXAMPLES / f"{script}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        presets[f"{script}.py"] = module.PRESETS["alpha-repeat"]
+    return presets
+
+
+def teacher_key(entry: dict[str, Any]) -> str:
+    return json.dumps([entry["presets"]["flm.py"], entry["teacher_flags"]])
+
+
 def screen_key(entry: dict[str, Any]) -> str:
-    return json.dumps([entry["teacher_flags"], entry["screen_steps"], entry["lever"]])
+    return json.dumps(
+        [entry["presets"], entry["teacher_flags"], entry["screen_steps"], entry["lever"]]
+    )
 
 
 def merge_screen(out_dir: Path, record: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -188,7 +207,7 @@ def merge_screen(out_dir: Path, record: dict[str, Any], kind: str) -> dict[str, 
     with (out_dir / f"{SCREEN}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         screen = json.loads(path.read_text()) if path.exists() else {"teachers": {}, "runs": {}}
-        key = record["teacher_flags"] if kind == "teachers" else screen_key(record)
+        key = teacher_key(record) if kind == "teachers" else screen_key(record)
         screen[kind][key] = record
         screen["machine"] = machine_context()
         write_results(out_dir, SCREEN, screen, screen_markdown(screen))
@@ -209,15 +228,19 @@ def screen_markdown(screen: dict[str, Any]) -> str:
         "teacher and N. CPU-s: the distillation's process, at the load average shown "
         "(1 min, before and after).",
         "",
-        "| teacher flags | N | lever | "
+        "| presets | teacher flags | N | lever | "
         + " | ".join(f"{n} step(s)" for n in SAMPLE_STEPS)
         + " | Δ1 | CPU-s | load |",
-        "|---|---|---|" + "---|" * len(SAMPLE_STEPS) + "---|---|---|",
+        "|---|---|---|---|" + "---|" * len(SAMPLE_STEPS) + "---|---|---|",
     ]
     runs = cast(dict[str, dict[str, Any]], screen["runs"])
+    teachers = cast(dict[str, dict[str, Any]], screen["teachers"])
+    entries = [*runs.values(), *teachers.values()]
+    presets = list(dict.fromkeys(json.dumps(entry["presets"]) for entry in entries))
     best: tuple[float, str] = (-1.0, "")
     for entry in runs.values():
-        head = f"| {flags_cell(entry['teacher_flags'])} | {entry['screen_steps']} | "
+        head = f"| P{presets.index(json.dumps(entry['presets'])) + 1} | "
+        head += f"{flags_cell(entry['teacher_flags'])} | {entry['screen_steps']} | "
         head += f"{flags_cell(entry['lever'])} |"
         if "error" in entry:
             lines.append(f"{head} error: {entry['error']} |")
@@ -228,20 +251,24 @@ def screen_markdown(screen: dict[str, Any]) -> str:
         if "steps" in preset and entry["lever"]:
             change = one_step - preset["steps"]["1"]["valid_rate"]
             delta = f"{change:+.3f}"
-            where = f"teacher {flags_cell(entry['teacher_flags'])}, N = {entry['screen_steps']}"
+            where = f"P{presets.index(json.dumps(entry['presets'])) + 1}, teacher "
+            where += f"{flags_cell(entry['teacher_flags'])}, N = {entry['screen_steps']}"
             best = max(best, (change, f"{flags_cell(entry['lever'])} ({where})"))
         cells = " | ".join(cell(entry["steps"].get(str(n))) for n in SAMPLE_STEPS)
         load = f"{entry['load_average_before'][0]:.1f}, {entry['load_average_after'][0]:.1f}"
         lines.append(f"{head} {cells} | {delta} | {entry['cpu_seconds']:.0f} | {load} |")
     if best[1]:
         lines += ["", f"Largest one-step gain over the preset: {best[1]} ({best[0]:+.3f})."]
-    teachers = cast(dict[str, dict[str, Any]], screen["teachers"])
+    lines += ["", "The presets in effect (`PRESETS['alpha-repeat']` of each example):", ""]
+    lines += [f"- P{i + 1}: `{text}`" for i, text in enumerate(presets)]
     if teachers:
-        lines += ["", "| teacher flags | " + " | ".join(f"{n} step(s)" for n in SAMPLE_STEPS)
-                  + " | CPU-s |", "|---|" + "---|" * len(SAMPLE_STEPS) + "---|"]  # fmt: skip
-        for flags, teacher in teachers.items():
+        lines += ["", "| presets | teacher flags | " + " | ".join(f"{n} step(s)" for n in
+                  SAMPLE_STEPS) + " | CPU-s |", "|---|---|" + "---|" * len(SAMPLE_STEPS) + "---|"]  # fmt: skip
+        for teacher in teachers.values():
             cells = " | ".join(cell(teacher["steps"].get(str(n))) for n in SAMPLE_STEPS)
-            lines.append(f"| {flags_cell(flags)} | {cells} | {teacher['cpu_seconds']:.0f} |")
+            head = f"| P{presets.index(json.dumps(teacher['presets'])) + 1} | "
+            head += f"{flags_cell(teacher['teacher_flags'])} |"
+            lines.append(f"{head} {cells} | {teacher['cpu_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -250,19 +277,22 @@ def screen(arguments: argparse.Namespace, shared: list[str]) -> None:
     if arguments.teacher is None:
         raise SystemExit("error: --screen needs --teacher PATH (trained there if missing)")
     checkpoint, teacher_flags = arguments.teacher, arguments.teacher_flags
+    presets = example_presets()  # what "(preset)" means for these runs
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         if not checkpoint.exists():
             argv = ["--task", "alpha-repeat", *shlex.split(teacher_flags), *shared]
             teacher = run_example("flm.py", [*argv, "--out", str(checkpoint)], work / "t.json")
             teacher |= {"steps": measures(teacher.pop("result")["steps"]), "argv": argv}
-            merge_screen(arguments.out_dir, teacher | {"teacher_flags": teacher_flags}, "teachers")
+            labels = {"teacher_flags": teacher_flags, "presets": presets}
+            merge_screen(arguments.out_dir, teacher | labels, "teachers")
         for i, lever in enumerate(arguments.levers):
             flags = ["--method", "v2", "--steps", str(arguments.screen), *shlex.split(lever)]
             argv = ["--teacher", str(checkpoint), *flags, *shared]
             run = distil(lever, argv, work / f"d{i}.json", 0.0)
             run.pop("total_cpu_seconds", None)  # the teacher's CPU is in the teachers' table
             labels = {"teacher_flags": teacher_flags, "screen_steps": arguments.screen}
+            labels |= {"presets": presets}
             merge_screen(arguments.out_dir, run | labels | {"lever": lever}, "runs")
 
 

@@ -71,12 +71,15 @@ def test_screen_compares_each_lever_with_the_preset_from_one_teacher(tmp_path: P
         lever = run["argv"][steps + 2 : steps + 2 + len(run["lever"].split())]
         assert run["argv"][steps - 2 : steps + 2] == ["--method", "v2", "--steps", "3"]
         assert lever == run["lever"].split() and run["cpu_seconds"] > 0
-    assert list(report["teachers"]) == [""] and report["teachers"][""]["cpu_seconds"] > 0
+    (teacher_run,) = report["teachers"].values()
+    assert teacher_run["teacher_flags"] == "" and teacher_run["cpu_seconds"] > 0
+    assert runs[0]["presets"] == teacher_run["presets"]  # the examples' presets, recorded
+    assert teacher_run["presets"]["fmlm.py"]["steps"] > 3  # (a screen's --steps overrides it)
     table = (tmp_path / "results" / "alpha_repeat_screen.md").read_text()
     preset_one_step = runs[0]["steps"]["1"]["valid_rate"]
     for run in runs[1:]:  # each lever's row: its one-step change from the preset's
         change = run["steps"]["1"]["valid_rate"] - preset_one_step
-        assert f"| (preset) | 3 | `{run['lever']}` |" in table
+        assert f"| P1 | (preset) | 3 | `{run['lever']}` |" in table
         assert f"| {change:+.3f} |" in table
     assert "Largest one-step gain over the preset: `" in table
     run_benchmark(tmp_path, "--methods", "v2")  # the default run's table repeats the screen
