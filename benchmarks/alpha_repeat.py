@@ -34,6 +34,7 @@ import argparse
 import fcntl
 import importlib.util
 import json
+import os
 import shlex
 import tempfile
 from pathlib import Path
@@ -200,18 +201,20 @@ def screen_key(entry: dict[str, Any]) -> str:
     )
 
 
-def merge_screen(out_dir: Path, record: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Add a run (``kind``: "teachers" or "runs") to the screen's JSON, under a file lock."""
+def merge_screen(out_dir: Path, record: dict[str, Any], kind: str) -> None:
+    """Add a run (``kind``: "teachers" or "runs") to the screen's JSON, the folder locked."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{SCREEN}.json"
-    with (out_dir / f"{SCREEN}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    folder = os.open(out_dir, os.O_RDONLY)  # locked: two screens may merge at once
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         screen = json.loads(path.read_text()) if path.exists() else {"teachers": {}, "runs": {}}
         key = teacher_key(record) if kind == "teachers" else screen_key(record)
         screen[kind][key] = record
         screen["machine"] = machine_context()
         write_results(out_dir, SCREEN, screen, screen_markdown(screen))
-    return screen
+    finally:
+        os.close(folder)  # and unlocked
 
 
 def flags_cell(flags: str) -> str:
