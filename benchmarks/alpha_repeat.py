@@ -14,14 +14,16 @@ the same teacher at other ``--steps`` (the rest of the defaults unchanged), for 
 the one-step rate with the distillation budget.
 
 Screening (``--screen N``): v2 distilled for N steps from one teacher (``--teacher PATH``, trained
-there with ``--teacher-flags`` on top of the preset unless it exists), once with the preset's
-flags and once per ``--levers`` entry (extra ``fmlm.py`` flags, one quoted string each, ``""``
-the preset), so each lever is compared with the preset at the same steps. The runs are merged
-into ``<out-dir>/alpha_repeat_screen.json`` (by teacher flags, steps and lever; two screens may
-run at once) and tabulated in ``alpha_repeat_screen.md``; the default run's table repeats it.
+there with ``--teacher-flags`` on top of the preset unless it exists), once per ``--levers``
+entry (extra ``fmlm.py`` flags, one quoted string each; ``""``, the default, is the preset), so
+each lever is compared with the preset at the same steps. The runs are merged into
+``<out-dir>/alpha_repeat_screen.json`` (by the examples' alpha-repeat presets in effect, teacher
+flags, steps and lever; two screens may run at once) and tabulated in
+``alpha_repeat_screen.md``, with each lever's one-step change from the preset; the default
+run's table repeats it.
 
 Usage:
-    python benchmarks/alpha_repeat.py                          # about 10 CPU-minutes
+    python benchmarks/alpha_repeat.py                          # v2 about 12 CPU-minutes, v1 more
     python benchmarks/alpha_repeat.py --methods v2 --trend-steps 1000 2000
     python benchmarks/alpha_repeat.py --quick --out-dir /tmp/a # seconds, for tests
     python benchmarks/alpha_repeat.py --screen 1500 --teacher /tmp/t.pt \
