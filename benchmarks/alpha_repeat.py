@@ -226,7 +226,7 @@ def flags_cell(flags: str) -> str:
 def screen_markdown(screen: dict[str, Any]) -> str:
     """The screening table: each lever's cells and its one-step change from the preset."""
     lines = [
-        "Screening (`benchmarks/alpha_repeat.py --screen N`): `python examples/fmlm.py --teacher "
+        "The levers screened (`benchmarks/alpha_repeat.py --screen N`): `python examples/fmlm.py --teacher "
         "TEACHER --method v2 --steps N LEVER` with the default run's flags, TEACHER from "
         "`python examples/flm.py --task alpha-repeat TEACHER FLAGS`. Cells: valid rate / letters "
         "covered; Δ1: the one-step valid rate minus the preset's (empty lever) at the same "
@@ -339,7 +339,7 @@ def main() -> None:
     table = markdown(report)
     screened = arguments.out_dir / f"{SCREEN}.json"
     if screened.exists():  # the levers screened so far, beside the defaults' result
-        table += "\n\n## Screening\n\n" + screen_markdown(json.loads(screened.read_text()))
+        table += "\n\n**Screening.** " + screen_markdown(json.loads(screened.read_text()))
     write_results(arguments.out_dir, "alpha_repeat", report, table)
     name = (
         f"alpha-repeat, default v2: one-step valid >= {TARGET['one_step_valid_min']}, "

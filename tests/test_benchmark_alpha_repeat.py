@@ -83,4 +83,7 @@ def test_screen_compares_each_lever_with_the_preset_from_one_teacher(tmp_path: P
         assert f"| {change:+.3f} |" in table
     assert "Largest one-step gain over the preset: `" in table
     run_benchmark(tmp_path, "--methods", "v2")  # the default run's table repeats the screen
-    assert "## Screening" in (tmp_path / "results" / "alpha_repeat.md").read_text()
+    assert (
+        "**Screening.** The levers screened"
+        in (tmp_path / "results" / "alpha_repeat.md").read_text()
+    )
