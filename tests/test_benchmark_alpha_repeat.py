@@ -39,3 +39,51 @@ def test_quick_run_reports_the_teacher_the_distillations_and_the_verdict(tmp_pat
             assert 0 <= cell["valid_rate"] <= 1 and 0 <= cell["letters"] <= 26
     # A smoke run cannot meet the target: the verdict follows the measures, not a constant.
     assert report["verdict"] is False and verdicts[0].startswith("FAIL")
+
+
+def run_benchmark(folder: Path, *flags: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", *flags],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=folder,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_screen_compares_each_lever_with_the_preset_from_one_teacher(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher.pt"
+    screen = ["--screen", "3", "--teacher", str(teacher), "--levers"]
+    first = run_benchmark(tmp_path, *screen, "", "--ema-decay 0.5")
+    assert first.count("$ python examples/flm.py") == 1 and teacher.exists()
+    second = run_benchmark(tmp_path, *screen, "--lr 0.01")  # the same teacher, not retrained
+    assert "$ python examples/flm.py" not in second
+    assert second.count("$ python examples/fmlm.py --teacher") == 1
+    report = json.loads((tmp_path / "results" / "alpha_repeat_screen.json").read_text())
+    runs = list(report["runs"].values())
+    assert [run["lever"] for run in runs] == ["", "--ema-decay 0.5", "--lr 0.01"]
+    for run in runs:  # fmlm.py's flags: v2, N steps, then the lever's own
+        assert "error" not in run, run
+        steps = run["argv"].index("--steps")
+        lever = run["argv"][steps + 2 : steps + 2 + len(run["lever"].split())]
+        assert run["argv"][steps - 2 : steps + 2] == ["--method", "v2", "--steps", "3"]
+        assert lever == run["lever"].split() and run["cpu_seconds"] > 0
+    (teacher_run,) = report["teachers"].values()
+    assert teacher_run["teacher_flags"] == "" and teacher_run["cpu_seconds"] > 0
+    assert runs[0]["presets"] == teacher_run["presets"]  # the examples' presets, recorded
+    assert teacher_run["presets"]["fmlm.py"]["steps"] > 3  # (a screen's --steps overrides it)
+    table = (tmp_path / "results" / "alpha_repeat_screen.md").read_text()
+    preset_one_step = runs[0]["steps"]["1"]["valid_rate"]
+    for run in runs[1:]:  # each lever's row: its one-step change from the preset's
+        change = run["steps"]["1"]["valid_rate"] - preset_one_step
+        assert f"| P1 | (preset) | 3 | `{run['lever']}` |" in table
+        assert f"| {change:+.3f} |" in table
+    assert "Largest one-step gain over the preset: `" in table
+    run_benchmark(tmp_path, "--methods", "v2")  # the default run's table repeats the screen
+    assert (
+        "**Screening.** The levers screened"
+        in (tmp_path / "results" / "alpha_repeat.md").read_text()
+    )

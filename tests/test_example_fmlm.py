@@ -177,7 +177,10 @@ def test_the_v2_recipe_options_are_saved_and_change_the_training(
         preset.get("diagonal_fraction"),
         preset.get("beta2", 0.999),
     )
-    assert (defaults["pair_sampling"], defaults["boundary_prob"]) == ("gap-then-start", None)
+    assert (defaults["pair_sampling"], defaults["boundary_prob"]) == (
+        preset.get("pair_sampling", "gap-then-start"),
+        preset.get("boundary_prob"),
+    )
     # The first step's loss comes before any update: another loss, on other pairs.
     assert plain["v2"]["train_loss"]["1"] != recipe["v2"]["train_loss"]["1"]
 
