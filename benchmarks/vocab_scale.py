@@ -621,6 +621,12 @@ def targets(
     return result
 
 
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of target rows: the target, the measured value and the verdict."""
+    lines = ["", "| target | measured | status |", "|---|---|---|"]
+    return lines + [f"| {t['target']} | {t['value']} {t['unit']} | {t['status']} |" for t in rows]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The rows and the targets as two markdown tables, with the settings and the machine."""
     s = results["settings"]
@@ -639,9 +645,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['what']} | {r['vocab_size']} | {r['path']} | {r['peak_mib']:.1f} | "
             f"{r['rss_mib']:.1f} | {r['cpu_s']:.2f} |"
         )
-    lines += ["", "| target | measured | status |", "|---|---|---|"]
-    for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} {t['unit']} | {t['status']} |")
+    lines += target_lines(results["targets"])
     section = results.get("self_conditioning")
     if section is not None:
         lines += [
@@ -659,9 +663,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['what']} | {r['path']} | {r['peak_mib']:.1f} | {r['peak_units']} | "
                 f"{r['rss_mib']:.1f} | {r['cpu_s']:.2f} |"
             )
-        lines += ["", "| target | measured | status |", "|---|---|---|"]
-        for t in section["targets"]:
-            lines.append(f"| {t['target']} | {t['value']} {t['unit']} | {t['status']} |")
+        lines += target_lines(section["targets"])
     return "\n".join(lines)
 
 

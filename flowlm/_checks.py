@@ -79,3 +79,15 @@ def check_tokens(tokens: Tensor, vocab_size: int) -> None:
         ((tokens >= 0) & (tokens < vocab_size)).all(),
         f"token ids out of range: every id must lie in [0, {vocab_size})",
     )
+
+
+def check_token_ids_fit(vocab_size: int, dtype: torch.dtype) -> None:
+    """Refuse a float state ``dtype`` that cannot hold every token id below ``vocab_size`` exactly.
+
+    A float dtype represents the integers from 0 to ``2 / eps`` exactly (e.g. 256 for bfloat16).
+    """
+    if vocab_size > round(2 / torch.finfo(dtype).eps):
+        raise ValueError(
+            f"a {dtype} state cannot hold token ids up to {vocab_size - 1} exactly; sample "
+            "the embedded path in float32 or wider"
+        )

@@ -1,4 +1,4 @@
-"""The two tensor helpers every module shares: time broadcasting and the float32 upcast."""
+"""The tensor helpers modules share: time broadcasting, the float32 upcast, per-example coins."""
 
 import torch
 from torch import Tensor
@@ -47,3 +47,21 @@ def float32_or_wider(dtype: torch.dtype) -> torch.dtype:
         (torch.float32, torch.float64)
     """
     return torch.promote_types(dtype, torch.float32)
+
+
+def kept_per_example(
+    values: Tensor, probability: float, generator: torch.Generator | None
+) -> Tensor:
+    """``values`` for each example with chance ``probability``, zeros for the others.
+
+    One coin per example (the first axis), drawn on ``values``' device.
+
+    Examples:
+        >>> kept_per_example(torch.ones(3, 2), 1.0, None)
+        tensor([[1., 1.],
+                [1., 1.],
+                [1., 1.]])
+    """
+    coins = torch.rand(values.shape[0], generator=generator, device=values.device)
+    keep = broadcast_time(coins < probability, values)
+    return torch.where(keep, values, torch.zeros_like(values))

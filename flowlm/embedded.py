@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flowlm._checks import check_time, check_tokens, device_assert
+from flowlm._checks import check_time, check_token_ids_fit, check_tokens, device_assert
 from flowlm._tensors import broadcast_time
 from flowlm._types import Logits, Probs, Time, TokenLoss, Tokens
 from flowlm.chunked import (
@@ -378,11 +378,7 @@ class EmbeddedXPredMap(nn.Module):
                 f"expected an embedded state (batch, seq, {width}) or a sampler state "
                 f"(batch, seq, {width + 1}), got {tuple(x.shape)}"
             )
-        if vocab > _exact_integers(x.dtype):
-            raise ValueError(
-                f"a {x.dtype} state cannot hold token ids up to {vocab - 1} exactly; sample "
-                "the embedded path in float32 or wider"
-            )
+        check_token_ids_fit(vocab, x.dtype)
         h = x[..., :width]
         check_time(s, h, "s")
         x1_embedded, tokens = (
@@ -418,8 +414,3 @@ def sampled_tokens(state: SamplerState) -> Tokens:
             f"expected a sampler state (batch, seq, dim + 1), got {tuple(state.shape)}"
         )
     return state[..., -1].long()
-
-
-def _exact_integers(dtype: torch.dtype) -> int:
-    """How many consecutive integers from 0 a float dtype represents exactly: 2 / eps."""
-    return round(2 / torch.finfo(dtype).eps)

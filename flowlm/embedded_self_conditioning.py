@@ -29,8 +29,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from flowlm._checks import check_state, check_time
-from flowlm._tensors import broadcast_time
+from flowlm._checks import check_state, check_time, check_token_ids_fit
+from flowlm._tensors import kept_per_example
 from flowlm._types import Logits, State, Time, TokenLoss, Tokens
 from flowlm.chunked import (
     DEFAULT_CHUNK_SIZE,
@@ -43,7 +43,6 @@ from flowlm.embedded import (
     Embedded,
     EmbeddedXPredictor,
     Table,
-    _exact_integers,  # pyright: ignore[reportPrivateUsage]  # EmbeddedXPredMap's token check
 )
 from flowlm.interpolants import Interpolant
 
@@ -218,9 +217,7 @@ def draw_embedded_previous(
         chunk_size=chunk_size,
         checkpoint=checkpoint,
     )
-    coins = torch.rand(h_t.shape[0], generator=generator, device=h_t.device)
-    keep = broadcast_time(coins < probability, estimate)
-    return torch.where(keep, estimate, torch.zeros_like(estimate))
+    return kept_per_example(estimate, probability, generator)
 
 
 def embedded_self_conditioned_loss(
@@ -367,11 +364,7 @@ class EmbeddedSelfConditionedMap(nn.Module):
                 f"embedded state (batch, seq, {full}), got {tuple(x.shape)}"
             )
         vocab = self.backbone.input_table.shape[0]
-        if vocab > _exact_integers(x.dtype):
-            raise ValueError(
-                f"a {x.dtype} state cannot hold token ids up to {vocab - 1} exactly; sample "
-                "the embedded path in float32 or wider"
-            )
+        check_token_ids_fit(vocab, x.dtype)
         h = x[..., :width]
         previous = None if x.shape[-1] == width else x[..., width : width + previous_width]
         check_time(s, h, "s")

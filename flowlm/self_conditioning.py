@@ -45,7 +45,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from flowlm._checks import check_state
-from flowlm._tensors import at_least_float32, broadcast_time
+from flowlm._tensors import at_least_float32, kept_per_example
 from flowlm._types import Logits, Probs, State, Time
 from flowlm.heads import XPredictor
 from flowlm.interpolants import Interpolant
@@ -191,9 +191,7 @@ def draw_previous(
         raise ValueError(f"probability must lie in [0, 1], got {probability}")
     check_state(x_t, name="x_t")
     estimate = _first_estimate(backbone, x_t, t, s)
-    coins = torch.rand(x_t.shape[0], generator=generator, device=x_t.device)
-    keep = broadcast_time(coins < probability, x_t)
-    return torch.where(keep, estimate, torch.zeros_like(estimate))
+    return kept_per_example(estimate, probability, generator)
 
 
 def self_conditioned_logits(
