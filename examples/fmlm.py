@@ -63,7 +63,7 @@ from flowlm.times import PairSampling
 # fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "corpus": dict(steps=300, lr=3e-4, warmup=20, ema_decay=0.99, samples=32),
-    "alpha-repeat": dict(steps=10000, lr=1e-3, warmup=20, schedule="cosine", ema_decay=0.99,
+    "alpha-repeat": dict(steps=12000, lr=1e-3, warmup=20, schedule="cosine", ema_decay=0.99,
                          diagonal_fraction=0.5, beta2=0.95, boundary_prob=0.5,
                          samples=256),  # boundary_prob, steps: results/alpha_repeat.md
     "markov": dict(steps=400, lr=1e-3, warmup=20, ema_decay=0.99, samples=128),
