@@ -1,6 +1,6 @@
 """The main job: train a small FLM on the embedded corpus, distil it into a one-step FMLM.
 
-    python examples/main.py            # 16.5 min on a loaded 2-core CPU (README: how measured)
+    python examples/main.py            # 9.3 min on a 2-core CPU at load 1-2.6 (README: how measured)
     python examples/main.py --smoke    # seconds: tiny models, a few steps, in runs/smoke/
     python examples/main.py --tokenizer char --flm-steps 1500   # the character-level variant
 

@@ -40,4 +40,4 @@ def test_one_figure_for_the_main_jobs_time():
     paragraph = readme[readme.index("The main job trains") : readme.index("The end of its output")]
     figures = re.findall(r"(\d+(?:\.\d+)?) min\b", paragraph)
     main_job = (ROOT / "examples" / "main.py").read_text()
-    assert figures == re.findall(r"(\d+(?:\.\d+)?) min\b", main_job) == ["16.5"]
+    assert figures == re.findall(r"(\d+(?:\.\d+)?) min\b", main_job) == ["9.3"]
