@@ -222,6 +222,21 @@ def timed(name: str, phases: list[Phase], cached: bool = False) -> Iterator[Phas
     )
 
 
+def phase_table(phases: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of the `Phase` records of a results JSON: seconds, load, cached or not."""
+    lines = [
+        "| phase | wall s | CPU s | load before | load after | cached |",
+        "|---|---|---|---|---|---|",
+    ]
+    for phase in phases:
+        lines.append(
+            f"| {phase['name']} | {phase['wall_seconds']:.1f} | {phase['cpu_seconds']:.1f} | "
+            f"{phase['load_before'][0]:.2f} | {phase['load_after'][0]:.2f} | "
+            f"{'yes' if phase['cached'] else 'no'} |"
+        )
+    return lines
+
+
 # -- machine ----------------------------------------------------------------------------------
 
 

@@ -69,6 +69,7 @@ from harness import (
     load_corpus,
     machine_context,
     parse_flags,
+    phase_table,
     positive_int,
     print_verdicts,
     seeded_generator,
@@ -418,14 +419,7 @@ def markdown(rows: list[dict[str, object]], run: dict[str, Any]) -> str:
         shown = " / ".join(f"`{text!r}`" for text in row["examples"])  # type: ignore[union-attr]
         lines.append(f"- {row['name']}: {shown}")
     lines += ["", "Phases (thread CPU time):", ""]
-    lines += ["| phase | wall s | CPU s | load before | load after | cached |"]
-    lines += ["|---|---|---|---|---|---|"]
-    for phase in run["phases"]:
-        lines.append(
-            f"| {phase['name']} | {phase['wall_seconds']:.1f} | {phase['cpu_seconds']:.1f} | "
-            f"{phase['load_before'][0]:.2f} | {phase['load_after'][0]:.2f} | "
-            f"{'yes' if phase['cached'] else 'no'} |"
-        )
+    lines += phase_table(run["phases"])
     return "\n".join(lines)
 
 

@@ -54,6 +54,7 @@ from harness import (
     load_corpus,
     machine_context,
     parse_flags,
+    phase_table,
     print_verdicts,
     seeded_generator,
     stopwatch,
@@ -469,16 +470,7 @@ def markdown(rows: list[dict[str, object]], run: dict[str, object]) -> str:
             f"{describe(target.get('reference'), 3)} | {verdict(target['pass'])} |"
         )
     lines += ["", "Phases (thread CPU time is the work done on one torch thread):", ""]
-    lines += [
-        "| phase | wall s | CPU s | load before | load after | cached |",
-        "|---|---|---|---|---|---|",
-    ]
-    for phase in run["phases"]:
-        lines.append(
-            f"| {phase['name']} | {phase['wall_seconds']:.1f} | {phase['cpu_seconds']:.1f} | "
-            f"{phase['load_before'][0]:.2f} | {phase['load_after'][0]:.2f} | "
-            f"{'yes' if phase['cached'] else 'no'} |"
-        )
+    lines += phase_table(run["phases"])
     if run["diverged"]:
         lines.append(f"\nDiverged (non-finite weights, no samples): {', '.join(run['diverged'])}.")
     total = run["total_seconds"]
